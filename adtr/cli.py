@@ -1,0 +1,270 @@
+"""Command line: `adtr fit`, `adtr test`, `adtr predict`.
+
+The verbs follow anomalib's. Errors about data or run folders print one line naming the
+file and exit with status 2; nothing already written is overwritten without --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from adtr.checkpoint import CONFIG_FILE, CheckpointError
+from adtr.config import MODEL_PRESETS, ScoreConfig, TrainConfig, parse_image_size
+from adtr.data.images import DataError, is_image_file, read_image
+from adtr.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+log = logging.getLogger("adtr")
+
+METRIC_ROWS = [
+    ("image_auroc", "image AUROC"),
+    ("pixel_auroc", "pixel AUROC"),
+    ("aupro", "AUPRO (FPR <= 0.3)"),
+    ("image_f1_max", "image F1-max"),
+    ("n_images", "test images"),
+    ("images_per_second", "images/s (model only)"),
+]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adtr", description="ADTR anomaly detection: train on good images, score and localise anomalies."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    d_train, d_model = TrainConfig(), MODEL_PRESETS["cpu"]
+
+    p = sub.add_parser("fit", help="train a model on good images", description="Train ADTR on good images.")
+    p.add_argument("data", type=Path, help="MVTec category folder (uses train/good) or a folder with good/")
+    p.add_argument("--out", type=Path, required=True, help="run folder to create (weights + config.json)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(MODEL_PRESETS),
+        default="cpu",
+        help="model size: 'cpu' (default, fast on CPUs) or 'paper' (SPEC's 4+4 layers)",
+    )
+    p.add_argument(
+        "--backbone",
+        choices=["lite0", "lite1", "lite2"],
+        default=d_model.backbone,
+        help=f"frozen EfficientNet-Lite backbone (default: {d_model.backbone})",
+    )
+    p.add_argument(
+        "--image-size",
+        default="256",
+        help="input size N or HxW, multiples of 32; HxW keeps long parts' aspect ratio (default: 256)",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=d_train.epochs, help=f"training epochs (default: {d_train.epochs})"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d_train.batch_size,
+        help=f"training batch size (default: {d_train.batch_size})",
+    )
+    p.add_argument(
+        "--lr", type=float, default=d_train.lr, help=f"AdamW learning rate (default: {d_train.lr})"
+    )
+    p.add_argument("--seed", type=int, default=d_train.seed, help=f"random seed (default: {d_train.seed})")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=d_train.val_fraction,
+        help=f"share of good images held out for validation (default: {d_train.val_fraction})",
+    )
+    p.add_argument(
+        "--smoothing-sigma",
+        type=float,
+        default=ScoreConfig().smoothing_sigma,
+        help="Gaussian smoothing of maps in input pixels, 0 = off (default: 4)",
+    )
+    p.add_argument(
+        "--image-score",
+        choices=["max_pool", "mean"],
+        default=ScoreConfig().image_score,
+        help="image score: max of the average-pooled map, or the map's mean (default: max_pool)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing run folder's files")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "test", help="metrics on labelled test data", description="Evaluate a run on test data."
+    )
+    p.add_argument("run", type=Path, help="run folder written by adtr fit")
+    p.add_argument("data", type=Path, help="MVTec category (uses test/ and ground_truth/) or labelled folder")
+    p.add_argument(
+        "--json", type=Path, default=None, help="write metrics and per-image scores to this JSON file"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="inference batch size (default: 8)")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "predict",
+        help="score images and write heatmaps",
+        description="Score images: CSV + JSON of scores and a heatmap overlay PNG per image.",
+    )
+    p.add_argument("run", type=Path, help="run folder written by adtr fit")
+    p.add_argument("paths", type=Path, nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="output folder for scores.csv, scores.json, heatmaps/"
+    )
+    p.add_argument("--no-heatmaps", action="store_true", help="write scores only")
+    p.add_argument("--batch-size", type=int, default=8, help="inference batch size (default: 8)")
+    _add_common(p)
+    return parser
+
+
+def _setup(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s"
+    )
+    logging.getLogger("adtr.engine").setLevel(logging.WARNING)  # per-epoch lines: the bar shows them
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from adtr.detector import ADTRDetector
+
+    if (args.out / CONFIG_FILE).exists() and not args.force:
+        raise CheckpointError(f"{args.out}: already holds a run; choose another --out or pass --force")
+    model = dataclasses.replace(
+        MODEL_PRESETS[args.preset], backbone=args.backbone, image_size=parse_image_size(args.image_size)
+    )
+    train = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+    )
+    score = ScoreConfig(smoothing_sigma=args.smoothing_sigma, image_score=args.image_score)
+    det = ADTRDetector(model, score, train, device=args.device, progress=not args.quiet)
+    det.fit(args.data)
+    det.save(args.out)
+    last = det.history_[-1] if det.history_ else {}
+    print(
+        f"fitted in {det.info_['fit_seconds']:.0f} s; final loss {last.get('loss', float('nan')):.4f}, "
+        f"validation loss {last.get('val_loss', float('nan')):.4f}; run saved to {args.out}"
+    )
+    return 0
+
+
+def format_metrics(metrics: dict) -> str:
+    lines = []
+    for key, name in METRIC_ROWS:
+        if key in metrics:
+            v = metrics[key]
+            lines.append(f"{name:<24} {v:>10.4f}" if isinstance(v, float) else f"{name:<24} {v:>10}")
+    return "\n".join(lines)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from adtr.detector import ADTRDetector
+
+    det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet)
+    metrics = det.test(args.data, batch_size=args.batch_size)
+    metrics = {"run": str(args.run), "data": str(args.data), **metrics}
+    print(format_metrics(metrics))
+    if args.json:
+        atomic_write_json(args.json, metrics)
+        print(f"metrics written to {args.json}")
+    return 0
+
+
+def _collect_images(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if is_image_file(q))
+            if not found:
+                log.warning("%s: no image files in this folder", p)
+            files += found
+        elif p.exists():
+            files.append(p)  # named explicitly: a non-image file is reported as an error
+        else:
+            raise DataError(f"{p}: file not found")
+    return files
+
+
+def _output_names(files: list[Path]) -> list[str]:
+    """Unique heatmap names from paths relative to their common folder (a/b.png -> a__b)."""
+    resolved = [f.resolve() for f in files]
+    parents = [str(r.parent) for r in resolved]
+    common = Path(os.path.commonpath(parents)) if parents else Path(".")
+    return ["__".join(r.relative_to(common).with_suffix("").parts) for r in resolved]
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from adtr.detector import ADTRDetector
+    from adtr.visualize import display_range, overlay
+
+    det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet)
+    files = _collect_images(args.paths)
+    if not files:
+        raise DataError("no images to score among: " + ", ".join(map(str, args.paths)))
+    failures: list[dict] = []
+
+    def report(path: Path, error: DataError) -> None:
+        log.error("%s", error)
+        failures.append({"path": str(path), "error": str(error)})
+
+    preds = det.predict(files, batch_size=args.batch_size, on_error=report)
+    names = dict(zip(map(str, files), _output_names(files), strict=True))
+    vmin, vmax = display_range(det.info_.get("score_stats", {}))
+    rows = []
+    for p in preds:
+        row = {"path": p.path, "anomaly_score": p.anomaly_score}
+        if not args.no_heatmaps:
+            from PIL import Image
+
+            heat = overlay(read_image(p.path), p.anomaly_map, vmin, vmax)
+            buf = io.BytesIO()
+            Image.fromarray(heat).save(buf, format="PNG")
+            target = args.out / "heatmaps" / f"{names[p.path]}.png"
+            atomic_write_bytes(target, buf.getvalue())
+            row["heatmap"] = str(target)
+        rows.append(row)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["path", "anomaly_score"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(args.out / "scores.csv", out.getvalue())
+    atomic_write_json(
+        args.out / "scores.json", {"run": str(args.run), "predictions": rows, "failed": failures}
+    )
+    print(f"scored {len(rows)} images, {len(failures)} failed; results in {args.out}")
+    return 1 if failures else 0
+
+
+COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup(args)
+    try:
+        return COMMANDS[args.command](args)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

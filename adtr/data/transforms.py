@@ -1,0 +1,27 @@
+"""Turning decoded images into model inputs: resize to the model size, as float 0..255."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> float tensor (3, h, w) with values 0..255, size = (h, w).
+
+    PIL's bilinear filter widens with the scale factor, so downscaling is anti-aliased.
+    """
+    h, w = size
+    if image.shape[:2] != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)
+
+
+def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Float map (h, w) -> (H, W) by bilinear interpolation, for metrics at the original size."""
+    if anomaly_map.shape == tuple(size):
+        return anomaly_map
+    t = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
+    t = torch.nn.functional.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
+    return t[0, 0].numpy()

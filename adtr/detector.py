@@ -1,0 +1,214 @@
+"""The Python API, mirroring the CLI: fit, predict, test, save, load.
+
+    from adtr import ADTRDetector
+    det = ADTRDetector().fit("mvtec/bottle")        # trains on train/good
+    metrics = det.test("mvtec/bottle")              # image/pixel AUROC, AUPRO, F1-max
+    preds = det.predict(["part.png"])               # score and map per image
+    det.save("runs/bottle"); det = ADTRDetector.load("runs/bottle")
+
+`anomaly_score` and `anomaly_map`: higher means more anomalous.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adtr import __version__
+from adtr.checkpoint import load_run, save_run
+from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig, TrainConfig
+from adtr.data.images import DataError, read_mask
+from adtr.data.mvtec import test_samples, train_samples
+from adtr.data.samples import Sample
+from adtr.data.transforms import resize_map
+from adtr.engine import extract_features, fit_reconstructor, predict_samples
+from adtr.metrics import image_metrics, pixel_metrics
+from adtr.model import ADTR
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    path: str
+    anomaly_score: float
+    anomaly_map: np.ndarray  # (H, W) at the image's original size
+
+
+def split_validation(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of n good images into (train, validation) indices; validation may be empty."""
+    n_val = int(round(n * fraction)) if n >= 5 else 0
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+class ADTRDetector:
+    """ADTR anomaly detector. Learned state ends in `_` and exists after fit or load."""
+
+    def __init__(
+        self,
+        model: ModelConfig | None = None,
+        score: ScoreConfig | None = None,
+        train: TrainConfig | None = None,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ):
+        self.config = RunConfig(
+            model=model or MODEL_PRESETS["cpu"],
+            score=score or ScoreConfig(),
+            train=train or TrainConfig(),
+        )
+        self.device = torch.device(device)
+        self.progress = progress
+
+    # -- training ---------------------------------------------------------------------
+    def fit(self, data: str | Path | Sequence[Sample]) -> ADTRDetector:
+        """Train on good images: a data folder (MVTec category or plain folder) or samples."""
+        samples = train_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
+        if any(s.label != 0 for s in samples):
+            raise DataError("fit on normal images takes good samples only (label 0)")
+        cfg = self.config
+        t0 = time.perf_counter()
+        train_idx, val_idx = split_validation(len(samples), cfg.train.val_fraction, cfg.train.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)  # weight init and dropout; shuffling has its own generator
+            model = ADTR(cfg.model, cfg.score).to(self.device)
+            raw = extract_features(model, samples, self.device, progress=self.progress)
+            model.set_feature_stats(raw[train_idx].to(self.device))
+            features = model.standardize(raw.to(self.device)).cpu()
+            extract_seconds = time.perf_counter() - t0
+            generator = torch.Generator().manual_seed(cfg.train.seed)
+            history = fit_reconstructor(
+                model,
+                features[train_idx],
+                features[val_idx] if val_idx else None,
+                cfg.train,
+                self.device,
+                generator,
+                progress=self.progress,
+            )
+        model.eval()
+        self.model_ = model
+        self.history_ = history
+        val_scores = self._scores_from_features(features[val_idx]) if val_idx else np.array([])
+        self.info_ = {
+            "adtr_version": __version__,
+            "data": {
+                "train_files": [str(samples[i].path) for i in train_idx],
+                "val_files": [str(samples[i].path) for i in val_idx],
+            },
+            "score_stats": _score_stats(val_scores),
+            "history": history,
+            "fit_seconds": time.perf_counter() - t0,
+            "feature_seconds": extract_seconds,
+        }
+        return self
+
+    @torch.no_grad()
+    def _scores_from_features(self, features: torch.Tensor) -> np.ndarray:
+        model = self._require_model()
+        out = [
+            model.score_maps(model.error_map(features[i : i + 16].to(self.device))).anomaly_score.cpu()
+            for i in range(0, len(features), 16)
+        ]
+        return torch.cat(out).numpy().astype(np.float64)
+
+    # -- inference --------------------------------------------------------------------
+    def _require_model(self) -> ADTR:
+        if not hasattr(self, "model_"):
+            raise RuntimeError("this detector is not fitted: call fit() or ADTRDetector.load()")
+        return self.model_
+
+    def predict(
+        self,
+        paths: Sequence[str | Path],
+        batch_size: int = 8,
+        on_error: Callable[[Path, DataError], None] | None = None,
+    ) -> list[Prediction]:
+        """Score image files; maps come back at each image's original size.
+
+        Without on_error an unreadable file raises DataError; with it, the file is reported
+        as on_error(path, error) and the others are still scored.
+        """
+        samples = [Sample(Path(p), 0) for p in paths]
+        report = (lambda i, e: on_error(samples[i].path, e)) if on_error else None
+        preds = predict_samples(
+            self._require_model(), samples, self.device, batch_size, self.progress, report
+        )
+        return [
+            Prediction(str(samples[i].path), float(score), resize_map(m, size))
+            for i, score, m, size in zip(
+                preds.indices, preds.scores, preds.maps, preds.original_sizes, strict=True
+            )
+        ]
+
+    def test(self, data: str | Path | Sequence[Sample], batch_size: int = 8) -> dict[str, Any]:
+        """Metrics on labelled test data: an MVTec category / plain folder, or samples."""
+        samples = test_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
+        model = self._require_model()
+        t0 = time.perf_counter()
+        preds = predict_samples(model, samples, self.device, batch_size, self.progress)
+        wall = time.perf_counter() - t0
+        labels = np.array([s.label for s in samples])
+        result: dict[str, Any] = {"n_images": len(samples), "n_anomalous": int(labels.sum())}
+        if 0 < labels.sum() < len(labels):
+            result.update(image_metrics(preds.scores, labels))
+        with_masks = [s.mask_path is not None for s in samples if s.label == 1]
+        if with_masks and all(with_masks):
+            maps, masks = [], []
+            for s, m, size in zip(samples, preds.maps, preds.original_sizes, strict=True):
+                mask = read_mask(s.mask_path, size) if s.mask_path else np.zeros(size, dtype=bool)
+                maps.append(resize_map(m, size))
+                masks.append(mask)
+            result.update(pixel_metrics(maps, masks))
+        elif with_masks and any(with_masks):
+            log.warning("only some anomalous images have masks: pixel metrics skipped")
+        result["images_per_second"] = len(samples) / max(preds.model_seconds, 1e-9)
+        result["images_per_second_with_decoding"] = len(samples) / max(wall, 1e-9)
+        result["scores"] = [
+            {"path": str(s.path), "label": s.label, "defect": s.defect, "score": float(v)}
+            for s, v in zip(samples, preds.scores, strict=True)
+        ]
+        return result
+
+    # -- persistence ------------------------------------------------------------------
+    def save(self, run_dir: str | Path) -> None:
+        save_run(run_dir, self._require_model(), self.config, self.info_)
+
+    @classmethod
+    def load(
+        cls, run_dir: str | Path, device: str | torch.device = "cpu", progress: bool = True
+    ) -> ADTRDetector:
+        model, config, doc = load_run(run_dir, device)
+        det = cls(config.model, config.score, config.train, device=device, progress=progress)
+        det.model_ = model
+        det.history_ = doc.get("history", [])
+        det.info_ = {
+            k: v for k, v in doc.items() if k not in ("format", "schema_version", "model", "score", "train")
+        }
+        return det
+
+
+def _score_stats(scores: np.ndarray) -> dict[str, Any]:
+    """Statistics of the held-out good images' scores (the basis for thresholds)."""
+    if scores.size == 0:
+        return {"n": 0}
+    q = np.quantile(scores, [0.5, 0.9, 0.95, 0.99])
+    return {
+        "n": int(scores.size),
+        "mean": float(scores.mean()),
+        "std": float(scores.std()),
+        "min": float(scores.min()),
+        "max": float(scores.max()),
+        "q50": float(q[0]),
+        "q90": float(q[1]),
+        "q95": float(q[2]),
+        "q99": float(q[3]),
+    }

@@ -1,0 +1,179 @@
+"""The ADTR module: image -> frozen features -> reconstruction -> anomaly map and score.
+
+You et al., "ADTR: Anomaly Detection Transformer with Feature Reconstruction", ICONIP 2022.
+The backbone's stage outputs are resized to the token grid (the largest stride used) and
+concatenated: f, (B, C, h, w). A reconstructor maps f to f_hat of the same shape; the
+anomaly map is ||f - f_hat||_2 over channels, upsampled to the input size and smoothed.
+Higher scores mean more anomalous, everywhere in this package.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adtr.backbones import build_backbone
+from adtr.config import ModelConfig, ScoreConfig
+from adtr.transformer import ReconstructionTransformer
+
+
+class AnomalyOutput(NamedTuple):
+    anomaly_map: torch.Tensor  # (B, H, W) at the model's input size
+    anomaly_score: torch.Tensor  # (B,)
+
+
+def align_features(maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+    """Resize each stage output to the token grid and concatenate: (B, sum C_s, h, w)."""
+    resized = [
+        m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+        for m in maps
+    ]
+    return torch.cat(resized, dim=1)
+
+
+class TransformerReconstructor(nn.Module):
+    """1x1 conv C -> D, reconstruction transformer over the h*w tokens, 1x1 conv D -> C."""
+
+    def __init__(self, channels: int, cfg: ModelConfig):
+        super().__init__()
+        h, w = cfg.grid_size
+        self.proj_in = nn.Conv2d(channels, cfg.hidden_dim, 1)
+        self.transformer = ReconstructionTransformer(
+            h * w,
+            cfg.hidden_dim,
+            cfg.num_heads,
+            cfg.ffn_dim,
+            cfg.num_encoder_layers,
+            cfg.num_decoder_layers,
+            cfg.dropout,
+            cfg.use_query,
+        )
+        self.proj_out = nn.Conv2d(cfg.hidden_dim, channels, 1)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = f.shape
+        tokens = self.proj_in(f).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        tokens = self.transformer(tokens)
+        return self.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w))
+
+
+class MLPReconstructor(nn.Module):
+    """Per-token bottleneck MLP, same width budget: a baseline for the query ablation."""
+
+    def __init__(self, channels: int, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_dim
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, d, 1), nn.ReLU(), nn.Conv2d(d, d // 4, 1), nn.ReLU(),
+            nn.Conv2d(d // 4, d, 1), nn.ReLU(), nn.Conv2d(d, channels, 1),
+        )  # fmt: skip
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.net(f)
+
+
+class CNNReconstructor(nn.Module):
+    """Convolutional autoencoder on the token grid (downsample x2 and back): a baseline."""
+
+    def __init__(self, channels: int, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_dim
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, d, 1), nn.ReLU(),
+            nn.Conv2d(d, d, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(d, d // 4, 3, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(d // 4, d, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(d, channels, 1),
+        )  # fmt: skip
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.net(f)
+
+
+RECONSTRUCTORS = {
+    "transformer": TransformerReconstructor,
+    "mlp": MLPReconstructor,
+    "cnn": CNNReconstructor,
+}
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(4 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+class ADTR(nn.Module):
+    """Frozen backbone + feature standardisation + reconstructor + scoring."""
+
+    def __init__(self, cfg: ModelConfig, score: ScoreConfig | None = None):
+        super().__init__()
+        if cfg.reconstructor not in RECONSTRUCTORS:
+            raise ValueError(
+                f"unknown reconstructor {cfg.reconstructor!r}; choose from {sorted(RECONSTRUCTORS)}"
+            )
+        self.cfg = cfg
+        self.score_cfg = score or ScoreConfig()
+        self.backbone = build_backbone(cfg.backbone, cfg.image_size, cfg.strides)
+        self.channels = sum(level.channels for level in self.backbone.levels)
+        self.reconstructor = RECONSTRUCTORS[cfg.reconstructor](self.channels, cfg)
+        # Per-channel statistics of the training features (identity until fitted).
+        self.register_buffer("feature_mean", torch.zeros(1, self.channels, 1, 1))
+        self.register_buffer("feature_std", torch.ones(1, self.channels, 1, 1))
+        sigma = self.score_cfg.smoothing_sigma
+        self.register_buffer(
+            "smooth_kernel", gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1), persistent=False
+        )
+
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw aligned backbone features of 0..255 RGB images (B, 3, H, W): (B, C, h, w)."""
+        return align_features(self.backbone(images), self.cfg.grid_size)
+
+    def standardize(self, f: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.normalize_features:
+            return f
+        return (f - self.feature_mean) / self.feature_std
+
+    def set_feature_stats(self, raw_features: torch.Tensor) -> None:
+        """Fit the standardisation on training features (N, C, h, w)."""
+        mean = raw_features.mean(dim=(0, 2, 3), keepdim=True)
+        std = raw_features.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
+
+    def error_map(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction error on the token grid: standardised f (B, C, h, w) -> (B, h, w)."""
+        return torch.linalg.vector_norm(f - self.reconstructor(f), dim=1)
+
+    def score_maps(self, grid_map: torch.Tensor) -> AnomalyOutput:
+        """Grid error (B, h, w) -> map at input size (B, H, W) and image score (B,)."""
+        m = F.interpolate(grid_map[:, None], size=self.cfg.image_size, mode="bilinear", align_corners=False)
+        if self.score_cfg.smoothing_sigma > 0:
+            m = _separable_blur(m, self.smooth_kernel)
+        if self.score_cfg.image_score == "mean":
+            score = m.mean(dim=(1, 2, 3))
+        elif self.score_cfg.image_score == "max_pool":
+            k = self.score_cfg.pool_size
+            score = F.avg_pool2d(m, k, stride=1).amax(dim=(1, 2, 3)) if k > 1 else m.amax(dim=(1, 2, 3))
+        else:
+            raise ValueError(f"unknown image score {self.score_cfg.image_score!r}")
+        return AnomalyOutput(m[:, 0], score)
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        """0..255 RGB images (B, 3, H, W) at the configured size -> map and score."""
+        f = self.standardize(self.extract(images))
+        return self.score_maps(self.error_map(f))
+
+
+def _separable_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur of (B, 1, H, W) with reflect padding, as two 1-D convolutions."""
+    r = kernel.numel() // 2
+    x = F.pad(x, (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    return F.conv2d(x, kernel.view(1, 1, -1, 1))

@@ -1,0 +1,35 @@
+"""Heatmap overlays that a person can read: a perceptual colour map over the visible image."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib import colormaps
+
+
+def colorize(anomaly_map: np.ndarray, vmin: float, vmax: float, cmap: str = "inferno") -> np.ndarray:
+    """Map (H, W) -> RGB uint8 (H, W, 3), values clipped to [vmin, vmax]."""
+    scale = max(vmax - vmin, 1e-12)
+    t = np.clip((np.asarray(anomaly_map, dtype=np.float64) - vmin) / scale, 0.0, 1.0)
+    lut = (colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+    return lut[np.round(t * 255).astype(np.int64)]
+
+
+def overlay(
+    image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5
+) -> np.ndarray:
+    """Blend the coloured map over an RGB uint8 image (H, W, 3) of the same size."""
+    if image.shape[:2] != anomaly_map.shape:
+        raise ValueError(f"image {image.shape[:2]} and map {anomaly_map.shape} differ in size")
+    heat = colorize(anomaly_map, vmin, vmax).astype(np.float32)
+    return np.round((1 - alpha) * image.astype(np.float32) + alpha * heat).astype(np.uint8)
+
+
+def display_range(score_stats: dict) -> tuple[float, float]:
+    """Fixed colour range for every image of a run, from its held-out good scores.
+
+    A fixed range (not per-image min/max) keeps a good image dark instead of stretching
+    its noise to full colour.
+    """
+    if score_stats.get("n", 0) == 0:
+        return 0.0, 1.0
+    return 0.5 * score_stats["q50"], 2.0 * score_stats["max"]

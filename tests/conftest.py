@@ -1,0 +1,50 @@
+"""Shared fixtures. Real data is found through ADTR_DATA (default: ../shared/data from the repo)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("ADTR_DATA", REPO.parent / "shared" / "data"))
+BOTTLE = DATA / "mvtec" / "bottle"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def bottle() -> Path:
+    if not (BOTTLE / "train" / "good").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"MVTec bottle not found at {BOTTLE}: CI must run the real-data tests")
+        pytest.skip(f"MVTec bottle not found at {BOTTLE} (set ADTR_DATA)")
+    return BOTTLE
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    """A plain-folder dataset: 6 good gray squares, 2 with a white blob plus masks."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "parts"
+    for i in range(6):
+        img = np.full((64, 64, 3), 120, np.uint8) + rng.integers(0, 5, (64, 64, 3), dtype=np.uint8)
+        write_png(root / "good" / f"{i:03d}.png", img)
+    for i in range(2):
+        img = np.full((64, 64, 3), 120, np.uint8)
+        mask = np.zeros((64, 64), np.uint8)
+        mask[20:30, 20:30] = 255
+        img[mask > 0] = 255
+        write_png(root / "blob" / f"{i:03d}.png", img)
+        write_png(root / "ground_truth" / "blob" / f"{i:03d}_mask.png", mask)
+    return root

@@ -1,0 +1,88 @@
+"""Run folders: exact round trip, and clear refusals of incomplete or tampered folders."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from adtr import ADTRDetector
+from adtr.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
+from adtr.config import ModelConfig, TrainConfig
+
+TINY = ModelConfig(
+    image_size=(64, 64), hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4, ffn_dim=64
+)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    from conftest import write_png
+
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        write_png(root / "good" / f"{i}.png", rng.integers(100, 140, (64, 64, 3), dtype=np.uint8))
+    det = ADTRDetector(TINY, train=TrainConfig(epochs=2, batch_size=4), progress=False).fit(root)
+    run = tmp_path_factory.mktemp("run")
+    det.save(run)
+    return det, run, sorted((root / "good").iterdir())
+
+
+def test_round_trip_gives_identical_scores_and_maps(fitted):
+    det, run, files = fitted
+    again = ADTRDetector.load(run, progress=False)
+    a, b = det.predict(files), again.predict(files)
+    assert [p.anomaly_score for p in a] == [p.anomaly_score for p in b]
+    assert all(np.array_equal(p.anomaly_map, q.anomaly_map) for p, q in zip(a, b, strict=True))
+    assert again.info_["score_stats"] == det.info_["score_stats"]
+
+
+def test_run_folder_is_safetensors_plus_json(fitted):
+    _, run, _ = fitted
+    assert sorted(p.name for p in run.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    doc = json.loads((run / CONFIG_FILE).read_text())
+    assert doc["model"]["image_size"] == [64, 64] and doc["schema_version"] == 1
+    assert not any(k.startswith("backbone.") for k in load_file(str(run / WEIGHTS_FILE)))
+
+
+def test_incomplete_run_folder(fitted, tmp_path):
+    _, run, _ = fitted
+    (tmp_path / CONFIG_FILE).write_bytes((run / CONFIG_FILE).read_bytes())
+    with pytest.raises(CheckpointError, match="model.safetensors: missing"):
+        ADTRDetector.load(tmp_path)
+    (tmp_path / CONFIG_FILE).unlink()
+    with pytest.raises(CheckpointError, match="config.json: missing"):
+        ADTRDetector.load(tmp_path)
+    with pytest.raises(CheckpointError, match="run folder not found"):
+        ADTRDetector.load(tmp_path / "does-not-exist")
+
+
+def test_other_schema_version(fitted, tmp_path):
+    _, run, _ = fitted
+    doc = json.loads((run / CONFIG_FILE).read_text())
+    doc["schema_version"] = 99
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(doc))
+    (tmp_path / WEIGHTS_FILE).write_bytes((run / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(CheckpointError, match="schema version 99"):
+        ADTRDetector.load(tmp_path)
+
+
+def test_tampered_shapes_are_refused(fitted, tmp_path):
+    _, run, _ = fitted
+    (tmp_path / CONFIG_FILE).write_bytes((run / CONFIG_FILE).read_bytes())
+    state = load_file(str(run / WEIGHTS_FILE))
+    key = next(k for k in state if k.endswith("query_embed"))
+    state[key] = torch.zeros(1, 3, 32)
+    save_file(state, str(tmp_path / WEIGHTS_FILE))
+    with pytest.raises(CheckpointError, match="query_embed"):
+        ADTRDetector.load(tmp_path)
+
+
+def test_garbage_weights_file(fitted, tmp_path):
+    _, run, _ = fitted
+    (tmp_path / CONFIG_FILE).write_bytes((run / CONFIG_FILE).read_bytes())
+    (tmp_path / WEIGHTS_FILE).write_bytes(b"\x80\x04not a safetensors file")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        ADTRDetector.load(tmp_path)

@@ -1,0 +1,170 @@
+"""Real runs on small slices of MVTec bottle: training lowers the loss and beats chance,
+and the installed CLI's verbs work together."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adtr import ADTRDetector
+from adtr.config import ModelConfig, TrainConfig
+from adtr.data import mvtec
+from adtr.data.samples import Sample
+
+FAST = ModelConfig(
+    image_size=(256, 256),
+    hidden_dim=128,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    num_heads=4,
+    ffn_dim=256,
+)
+
+
+def _slice(bottle: Path) -> tuple[list[Sample], list[Sample]]:
+    train = mvtec.train_samples(bottle)[:48]
+    test = mvtec.test_samples(bottle)
+    good = [s for s in test if s.label == 0][:10]
+    bad = [s for s in test if s.defect == "broken_large"][:10]
+    return train, good + bad
+
+
+@pytest.mark.slow
+def test_fit_lowers_loss_and_beats_chance(bottle):
+    train, test = _slice(bottle)
+    det = ADTRDetector(FAST, train=TrainConfig(epochs=6, batch_size=8, lr=1e-3, seed=1), progress=False)
+    det.fit(train)
+    losses = [h["loss"] for h in det.history_]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert det.history_[-1]["val_loss"] < det.history_[0]["val_loss"]
+    metrics = det.test(test)
+    assert metrics["n_images"] == 20
+    assert metrics["image_auroc"] > 0.9, metrics
+    assert metrics["pixel_auroc"] > 0.9, metrics
+    assert 0.0 <= metrics["aupro"] <= 1.0
+
+
+@pytest.mark.slow
+def test_same_seed_gives_same_scores(bottle):
+    train, test = _slice(bottle)
+    cfg = TrainConfig(epochs=1, batch_size=8, seed=3)
+    a = ADTRDetector(FAST, train=cfg, progress=False).fit(train[:16]).test(test[:4])
+    b = ADTRDetector(FAST, train=cfg, progress=False).fit(train[:16]).test(test[:4])
+    assert [s["score"] for s in a["scores"]] == [s["score"] for s in b["scores"]]
+
+
+def _adtr() -> list[str]:
+    exe = shutil.which("adtr") or str(Path(sys.executable).parent / "adtr")
+    assert Path(exe).exists(), "the console script 'adtr' is not installed"
+    return [exe]
+
+
+@pytest.mark.slow
+def test_cli_fit_test_predict(bottle, tmp_path):
+    data = tmp_path / "bottle_slice"
+    for s in mvtec.train_samples(bottle)[:24]:
+        (data / "good").mkdir(parents=True, exist_ok=True)
+        shutil.copy(s.path, data / "good" / s.path.name)
+    test_root = tmp_path / "bottle_test"
+    for s in mvtec.test_samples(bottle):
+        if (s.defect == "good" and int(s.path.stem) < 4) or (
+            s.defect == "broken_large" and int(s.path.stem) < 4
+        ):
+            (test_root / s.defect).mkdir(parents=True, exist_ok=True)
+            shutil.copy(s.path, test_root / s.defect / s.path.name)
+            if s.mask_path:
+                (test_root / "ground_truth" / s.defect).mkdir(parents=True, exist_ok=True)
+                shutil.copy(s.mask_path, test_root / "ground_truth" / s.defect / s.mask_path.name)
+    run = tmp_path / "run"
+    fit = subprocess.run(
+        _adtr() + ["fit", str(data), "--out", str(run), "--epochs", "2", "--image-size", "128", "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert fit.returncode == 0, fit.stderr
+    assert (run / "config.json").is_file() and (run / "model.safetensors").is_file()
+    again = subprocess.run(
+        _adtr() + ["fit", str(data), "--out", str(run), "--quiet"], capture_output=True, text=True
+    )
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+
+    out_json = tmp_path / "metrics.json"
+    test = subprocess.run(
+        _adtr() + ["test", str(run), str(test_root), "--json", str(out_json), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert test.returncode == 0, test.stderr
+    assert "image AUROC" in test.stdout
+    metrics = json.loads(out_json.read_text())
+    for key in ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "n_images", "images_per_second"]:
+        assert key in metrics
+    assert metrics["n_images"] == 8
+
+    pred_dir = tmp_path / "pred"
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    pred = subprocess.run(
+        _adtr()
+        + [
+            "predict",
+            str(run),
+            str(test_root / "good"),
+            str(test_root / "broken_large"),
+            str(bad),
+            "--out",
+            str(pred_dir),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert pred.returncode == 1  # one bad file: reported, the rest still scored
+    assert "broken.png" in pred.stderr
+    doc = json.loads((pred_dir / "scores.json").read_text())
+    assert len(doc["predictions"]) == 8 and len(doc["failed"]) == 1
+    heatmaps = sorted((pred_dir / "heatmaps").iterdir())
+    assert len(heatmaps) == 8 and len({p.name for p in heatmaps}) == 8
+    from PIL import Image
+
+    assert Image.open(heatmaps[0]).size == (900, 900)
+    assert (pred_dir / "scores.csv").read_text().count("\n") == 9
+
+
+def test_cli_help_explains_every_option():
+    for verb in ["fit", "test", "predict"]:
+        r = subprocess.run(_adtr() + [verb, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0
+        assert "usage: adtr " + verb in r.stdout
+    r = subprocess.run(_adtr() + ["fit", "--help"], capture_output=True, text=True)
+    for opt in ["--backbone", "--image-size", "--epochs", "--seed", "--out", "--preset"]:
+        assert opt in r.stdout
+
+
+def test_cli_bad_data_exits_2_with_message(tmp_path):
+    r = subprocess.run(
+        _adtr() + ["fit", str(tmp_path / "missing"), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "missing: data folder not found" in r.stderr
+    assert not (tmp_path / "r").exists()
+    r = subprocess.run(
+        _adtr() + ["fit", str(tmp_path), "--out", str(tmp_path / "r"), "--image-size", "250"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "error:" in r.stderr
+
+
+def test_readme_commands_exist():
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "README.md").read_text()
+    first = [line for line in text.splitlines() if line.startswith("bash scripts/")][:2]
+    assert first == ["bash scripts/setup.sh && bash scripts/bottle.sh", "bash scripts/test.sh"]
+    for script in ["setup.sh", "bottle.sh", "test.sh"]:
+        assert (repo / "scripts" / script).is_file()
+    assert "scripts/test.sh" in (repo / ".ci" / "run").read_text()

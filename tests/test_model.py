@@ -1,0 +1,91 @@
+"""ADTR module: shapes, gradient flow, the query, scoring options."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig
+from adtr.model import ADTR
+
+SMALL = ModelConfig(
+    image_size=(64, 96), hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4, ffn_dim=64
+)
+
+
+def test_forward_shapes_follow_non_square_grid():
+    m = ADTR(SMALL).eval()
+    assert SMALL.grid_size == (4, 6)
+    x = torch.rand(2, 3, 64, 96) * 255
+    f = m.extract(x)
+    assert f.shape == (2, 16 + 24 + 40 + 112, 4, 6)
+    out = m(x)
+    assert out.anomaly_map.shape == (2, 64, 96)
+    assert out.anomaly_score.shape == (2,)
+    assert torch.all(out.anomaly_map >= 0)
+
+
+def test_gradients_reach_query_not_backbone():
+    m = ADTR(SMALL)
+    f = m.standardize(m.extract(torch.rand(2, 3, 64, 96) * 255))
+    loss = ((m.reconstructor(f) - f) ** 2).mean()
+    loss.backward()
+    q = m.reconstructor.transformer.query_embed
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    assert m.reconstructor.transformer.pos_embed.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.backbone.parameters())
+
+
+def test_no_query_ablation_has_no_query_parameter():
+    m = ADTR(dataclasses.replace(SMALL, use_query=False))
+    assert m.reconstructor.transformer.query_embed is None
+    f = torch.randn(1, m.channels, 4, 6)
+    assert m.reconstructor(f).shape == f.shape
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_baseline_reconstructors_keep_shape(kind):
+    m = ADTR(dataclasses.replace(SMALL, reconstructor=kind))
+    f = torch.randn(2, m.channels, 4, 6)
+    assert m.reconstructor(f).shape == f.shape
+
+
+def test_paper_preset_is_spec_section_1():
+    p = MODEL_PRESETS["paper"]
+    assert (p.hidden_dim, p.num_encoder_layers, p.num_decoder_layers, p.num_heads, p.ffn_dim, p.dropout) == (
+        256,
+        4,
+        4,
+        8,
+        1024,
+        0.1,
+    )
+    assert p.strides == (2, 4, 8, 16) and p.use_query
+
+
+def test_image_score_options():
+    m = ADTR(SMALL, ScoreConfig(smoothing_sigma=0, image_score="mean")).eval()
+    grid = torch.zeros(1, 4, 6)
+    grid[0, 1, 2] = 6.0
+    out = m.score_maps(grid)
+    assert out.anomaly_score.item() == pytest.approx(out.anomaly_map.mean().item())
+    m2 = ADTR(SMALL, ScoreConfig(smoothing_sigma=0, image_score="max_pool", pool_size=1)).eval()
+    assert m2.score_maps(grid).anomaly_score.item() == pytest.approx(
+        m2.score_maps(grid).anomaly_map.max().item()
+    )
+
+
+def test_smoothing_preserves_mass_of_a_constant_map():
+    m = ADTR(SMALL, ScoreConfig(smoothing_sigma=4)).eval()
+    out = m.score_maps(torch.full((1, 4, 6), 2.0))
+    assert torch.allclose(out.anomaly_map, torch.full_like(out.anomaly_map, 2.0), atol=1e-5)
+
+
+def test_config_round_trip_and_unknown_keys():
+    cfg = RunConfig(model=SMALL)
+    again = RunConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    bad = cfg.to_dict()
+    bad["model"]["hiden_dim"] = 3
+    with pytest.raises(ValueError, match="hiden_dim"):
+        RunConfig.from_dict(bad)
