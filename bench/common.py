@@ -1,0 +1,65 @@
+"""Helpers shared by the benchmarks: timed child processes, JSON + Markdown output."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from adtr.fileio import atomic_write_json, atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = Path(os.environ.get("ADTR_DATA", REPO.parent / "shared" / "data"))
+
+
+def adtr_command() -> list[str]:
+    exe = shutil.which("adtr") or str(Path(sys.executable).parent / "adtr")
+    return [exe]
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float, str]:
+    """Run a command; return (wall seconds, peak RSS in MiB of that process, stdout)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.read()[-2000:]}")
+        return wall, usage.ru_maxrss / 1024.0, out.read()
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def write_results(stem: Path, data: dict, markdown: str) -> None:
+    atomic_write_json(stem.with_suffix(".json"), data)
+    atomic_write_text(stem.with_suffix(".md"), markdown)
+    print(markdown)
+    print(f"written {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    def fmt(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
