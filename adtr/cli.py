@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from adtr.anomalies import GENERATORS
 from adtr.checkpoint import CONFIG_FILE, CheckpointError
 from adtr.config import MODEL_PRESETS, ScoreConfig, TrainConfig, parse_image_size
 from adtr.data.images import DataError, is_image_file, read_image
@@ -100,6 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=ScoreConfig().image_score,
         help="image score: max of the average-pooled map, or the map's mean (default: max_pool)",
     )
+    g = p.add_argument_group("anomaly-available training (FCDD-style losses L_px / L_img)")
+    g.add_argument(
+        "--anomalies",
+        type=Path,
+        default=None,
+        help="labelled anomalies: DIR/<defect>/*.png with optional DIR/ground_truth/<defect>/"
+        "<name>_mask.png (pixel labels), or a plain folder of images (image labels)",
+    )
+    g.add_argument(
+        "--synthetic",
+        default="",
+        help=f"comma-separated synthetic anomaly generators: {', '.join(sorted(GENERATORS))}",
+    )
+    g.add_argument(
+        "--external",
+        type=Path,
+        default=None,
+        help="folder of unrelated images, used as image-level anomalies",
+    )
+    g.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this run folder (normal-only fit); its model settings are kept",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing run folder's files")
     _add_common(p)
 
@@ -156,7 +182,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     )
     score = ScoreConfig(smoothing_sigma=args.smoothing_sigma, image_score=args.image_score)
     det = ADTRDetector(model, score, train, device=args.device, progress=not args.quiet)
-    det.fit(args.data)
+    synthetic = [name.strip() for name in args.synthetic.split(",") if name.strip()]
+    det.fit(args.data, anomalies=args.anomalies, synthetic=synthetic, external=args.external, init=args.init)
     det.save(args.out)
     last = det.history_[-1] if det.history_ else {}
     print(

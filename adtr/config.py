@@ -53,8 +53,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     warmup_epochs: int = 2
     val_fraction: float = 0.1  # good training images held out for monitoring and thresholds
-    feature_jitter: float = 0.0  # std of noise added to input features (relative to their std)
     seed: int = 0
+    # Anomaly-available training (losses.py): used only when anomalies are given.
+    synthetic_prob: float = 0.5  # chance that a good image is replaced by a synthetic anomaly
+    synthetic_copies: int = 2  # synthetic versions precomputed per good image
+    anomaly_ratio: float = 0.25  # labelled anomalies appended per batch, relative to batch size
+    top_k: int = 20  # L_img: mean of the k largest phi values
+    alpha: float = 0.003  # weight of the log term of L_px / L_img
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {

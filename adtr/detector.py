@@ -22,13 +22,23 @@ import numpy as np
 import torch
 
 from adtr import __version__
+from adtr.anomalies import get_generator
 from adtr.checkpoint import load_run, save_run
 from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig, TrainConfig
+from adtr.data.folder import anomaly_samples, image_folder
 from adtr.data.images import DataError, read_mask
 from adtr.data.mvtec import test_samples, train_samples
 from adtr.data.samples import Sample
+from adtr.data.splits import split_validation
 from adtr.data.transforms import resize_map
-from adtr.engine import extract_features, fit_reconstructor, predict_samples
+from adtr.engine import (
+    TrainingData,
+    anomaly_pool,
+    extract_features,
+    fit_reconstructor,
+    predict_samples,
+    synthetic_pools,
+)
 from adtr.metrics import image_metrics, pixel_metrics
 from adtr.model import ADTR
 
@@ -40,13 +50,6 @@ class Prediction:
     path: str
     anomaly_score: float
     anomaly_map: np.ndarray  # (H, W) at the image's original size
-
-
-def split_validation(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split of n good images into (train, validation) indices; validation may be empty."""
-    n_val = int(round(n * fraction)) if n >= 5 else 0
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
 class ADTRDetector:
@@ -69,25 +72,56 @@ class ADTRDetector:
         self.progress = progress
 
     # -- training ---------------------------------------------------------------------
-    def fit(self, data: str | Path | Sequence[Sample]) -> ADTRDetector:
-        """Train on good images: a data folder (MVTec category or plain folder) or samples."""
+    def fit(
+        self,
+        data: str | Path | Sequence[Sample],
+        anomalies: str | Path | Sequence[Sample] | None = None,
+        synthetic: Sequence[str] = (),
+        external: str | Path | None = None,
+        init: str | Path | None = None,
+    ) -> ADTRDetector:
+        """Train on good images, optionally with anomalies.
+
+        data: an MVTec category / plain folder (its good training images) or good samples.
+        anomalies: labelled anomalous images: a folder in the MVTec test layout (masks in
+            ground_truth/ give pixel labels), a plain folder of images (image labels), or samples.
+        synthetic: names of synthetic anomaly generators (anomalies.GENERATORS).
+        external: a folder of unrelated images, used as image-level anomalies.
+        init: a run folder to start from (its model settings and weights); else from scratch.
+        """
         samples = train_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
         if any(s.label != 0 for s in samples):
-            raise DataError("fit on normal images takes good samples only (label 0)")
+            raise DataError("the training data must be good images only (label 0); pass anomalies separately")
+        labelled = (
+            anomaly_samples(Path(anomalies)) if isinstance(anomalies, (str, Path)) else list(anomalies or [])
+        )
+        labelled += image_folder(Path(external), label=1) if external is not None else []
+        generators = [get_generator(name) for name in synthetic]
+        if init is not None:
+            base, base_config, _ = load_run(init, self.device)
+            self.config.model, self.config.score = base_config.model, base_config.score
         cfg = self.config
         t0 = time.perf_counter()
         train_idx, val_idx = split_validation(len(samples), cfg.train.val_fraction, cfg.train.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)  # weight init and dropout; shuffling has its own generator
-            model = ADTR(cfg.model, cfg.score).to(self.device)
+            model = base if init is not None else ADTR(cfg.model, cfg.score).to(self.device)
             raw = extract_features(model, samples, self.device, progress=self.progress)
-            model.set_feature_stats(raw[train_idx].to(self.device))
+            if init is None:
+                model.set_feature_stats(raw[train_idx].to(self.device))
             features = model.standardize(raw.to(self.device)).cpu()
+            good = [samples[i] for i in train_idx]
+            train_data = TrainingData(
+                features[train_idx],
+                synthetic_pools(model, good, generators, cfg.train.synthetic_copies, cfg.train.seed,
+                                self.device, progress=self.progress) if generators else None,
+                anomaly_pool(model, labelled, self.device, progress=self.progress) if labelled else None,
+            )  # fmt: skip
             extract_seconds = time.perf_counter() - t0
             generator = torch.Generator().manual_seed(cfg.train.seed)
             history = fit_reconstructor(
                 model,
-                features[train_idx],
+                train_data,
                 features[val_idx] if val_idx else None,
                 cfg.train,
                 self.device,
@@ -103,6 +137,10 @@ class ADTRDetector:
             "data": {
                 "train_files": [str(samples[i].path) for i in train_idx],
                 "val_files": [str(samples[i].path) for i in val_idx],
+                "anomaly_files": [str(s.path) for s in labelled],
+                "n_pixel_labelled": sum(s.mask_path is not None for s in labelled),
+                "synthetic": list(synthetic),
+                "init": str(init) if init is not None else None,
             },
             "score_stats": _score_stats(val_scores),
             "history": history,

@@ -17,12 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from adtr.anomalies import Generator
 from adtr.config import TrainConfig
-from adtr.data.images import DataError, read_image
+from adtr.data.images import DataError, read_image, read_mask
 from adtr.data.samples import Sample
 from adtr.data.transforms import resize_image
+from adtr.losses import mixed_loss, mse_loss
 from adtr.model import ADTR
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,19 @@ def iter_image_batches(
                 )
 
 
+def _batches(
+    model: ADTR,
+    samples: Sequence[Sample],
+    batch_size: int,
+    desc: str,
+    progress: bool,
+    on_error: Callable[[int, DataError], None] | None = None,
+) -> Iterator[ImageBatch]:
+    """Image batches at the model's input size, behind a progress bar."""
+    batches = iter_image_batches(samples, model.cfg.image_size, batch_size, on_error=on_error)
+    return tqdm(batches, total=math.ceil(len(samples) / batch_size), desc=desc, disable=not progress)
+
+
 @torch.no_grad()
 def extract_features(
     model: ADTR,
@@ -84,12 +100,101 @@ def extract_features(
     """Raw aligned backbone features of all samples: (N, C, h, w) float32 on the CPU."""
     model.eval()
     out = []
-    batches = iter_image_batches(samples, model.cfg.image_size, batch_size)
-    for batch in tqdm(
-        batches, total=math.ceil(len(samples) / batch_size), desc="features", disable=not progress
-    ):
+    for batch in _batches(model, samples, batch_size, "features", progress):
         out.append(model.extract(batch.images.to(device)).cpu())
     return torch.cat(out)
+
+
+@dataclass
+class AnomalyPool:
+    """Standardised features of anomalous samples with their labels on the token grid."""
+
+    features: torch.Tensor  # (M, C, h, w)
+    token_labels: torch.Tensor  # (M, h, w) share of anomalous pixels per token; 0 where unknown
+    pixel_level: torch.Tensor  # (M,) bool: token_labels hold this sample's labels (else L_img)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+@dataclass
+class TrainingData:
+    """What one fit sees. Without synthetic and anomalies the loss is the plain MSE."""
+
+    normal: torch.Tensor  # (N, C, h, w) standardised features of good images
+    synthetic: list[AnomalyPool] | None = None  # copies aligned with `normal`: [c].features[i] from image i
+    anomalies: AnomalyPool | None = None  # real labelled anomalies and external images
+
+    @property
+    def supervised(self) -> bool:
+        return bool(self.synthetic) or (self.anomalies is not None and len(self.anomalies) > 0)
+
+
+def token_labels(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Masks (B, H, W) at any resolution -> share of anomalous pixels per token (B, h, w).
+
+    The one way masks reach the token grid: area averaging, so a token half covered by a
+    defect gets label 0.5 and weighs half in L_px.
+    """
+    return F.interpolate(mask[:, None].float(), size=grid, mode="area")[:, 0]
+
+
+@torch.no_grad()
+def anomaly_pool(
+    model: ADTR, samples: Sequence[Sample], device: torch.device, batch_size: int = 8, progress: bool = True
+) -> AnomalyPool:
+    """Labelled anomalies: samples with a mask are pixel-level (L_px), others image-level (L_img)."""
+    model.eval()
+    feats, labels, pixel = [], [], []
+    grid = model.cfg.grid_size
+    for batch in _batches(model, samples, batch_size, "anomalies", progress):
+        feats.append(model.standardize(model.extract(batch.images.to(device))).cpu())
+        for i, size in zip(batch.indices, batch.original_sizes, strict=True):
+            s = samples[i]
+            if s.mask_path is not None:
+                mask = torch.from_numpy(read_mask(s.mask_path, size))
+                labels.append(token_labels(mask[None], grid)[0])
+            else:
+                labels.append(torch.zeros(grid))
+            pixel.append(s.mask_path is not None)
+    return AnomalyPool(torch.cat(feats), torch.stack(labels), torch.tensor(pixel, dtype=torch.bool))
+
+
+@torch.no_grad()
+def synthetic_pools(
+    model: ADTR,
+    samples: Sequence[Sample],
+    generators: Sequence[Generator],
+    copies: int,
+    seed: int,
+    device: torch.device,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[AnomalyPool]:
+    """`copies` synthetic versions of every good image, made at the model's input size.
+
+    Image i's copy c comes from numpy's Generator seeded with (seed, c, i), so the set is
+    the same whatever the batch size; each image picks one of the generators at random.
+    """
+    model.eval()
+    grid = model.cfg.grid_size
+    feats: list[list[torch.Tensor]] = [[] for _ in range(copies)]
+    labels: list[list[torch.Tensor]] = [[] for _ in range(copies)]
+    for batch in _batches(model, samples, batch_size, "synthetic", progress):
+        originals = batch.images.permute(0, 2, 3, 1).round().to(torch.uint8).numpy()  # (B, H, W, 3)
+        for c in range(copies):
+            images, masks = [], []
+            for i, image in zip(batch.indices, originals, strict=True):
+                rng = np.random.default_rng([seed, c, i])
+                changed, mask = generators[int(rng.integers(len(generators)))](image, rng)
+                images.append(torch.from_numpy(changed).permute(2, 0, 1).float())
+                masks.append(torch.from_numpy(mask))
+            feats[c].append(model.standardize(model.extract(torch.stack(images).to(device))).cpu())
+            labels[c].append(token_labels(torch.stack(masks), grid))
+    return [
+        AnomalyPool(torch.cat(feats[c]), torch.cat(labels[c]), torch.ones(len(samples), dtype=torch.bool))
+        for c in range(copies)
+    ]
 
 
 def _lr_factor(epoch: int, cfg: TrainConfig) -> float:
@@ -98,15 +203,9 @@ def _lr_factor(epoch: int, cfg: TrainConfig) -> float:
     return warm * drop
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def mse_loss(f: torch.Tensor, f_hat: torch.Tensor) -> torch.Tensor:
-    return torch.mean((f - f_hat) ** 2)
-
-
 @torch.no_grad()
 def validation_loss(model: ADTR, features: torch.Tensor, device: torch.device, batch_size: int = 32) -> float:
+    """MSE of the reconstruction of held-out good features."""
     model.reconstructor.eval()
     total = 0.0
     for i in range(0, len(features), batch_size):
@@ -115,9 +214,40 @@ def validation_loss(model: ADTR, features: torch.Tensor, device: torch.device, b
     return total / max(1, len(features))
 
 
+def _batch(
+    data: TrainingData, idx: torch.Tensor, cfg: TrainConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features (B, C, h, w), token labels (B, h, w), image labels (B,), pixel-level flags (B,).
+
+    Each good image is swapped for one of its synthetic copies with probability
+    cfg.synthetic_prob; then round(anomaly_ratio * batch) labelled anomalies are appended,
+    drawn with replacement (a handful of real defects is oversampled, not diluted).
+    """
+    f = data.normal[idx]
+    b, _, h, w = f.shape
+    labels = torch.zeros(b, h, w)
+    if data.synthetic:
+        swap = torch.rand(b, generator=generator) < cfg.synthetic_prob
+        copy = torch.randint(len(data.synthetic), (b,), generator=generator)
+        for c, pool in enumerate(data.synthetic):
+            pick = swap & (copy == c)
+            f[pick] = pool.features[idx[pick]]
+            labels[pick] = pool.token_labels[idx[pick]]
+    image_labels = (labels.flatten(1).amax(1) > 0).float()
+    pixel_level = torch.ones(b, dtype=torch.bool)
+    if data.anomalies is not None and len(data.anomalies):
+        n = max(1, round(cfg.anomaly_ratio * b))
+        j = torch.randint(len(data.anomalies), (n,), generator=generator)
+        f = torch.cat([f, data.anomalies.features[j]])
+        labels = torch.cat([labels, data.anomalies.token_labels[j]])
+        image_labels = torch.cat([image_labels, torch.ones(n)])
+        pixel_level = torch.cat([pixel_level, data.anomalies.pixel_level[j]])
+    return f, labels, image_labels, pixel_level
+
+
 def fit_reconstructor(
     model: ADTR,
-    train_features: torch.Tensor,
+    data: TrainingData,
     val_features: torch.Tensor | None,
     cfg: TrainConfig,
     device: torch.device,
@@ -127,8 +257,9 @@ def fit_reconstructor(
     optimizer: torch.optim.Optimizer | None = None,
     on_epoch_end: Callable[[int, torch.optim.Optimizer, dict], None] | None = None,
 ) -> list[dict]:
-    """Train model.reconstructor on standardised features (N, C, h, w) with MSE.
+    """Train model.reconstructor on standardised features.
 
+    Normal-only data: MSE. With synthetic or labelled anomalies: L_px / L_img (losses.py).
     Returns one dict per epoch (loss, val_loss, lr, seconds). `on_epoch_end` is called after
     each epoch with (epoch, optimizer, record), e.g. to save a resumable checkpoint.
     """
@@ -136,14 +267,9 @@ def fit_reconstructor(
     if optimizer is None:
         optimizer = torch.optim.AdamW(rec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = []
-    n = len(train_features)
-    bar = tqdm(
-        range(start_epoch, cfg.epochs),
-        desc="fit",
-        disable=not progress,
-        initial=start_epoch,
-        total=cfg.epochs,
-    )
+    n = len(data.normal)
+    bar = tqdm(range(start_epoch, cfg.epochs), desc="fit", disable=not progress, initial=start_epoch,
+               total=cfg.epochs)  # fmt: skip
     for epoch in bar:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
@@ -152,12 +278,16 @@ def fit_reconstructor(
         perm = torch.randperm(n, generator=generator)
         total = 0.0
         for i in range(0, n, cfg.batch_size):
-            f = train_features[perm[i : i + cfg.batch_size]].to(device)
-            inputs = f
-            if cfg.feature_jitter > 0:
-                noise = torch.randn(f.shape, generator=generator).to(device)
-                inputs = f + cfg.feature_jitter * noise
-            loss = mse_loss(f, rec(inputs))
+            f, token_labels, image_labels, pixel_level = _batch(
+                data, perm[i : i + cfg.batch_size], cfg, generator
+            )
+            f = f.to(device)
+            f_hat = rec(f)
+            if data.supervised:
+                loss = mixed_loss(f, f_hat, token_labels.to(device), image_labels.to(device),
+                                  pixel_level.to(device), cfg.top_k, cfg.alpha)  # fmt: skip
+            else:
+                loss = mse_loss(f, f_hat)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}")
             optimizer.zero_grad(set_to_none=True)
@@ -208,10 +338,7 @@ def predict_samples(
     sizes: list[tuple[int, int]] = []
     indices: list[int] = []
     seconds = 0.0
-    batches = iter_image_batches(samples, model.cfg.image_size, batch_size, on_error=on_error)
-    for batch in tqdm(
-        batches, total=math.ceil(len(samples) / batch_size), desc="predict", disable=not progress
-    ):
+    for batch in _batches(model, samples, batch_size, "predict", progress, on_error):
         t0 = time.perf_counter()
         out = model(batch.images.to(device))
         seconds += time.perf_counter() - t0

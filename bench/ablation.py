@@ -69,8 +69,9 @@ def main() -> None:
         f"# Ablation on {args.data.name}: what stops the reconstruction from copying anomalies\n\n"
         f"Command: `python bench/ablation.py {shlex.join(sys.argv[1:])}`; {args.epochs} epochs each, "
         f"seed {args.seed}, {args.preset} preset widths.\n\n"
-        + md_table(["reconstructor", "params", "val loss", "image AUROC", "pixel AUROC", "AUPRO", "fit s"],
-                   rows)  # fmt: skip
+        + md_table(
+            ["reconstructor", "params", "val loss", "image AUROC", "pixel AUROC", "AUPRO", "fit s"], rows
+        )  # fmt: skip
         + "\n"
     )
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

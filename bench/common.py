@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,8 +19,8 @@ DEFAULT_DATA = Path(os.environ.get("ADTR_DATA", REPO.parent / "shared" / "data")
 
 
 def adtr_command() -> list[str]:
-    exe = shutil.which("adtr") or str(Path(sys.executable).parent / "adtr")
-    return [exe]
+    """The CLI as a user runs it, from the same interpreter (and PYTHONPATH) as the bench."""
+    return [sys.executable, "-m", "adtr.cli"]
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float, str]:

@@ -105,3 +105,29 @@ def test_resize_helpers():
     assert t.shape == (3, 32, 64) and t.dtype.is_floating_point
     m = resize_map(np.ones((8, 8), np.float32), (17, 33))
     assert m.shape == (17, 33) and np.allclose(m, 1)
+
+
+def test_kshot_split_never_leaks_training_anomalies(bottle):
+    from adtr.data.splits import kshot_split
+
+    test = mvtec.test_samples(bottle)
+    remaining5 = None
+    for k in (1, 3, 5):
+        train, remaining = kshot_split(test, k, seed=0, pool_size=5)
+        assert len(train) == 3 * k and all(s.label == 1 for s in train)
+        assert {s.path for s in train}.isdisjoint({s.path for s in remaining})
+        assert len(remaining) == len(test) - 15  # the whole pool of 5 per defect is held out
+        assert [s.defect for s in train].count("contamination") == k
+        remaining5 = remaining5 or [s.path for s in remaining]
+        assert [s.path for s in remaining] == remaining5  # same test images for every k
+    assert kshot_split(test, 3, seed=0)[0] == kshot_split(test, 3, seed=0)[0]
+    assert kshot_split(test, 3, seed=0)[0] != kshot_split(test, 3, seed=1)[0]
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    from adtr.data.splits import split_validation
+
+    tr, va = split_validation(100, 0.1, seed=0)
+    assert len(va) == 10 and not set(tr) & set(va) and len(tr) + len(va) == 100
+    assert split_validation(100, 0.1, 0) == (tr, va) and split_validation(100, 0.1, 1) != (tr, va)
+    assert split_validation(4, 0.5, 0) == ([0, 1, 2, 3], [])

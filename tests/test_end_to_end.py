@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from adtr import ADTRDetector
@@ -168,3 +169,22 @@ def test_readme_commands_exist():
     for script in ["setup.sh", "bottle.sh", "test.sh"]:
         assert (repo / "scripts" / script).is_file()
     assert "scripts/test.sh" in (repo / ".ci" / "run").read_text()
+
+
+@pytest.mark.slow
+def test_anomaly_available_fit_from_init(bottle, tmp_path):
+    from adtr.data.splits import kshot_split
+
+    train, _ = _slice(bottle)
+    anomalies, remaining = kshot_split(mvtec.test_samples(bottle), 1, seed=0)
+    base = ADTRDetector(FAST, train=TrainConfig(epochs=3, batch_size=8, lr=1e-3), progress=False)
+    base.fit(train[:32])
+    base.save(tmp_path / "base")
+    det = ADTRDetector(train=TrainConfig(epochs=2, batch_size=8, lr=1e-3, synthetic_copies=1), progress=False)
+    det.fit(train[:32], anomalies=anomalies, synthetic=["confetti", "cutpaste"], init=tmp_path / "base")
+    assert det.config.model == FAST  # model settings come from the init run
+    assert det.info_["data"]["n_pixel_labelled"] == 3
+    assert all(np.isfinite(h["loss"]) for h in det.history_)
+    test = [s for s in remaining if s.defect in ("good", "broken_large")]
+    assert {str(s.path) for s in test}.isdisjoint(det.info_["data"]["anomaly_files"])
+    assert det.test(test)["image_auroc"] > 0.9

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from adtr.data.images import DataError, list_images
+from adtr.data.images import DataError, is_image_file, list_images
 from adtr.data.samples import Sample
 
 log = logging.getLogger(__name__)
@@ -68,3 +68,28 @@ def has_masks(samples: list[Sample]) -> bool:
     """True when every anomalous sample has a mask (pixel metrics are then possible)."""
     anomalous = [s for s in samples if s.label == 1]
     return bool(anomalous) and all(s.mask_path is not None for s in anomalous)
+
+
+def image_folder(root: Path, label: int) -> list[Sample]:
+    """Every image below a folder (recursively), with one image-level label and no masks."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: folder not found")
+    images = sorted(p for p in root.rglob("*") if is_image_file(p) and MASK_FOLDER not in p.parts)
+    if not images:
+        raise DataError(f"{root}: no image files in this folder or below it")
+    return [Sample(p, label, root.name) for p in images]
+
+
+def anomaly_samples(root: Path) -> list[Sample]:
+    """Labelled anomalies: the test layout (defect folders, optional ground_truth/ masks;
+    a good/ folder is ignored) or, if the folder holds images itself, image-level labels."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: folder not found")
+    if any(is_image_file(p) for p in root.iterdir()):
+        return image_folder(root, label=1)
+    samples = [s for s in labelled_folder(root) if s.label == 1]
+    if not samples:
+        raise DataError(f"{root}: no anomalous images (expected <defect>/ folders besides good/)")
+    return samples
