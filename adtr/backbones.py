@@ -49,11 +49,7 @@ class EfficientNetLiteFeatures(nn.Module):
         # Stage ends: the last block whose output is at a given stride.
         block_strides, s = [], 2
         for block in self.blocks:
-            s *= (
-                block._block_args.stride
-                if isinstance(block._block_args.stride, int)
-                else block._block_args.stride[0]
-            )
+            s *= block._block_args.stride if isinstance(block._block_args.stride, int) else block._block_args.stride[0]
             block_strides.append(s)
         available = sorted(set(block_strides))
         for stride in self.strides:
@@ -62,8 +58,7 @@ class EfficientNetLiteFeatures(nn.Module):
         self._taps = {max(i for i, bs in enumerate(block_strides) if bs == st): st for st in self.strides}
         self._last = max(self._taps)
         self.levels = tuple(
-            FeatureLevel(st, self.blocks[i]._block_args.output_filters)
-            for i, st in sorted(self._taps.items())
+            FeatureLevel(st, self.blocks[i]._block_args.output_filters) for i, st in sorted(self._taps.items())
         )
         self.eval()
         for p in self.parameters():

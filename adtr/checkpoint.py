@@ -35,11 +35,7 @@ class CheckpointError(ValueError):
 
 def trainable_state(model: ADTR) -> dict[str, torch.Tensor]:
     """Everything a run must store: all tensors except the frozen backbone's."""
-    return {
-        k: v.detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-        if not k.startswith("backbone.")
-    }
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
 
 
 def backbone_fingerprint(model: ADTR) -> str:
@@ -84,9 +80,7 @@ def read_run_config(run_dir: Path | str) -> dict[str, Any]:
     return doc
 
 
-def load_run(
-    run_dir: Path | str, device: torch.device | str = "cpu"
-) -> tuple[ADTR, RunConfig, dict[str, Any]]:
+def load_run(run_dir: Path | str, device: torch.device | str = "cpu") -> tuple[ADTR, RunConfig, dict[str, Any]]:
     """Rebuild the model of a run folder; returns (model in eval mode, config, config.json)."""
     run_dir = Path(run_dir)
     doc = read_run_config(run_dir)

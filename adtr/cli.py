@@ -1,4 +1,4 @@
-"""Command line: `adtr fit`, `adtr test`, `adtr predict`.
+"""Command line: `adtr fit`, `adtr test`, `adtr predict`, `adtr export`, `adtr serve`.
 
 The verbs follow anomalib's. Errors about data or run folders print one line naming the
 file and exit with status 2; nothing already written is overwritten without --force.
@@ -10,6 +10,7 @@ import argparse
 import csv
 import dataclasses
 import io
+import json
 import logging
 import os
 import sys
@@ -22,6 +23,7 @@ from adtr.checkpoint import CONFIG_FILE, CheckpointError
 from adtr.config import MODEL_PRESETS, ScoreConfig, TrainConfig, parse_image_size
 from adtr.data.images import DataError, is_image_file, read_image
 from adtr.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from adtr.thresholds import bounding_boxes
 
 log = logging.getLogger("adtr")
 
@@ -30,6 +32,8 @@ METRIC_ROWS = [
     ("pixel_auroc", "pixel AUROC"),
     ("aupro", "AUPRO (FPR <= 0.3)"),
     ("image_f1_max", "image F1-max"),
+    ("false_alarm_rate_at_threshold", "good flagged at thr."),
+    ("detection_rate_at_threshold", "anomalous flagged"),
     ("n_images", "test images"),
     ("images_per_second", "images/s (model only)"),
 ]
@@ -37,9 +41,7 @@ METRIC_ROWS = [
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
-    )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -70,18 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="256",
         help="input size N or HxW, multiples of 32; HxW keeps long parts' aspect ratio (default: 256)",
     )
-    p.add_argument(
-        "--epochs", type=int, default=d_train.epochs, help=f"training epochs (default: {d_train.epochs})"
-    )
+    p.add_argument("--epochs", type=int, default=d_train.epochs, help=f"training epochs (default: {d_train.epochs})")
     p.add_argument(
         "--batch-size",
         type=int,
         default=d_train.batch_size,
         help=f"training batch size (default: {d_train.batch_size})",
     )
-    p.add_argument(
-        "--lr", type=float, default=d_train.lr, help=f"AdamW learning rate (default: {d_train.lr})"
-    )
+    p.add_argument("--lr", type=float, default=d_train.lr, help=f"AdamW learning rate (default: {d_train.lr})")
     p.add_argument("--seed", type=int, default=d_train.seed, help=f"random seed (default: {d_train.seed})")
     p.add_argument(
         "--val-fraction",
@@ -129,14 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing run folder's files")
     _add_common(p)
 
-    p = sub.add_parser(
-        "test", help="metrics on labelled test data", description="Evaluate a run on test data."
-    )
+    p = sub.add_parser("test", help="metrics on labelled test data", description="Evaluate a run on test data.")
     p.add_argument("run", type=Path, help="run folder written by adtr fit")
     p.add_argument("data", type=Path, help="MVTec category (uses test/ and ground_truth/) or labelled folder")
-    p.add_argument(
-        "--json", type=Path, default=None, help="write metrics and per-image scores to this JSON file"
-    )
+    p.add_argument("--json", type=Path, default=None, help="write metrics and per-image scores to this JSON file")
     p.add_argument("--batch-size", type=int, default=8, help="inference batch size (default: 8)")
     _add_common(p)
 
@@ -147,19 +141,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run", type=Path, help="run folder written by adtr fit")
     p.add_argument("paths", type=Path, nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument(
-        "--out", type=Path, required=True, help="output folder for scores.csv, scores.json, heatmaps/"
-    )
+    p.add_argument("--out", type=Path, required=True, help="output folder for scores.csv, scores.json, heatmaps/")
     p.add_argument("--no-heatmaps", action="store_true", help="write scores only")
+    p.add_argument(
+        "--engine",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="inference engine: PyTorch, or onnxruntime with an exported model (default: torch)",
+    )
+    p.add_argument("--onnx", type=Path, default=None, help="ONNX file for --engine onnx (default: RUN/model.onnx)")
     p.add_argument("--batch-size", type=int, default=8, help="inference batch size (default: 8)")
+    _add_common(p)
+
+    p = sub.add_parser("export", help="export a run to ONNX", description="Export the whole pipeline to ONNX.")
+    p.add_argument("run", type=Path, help="run folder written by adtr fit")
+    p.add_argument("--out", type=Path, default=None, help="ONNX file to write (default: RUN/model.onnx)")
+    _add_common(p)
+
+    p = sub.add_parser("serve", help="HTTP inspection service", description="Serve a run over HTTP (FastAPI).")
+    p.add_argument("run", type=Path, help="run folder written by adtr fit")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted request in MiB (default: 20)")
+    p.add_argument(
+        "--engine",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="PyTorch, or onnxruntime with RUN/model.onnx from adtr export (default: torch)",
+    )
     _add_common(p)
     return parser
 
 
 def _setup(args: argparse.Namespace) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
     logging.getLogger("adtr.engine").setLevel(logging.WARNING)  # per-epoch lines: the bar shows them
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,6 +258,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from adtr.visualize import display_range, overlay
 
     det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet)
+    if args.engine == "onnx":
+        det.use_onnx(args.onnx or args.run / "model.onnx")
     files = _collect_images(args.paths)
     if not files:
         raise DataError("no images to score among: " + ", ".join(map(str, args.paths)))
@@ -255,9 +272,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     preds = det.predict(files, batch_size=args.batch_size, on_error=report)
     names = dict(zip(map(str, files), _output_names(files), strict=True))
     vmin, vmax = display_range(det.info_.get("score_stats", {}))
+    thr = det.thresholds_
     rows = []
     for p in preds:
-        row = {"path": p.path, "anomaly_score": p.anomaly_score}
+        boxes = bounding_boxes(thr.defect_mask(p.anomaly_map)) if p.is_anomalous else []
+        row = {
+            "path": p.path,
+            "anomaly_score": p.anomaly_score,
+            "normalized_score": p.normalized_score,
+            "is_anomalous": p.is_anomalous,
+            "defect_boxes": json.dumps(boxes),
+        }
         if not args.no_heatmaps:
             from PIL import Image
 
@@ -273,14 +298,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(args.out / "scores.csv", out.getvalue())
-    atomic_write_json(
-        args.out / "scores.json", {"run": str(args.run), "predictions": rows, "failed": failures}
-    )
-    print(f"scored {len(rows)} images, {len(failures)} failed; results in {args.out}")
+    atomic_write_json(args.out / "scores.json", {"run": str(args.run), "predictions": rows, "failed": failures})
+    flagged = sum(r["is_anomalous"] for r in rows)
+    print(f"scored {len(rows)} images ({flagged} anomalous), {len(failures)} failed; results in {args.out}")
     return 1 if failures else 0
 
 
-COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict}
+def cmd_export(args: argparse.Namespace) -> int:
+    from adtr.detector import ADTRDetector
+    from adtr.export import export_onnx
+
+    det = ADTRDetector.load(args.run, progress=False)
+    out = args.out or args.run / "model.onnx"
+    meta = {"image_size": list(det.config.model.image_size), "thresholds": det.thresholds_.to_dict()}
+    diff = export_onnx(det.model_, out, metadata=meta)
+    print(f"exported {out}; onnxruntime vs PyTorch, max image-score difference {diff:.2e}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from adtr.serve import serve
+
+    serve(args.run, args.host, args.port, int(args.max_upload_mb * 1024 * 1024), args.engine)
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup(args)
     try:
         return COMMANDS[args.command](args)
-    except (DataError, CheckpointError, ValueError) as e:
+    except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -53,6 +53,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     warmup_epochs: int = 2
     val_fraction: float = 0.1  # good training images held out for monitoring and thresholds
+    false_alarm_rate: float = 0.01  # accepted share of good images flagged (thresholds.py)
     seed: int = 0
     # Anomaly-available training (losses.py): used only when anomalies are given.
     synthetic_prob: float = 0.5  # chance that a good image is replaced by a synthetic anomaly
@@ -87,9 +88,7 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ValueError(
-                f"config schema version {version!r} is not supported (expected {SCHEMA_VERSION})"
-            )
+            raise ValueError(f"config schema version {version!r} is not supported (expected {SCHEMA_VERSION})")
         model = _build(ModelConfig, data.get("model", {}))
         model.image_size = tuple(model.image_size)
         model.strides = tuple(model.strides)

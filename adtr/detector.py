@@ -23,14 +23,14 @@ import torch
 
 from adtr import __version__
 from adtr.anomalies import get_generator
-from adtr.checkpoint import load_run, save_run
+from adtr.checkpoint import CheckpointError, load_run, save_run
 from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig, TrainConfig
 from adtr.data.folder import anomaly_samples, image_folder
 from adtr.data.images import DataError, read_mask
 from adtr.data.mvtec import test_samples, train_samples
 from adtr.data.samples import Sample
 from adtr.data.splits import split_validation
-from adtr.data.transforms import resize_map
+from adtr.data.transforms import resize_image, resize_map
 from adtr.engine import (
     TrainingData,
     anomaly_pool,
@@ -41,6 +41,7 @@ from adtr.engine import (
 )
 from adtr.metrics import image_metrics, pixel_metrics
 from adtr.model import ADTR
+from adtr.thresholds import Thresholds, f1_optimal, from_good_scores
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class Prediction:
     path: str
-    anomaly_score: float
+    anomaly_score: float  # higher = more anomalous
     anomaly_map: np.ndarray  # (H, W) at the image's original size
+    normalized_score: float  # 0..1, 0.5 = the run's threshold
+    is_anomalous: bool  # anomaly_score >= the image threshold
 
 
 class ADTRDetector:
@@ -92,10 +95,10 @@ class ADTRDetector:
         samples = train_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
         if any(s.label != 0 for s in samples):
             raise DataError("the training data must be good images only (label 0); pass anomalies separately")
-        labelled = (
-            anomaly_samples(Path(anomalies)) if isinstance(anomalies, (str, Path)) else list(anomalies or [])
-        )
-        labelled += image_folder(Path(external), label=1) if external is not None else []
+        labelled = anomaly_samples(Path(anomalies)) if isinstance(anomalies, (str, Path)) else list(anomalies or [])
+        external_samples = image_folder(Path(external), label=1) if external is not None else []
+        n_external = len(external_samples)
+        labelled += external_samples
         generators = [get_generator(name) for name in synthetic]
         if init is not None:
             base, base_config, _ = load_run(init, self.device)
@@ -131,7 +134,9 @@ class ADTRDetector:
         model.eval()
         self.model_ = model
         self.history_ = history
-        val_scores = self._scores_from_features(features[val_idx]) if val_idx else np.array([])
+        real = train_data.anomalies.features[: len(labelled) - n_external] if train_data.anomalies else None
+        self.thresholds_ = self._calibrate(features[val_idx], features[train_idx], real)
+        val_scores = self._scores_from_features(features[val_idx])[0]
         self.info_ = {
             "adtr_version": __version__,
             "data": {
@@ -143,6 +148,7 @@ class ADTRDetector:
                 "init": str(init) if init is not None else None,
             },
             "score_stats": _score_stats(val_scores),
+            "thresholds": self.thresholds_.to_dict(),
             "history": history,
             "fit_seconds": time.perf_counter() - t0,
             "feature_seconds": extract_seconds,
@@ -150,13 +156,26 @@ class ADTRDetector:
         return self
 
     @torch.no_grad()
-    def _scores_from_features(self, features: torch.Tensor) -> np.ndarray:
+    def _scores_from_features(self, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (N,) and map maxima (N,) of standardised features (N, C, h, w)."""
         model = self._require_model()
-        out = [
-            model.score_maps(model.error_map(features[i : i + 16].to(self.device))).anomaly_score.cpu()
-            for i in range(0, len(features), 16)
-        ]
-        return torch.cat(out).numpy().astype(np.float64)
+        scores, maxima = [], []
+        for i in range(0, len(features), 16):
+            out = model.score_maps(model.error_map(features[i : i + 16].to(self.device)))
+            scores.append(out.anomaly_score.cpu())
+            maxima.append(out.anomaly_map.flatten(1).amax(1).cpu())
+        if not scores:
+            return np.array([]), np.array([])
+        return torch.cat(scores).double().numpy(), torch.cat(maxima).double().numpy()
+
+    def _calibrate(self, val: torch.Tensor, train: torch.Tensor, real_anomalies: torch.Tensor | None) -> Thresholds:
+        scores, maxima = self._scores_from_features(val if len(val) else train)
+        if not len(val):
+            log.warning("fewer than 5 good images: thresholds come from the training images and run low")
+        if real_anomalies is not None and len(real_anomalies):
+            anomalous, _ = self._scores_from_features(real_anomalies)
+            return f1_optimal(scores, anomalous, maxima, self.config.train.false_alarm_rate)
+        return from_good_scores(scores, maxima, self.config.train.false_alarm_rate)
 
     # -- inference --------------------------------------------------------------------
     def _require_model(self) -> ADTR:
@@ -177,15 +196,26 @@ class ADTRDetector:
         """
         samples = [Sample(Path(p), 0) for p in paths]
         report = (lambda i, e: on_error(samples[i].path, e)) if on_error else None
-        preds = predict_samples(
-            self._require_model(), samples, self.device, batch_size, self.progress, report
-        )
+        preds = predict_samples(self._engine(), samples, self.device, batch_size, self.progress, report)
         return [
-            Prediction(str(samples[i].path), float(score), resize_map(m, size))
-            for i, score, m, size in zip(
-                preds.indices, preds.scores, preds.maps, preds.original_sizes, strict=True
-            )
+            self._prediction(str(samples[i].path), float(score), resize_map(m, size))
+            for i, score, m, size in zip(preds.indices, preds.scores, preds.maps, preds.original_sizes, strict=True)
         ]
+
+    def _engine(self):
+        """The ONNX engine when use_onnx() was called, else the PyTorch model."""
+        return getattr(self, "engine_", None) or self._require_model()
+
+    def _prediction(self, name: str, score: float, anomaly_map: np.ndarray) -> Prediction:
+        thr = self.thresholds_
+        return Prediction(name, score, anomaly_map, float(thr.normalize(score)), thr.is_anomalous(score))
+
+    @torch.no_grad()
+    def predict_image(self, image: np.ndarray, name: str = "<image>") -> Prediction:
+        """Score one decoded RGB uint8 image (H, W, 3), e.g. from a camera or an upload."""
+        out = self._engine()(resize_image(image, self.config.model.image_size)[None].to(self.device))
+        anomaly_map = resize_map(out.anomaly_map[0].cpu().numpy(), image.shape[:2])
+        return self._prediction(name, float(out.anomaly_score[0]), anomaly_map)
 
     def test(self, data: str | Path | Sequence[Sample], batch_size: int = 8) -> dict[str, Any]:
         """Metrics on labelled test data: an MVTec category / plain folder, or samples."""
@@ -200,14 +230,21 @@ class ADTRDetector:
             result.update(image_metrics(preds.scores, labels))
         with_masks = [s.mask_path is not None for s in samples if s.label == 1]
         if with_masks and all(with_masks):
-            maps, masks = [], []
-            for s, m, size in zip(samples, preds.maps, preds.original_sizes, strict=True):
-                mask = read_mask(s.mask_path, size) if s.mask_path else np.zeros(size, dtype=bool)
-                maps.append(resize_map(m, size))
-                masks.append(mask)
+            masks = [
+                read_mask(s.mask_path, size) if s.mask_path else np.zeros(size, dtype=bool)
+                for s, size in zip(samples, preds.original_sizes, strict=True)
+            ]
+            # Maps are upsampled to each image's original size one at a time, as the metric reads them.
+            maps = _Resized(preds.maps, preds.original_sizes)
             result.update(pixel_metrics(maps, masks))
         elif with_masks and any(with_masks):
             log.warning("only some anomalous images have masks: pixel metrics skipped")
+        flagged = np.array([self.thresholds_.is_anomalous(v) for v in preds.scores])
+        result["threshold"] = self.thresholds_.image
+        if (labels == 0).any():
+            result["false_alarm_rate_at_threshold"] = float(flagged[labels == 0].mean())
+        if (labels == 1).any():
+            result["detection_rate_at_threshold"] = float(flagged[labels == 1].mean())
         result["images_per_second"] = len(samples) / max(preds.model_seconds, 1e-9)
         result["images_per_second_with_decoding"] = len(samples) / max(wall, 1e-9)
         result["scores"] = [
@@ -216,21 +253,28 @@ class ADTRDetector:
         ]
         return result
 
+    def use_onnx(self, path: str | Path) -> ADTRDetector:
+        """Run predict() through onnxruntime with an exported model (adtr export)."""
+        from adtr.export import OnnxModel
+
+        self.engine_ = OnnxModel(path, self.config.model)
+        return self
+
     # -- persistence ------------------------------------------------------------------
     def save(self, run_dir: str | Path) -> None:
         save_run(run_dir, self._require_model(), self.config, self.info_)
 
     @classmethod
-    def load(
-        cls, run_dir: str | Path, device: str | torch.device = "cpu", progress: bool = True
-    ) -> ADTRDetector:
+    def load(cls, run_dir: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> ADTRDetector:
         model, config, doc = load_run(run_dir, device)
         det = cls(config.model, config.score, config.train, device=device, progress=progress)
         det.model_ = model
         det.history_ = doc.get("history", [])
-        det.info_ = {
-            k: v for k, v in doc.items() if k not in ("format", "schema_version", "model", "score", "train")
-        }
+        try:
+            det.thresholds_ = Thresholds.from_dict(doc["thresholds"])
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{Path(run_dir) / 'config.json'}: missing or invalid thresholds ({e})") from None
+        det.info_ = {k: v for k, v in doc.items() if k not in ("format", "schema_version", "model", "score", "train")}
         return det
 
 
@@ -250,3 +294,16 @@ def _score_stats(scores: np.ndarray) -> dict[str, Any]:
         "q95": float(q[2]),
         "q99": float(q[3]),
     }
+
+
+class _Resized(Sequence):
+    """maps[i] upsampled to sizes[i] on access: full-resolution maps never all in memory."""
+
+    def __init__(self, maps: list[np.ndarray], sizes: list[tuple[int, int]]):
+        self.maps, self.sizes = maps, sizes
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return resize_map(self.maps[i], self.sizes[i])

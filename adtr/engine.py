@@ -71,9 +71,7 @@ def iter_image_batches(
                 else:
                     ok.append((i, item))
             if ok:
-                yield ImageBatch(
-                    torch.stack([t for _, (t, _) in ok]), [s for _, (_, s) in ok], [i for i, _ in ok]
-                )
+                yield ImageBatch(torch.stack([t for _, (t, _) in ok]), [s for _, (_, s) in ok], [i for i, _ in ok])
 
 
 def _batches(
@@ -278,9 +276,7 @@ def fit_reconstructor(
         perm = torch.randperm(n, generator=generator)
         total = 0.0
         for i in range(0, n, cfg.batch_size):
-            f, token_labels, image_labels, pixel_level = _batch(
-                data, perm[i : i + cfg.batch_size], cfg, generator
-            )
+            f, token_labels, image_labels, pixel_level = _batch(data, perm[i : i + cfg.batch_size], cfg, generator)
             f = f.to(device)
             f_hat = rec(f)
             if data.supervised:

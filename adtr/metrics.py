@@ -19,13 +19,12 @@ import numpy as np
 from skimage.measure import label as label_regions
 
 
-def _descending_curve(scores: np.ndarray, pos_weight: np.ndarray, neg_weight: np.ndarray, order=None):
+def _descending_curve(scores: np.ndarray, pos_weight: np.ndarray, neg_weight: np.ndarray):
     """Cumulative weights above each distinct threshold, from the highest score down.
 
     Returns (neg, pos, thresholds), both curves starting at 0 (threshold above every score).
     """
-    if order is None:
-        order = np.argsort(scores, kind="stable")[::-1]
+    order = np.argsort(scores, kind="stable")[::-1]
     s = scores[order]
     last_of_group = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
     pos = np.cumsum(pos_weight[order], dtype=np.float64)[last_of_group]
@@ -60,51 +59,90 @@ def f1_max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return float(f1[best]), float(thresholds[best])
 
 
-def _region_weights(masks: Sequence[np.ndarray]) -> np.ndarray:
-    """Per-pixel weight 1 / (|region| * n_regions) on anomalous pixels, 0 elsewhere."""
-    weights, n_regions = [], 0
-    for m in masks:
-        regions = label_regions(np.asarray(m, dtype=bool), connectivity=2)
-        sizes = np.bincount(regions.ravel())
-        w = np.zeros(regions.shape, dtype=np.float64)
-        inside = regions > 0
-        w[inside] = 1.0 / sizes[regions[inside]]
-        n_regions += len(sizes) - 1
-        weights.append(w.ravel())
-    if n_regions == 0:
-        raise ValueError("AUPRO needs at least one anomalous region")
-    return np.concatenate(weights) / n_regions
+def _sortable_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> uint32 whose unsigned order is the float order (sign-magnitude flipped)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return np.where(bits & np.uint32(0x80000000), ~bits, bits | np.uint32(0x80000000))
+
+
+def pixel_metrics(
+    maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: float = 0.3, chunk: int = 1 << 22
+) -> dict[str, float]:
+    """Pixel AUROC and AUPRO of anomaly maps against boolean masks of the same shapes.
+
+    Exact (every distinct score is a threshold) and lean enough for full-resolution MVTec:
+    each pixel costs one uint64 sort key (float32 score bits above the pixel index), a
+    label byte and a region id, and the curves are integrated while the sorted keys are
+    walked in chunks, never stored. `maps` may be a lazy sequence: each item is read once.
+    """
+    if len(maps) != len(masks):
+        raise ValueError(f"{len(maps)} maps but {len(masks)} masks")
+    sizes = [int(np.asarray(m).size) for m in masks]
+    total = sum(sizes)
+    keys = np.empty(total, dtype=np.uint64)
+    labels = np.empty(total, dtype=bool)
+    regions = np.empty(total, dtype=np.int32)
+    region_sizes = [0]
+    pos = 0
+    for i, (mask, n) in enumerate(zip(masks, sizes, strict=True)):
+        a = np.asarray(maps[i], dtype=np.float32)
+        mask = np.asarray(mask, dtype=bool)
+        if a.shape != mask.shape:
+            raise ValueError(f"map {i} has shape {a.shape} but its mask {mask.shape}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"map {i} has NaN or infinite values")
+        keys[pos : pos + n] = (_sortable_bits(a.ravel()).astype(np.uint64) << np.uint64(32)) | np.arange(
+            pos, pos + n, dtype=np.uint64
+        )
+        labels[pos : pos + n] = mask.ravel()
+        r = label_regions(mask, connectivity=2).ravel()
+        offset = len(region_sizes) - 1
+        regions[pos : pos + n] = np.where(r > 0, r + offset, 0)
+        region_sizes += np.bincount(r)[1:].tolist()
+        pos += n
+    n_pos = int(labels.sum())
+    if n_pos == 0 or n_pos == total:
+        raise ValueError("pixel metrics need both normal and anomalous pixels")
+    n_neg, n_regions = total - n_pos, len(region_sizes) - 1
+    region_weight = np.zeros(len(region_sizes))
+    region_weight[1:] = 1.0 / (np.asarray(region_sizes[1:], dtype=np.float64) * n_regions)
+
+    keys.sort()
+    low32 = np.uint64(0xFFFFFFFF)
+    fp = tp = pro = 0.0  # cumulative counts / weights above the current threshold
+    auroc_area = aupro_area = 0.0
+    end = total
+    while end > 0:
+        start = max(0, end - chunk)
+        if start > 0:  # move back to the first key of its score: tied scores stay in one chunk
+            group_key = (keys[start] >> np.uint64(32)) << np.uint64(32)
+            start = int(np.searchsorted(keys, group_key, side="left"))
+        block = keys[start:end][::-1]  # descending
+        idx = (block & low32).astype(np.int64)
+        score = block >> np.uint64(32)
+        lab = labels[idx]
+        cum_tp = tp + np.cumsum(lab, dtype=np.float64)
+        cum_fp = fp + np.cumsum(~lab, dtype=np.float64)
+        cum_pro = pro + np.cumsum(region_weight[regions[idx]])
+        last = np.r_[np.flatnonzero(score[1:] != score[:-1]), len(score) - 1]
+        x = np.r_[fp, cum_fp[last]] / n_neg
+        y_roc = np.r_[tp, cum_tp[last]] / n_pos
+        y_pro = np.r_[pro, cum_pro[last]]
+        auroc_area += float(np.trapezoid(y_roc, x))
+        if x[0] < fpr_limit:
+            aupro_area += _truncated_area(x, y_pro, fpr_limit)
+        fp, tp, pro = cum_fp[-1], cum_tp[-1], cum_pro[-1]
+        end = start
+    return {"pixel_auroc": auroc_area, "aupro": aupro_area / fpr_limit}
 
 
 def _truncated_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
-    """Area under y(x) for x in [0, limit], x non-decreasing, interpolating at the limit."""
+    """Area under y(x) for x in [x[0], limit], x non-decreasing, interpolating at the limit."""
     if x[-1] <= limit:
         return float(np.trapezoid(y, x))
     i = int(np.searchsorted(x, limit, side="right"))  # x[i-1] <= limit < x[i]
     y_lim = y[i - 1] + (y[i] - y[i - 1]) * (limit - x[i - 1]) / (x[i] - x[i - 1])
     return float(np.trapezoid(np.r_[y[:i], y_lim], np.r_[x[:i], limit]))
-
-
-def pixel_metrics(
-    maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: float = 0.3
-) -> dict[str, float]:
-    """Pixel AUROC and AUPRO of anomaly maps against boolean masks of the same shapes.
-
-    Maps and masks may differ in size between images, never between a map and its mask.
-    """
-    for i, (a, m) in enumerate(zip(maps, masks, strict=True)):
-        if a.shape != m.shape:
-            raise ValueError(f"map {i} has shape {a.shape} but its mask {m.shape}")
-    scores = np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in maps])
-    labels = np.concatenate([np.asarray(m, dtype=bool).ravel() for m in masks])
-    _check_binary(labels, "pixel metrics")
-    order = np.argsort(scores, kind="stable")[::-1]
-    neg = ~labels / float((~labels).sum())
-    fpr, tpr, _ = _descending_curve(scores, labels / float(labels.sum()), neg, order)
-    pixel_auroc = float(np.trapezoid(tpr, fpr))
-    fpr, pro, _ = _descending_curve(scores, _region_weights(masks), neg, order)
-    aupro = _truncated_area(fpr, pro, fpr_limit) / fpr_limit
-    return {"pixel_auroc": pixel_auroc, "aupro": aupro}
 
 
 def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:

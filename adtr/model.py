@@ -29,8 +29,7 @@ class AnomalyOutput(NamedTuple):
 def align_features(maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
     """Resize each stage output to the token grid and concatenate: (B, sum C_s, h, w)."""
     resized = [
-        m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
-        for m in maps
+        m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps
     ]
     return torch.cat(resized, dim=1)
 
@@ -114,9 +113,7 @@ class ADTR(nn.Module):
     def __init__(self, cfg: ModelConfig, score: ScoreConfig | None = None):
         super().__init__()
         if cfg.reconstructor not in RECONSTRUCTORS:
-            raise ValueError(
-                f"unknown reconstructor {cfg.reconstructor!r}; choose from {sorted(RECONSTRUCTORS)}"
-            )
+            raise ValueError(f"unknown reconstructor {cfg.reconstructor!r}; choose from {sorted(RECONSTRUCTORS)}")
         self.cfg = cfg
         self.score_cfg = score or ScoreConfig()
         self.backbone = build_backbone(cfg.backbone, cfg.image_size, cfg.strides)

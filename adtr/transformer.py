@@ -70,12 +70,8 @@ class ReconstructionTransformer(nn.Module):
         nn.init.normal_(self.pos_embed, std=0.02)
         if self.query_embed is not None:
             nn.init.normal_(self.query_embed, std=0.02)
-        self.encoder = nn.ModuleList(
-            EncoderLayer(dim, heads, ffn_dim, dropout) for _ in range(num_encoder_layers)
-        )
-        self.decoder = nn.ModuleList(
-            DecoderLayer(dim, heads, ffn_dim, dropout) for _ in range(num_decoder_layers)
-        )
+        self.encoder = nn.ModuleList(EncoderLayer(dim, heads, ffn_dim, dropout) for _ in range(num_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(dim, heads, ffn_dim, dropout) for _ in range(num_decoder_layers))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         pos = self.pos_embed

@@ -14,9 +14,7 @@ def colorize(anomaly_map: np.ndarray, vmin: float, vmax: float, cmap: str = "inf
     return lut[np.round(t * 255).astype(np.int64)]
 
 
-def overlay(
-    image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5
-) -> np.ndarray:
+def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> np.ndarray:
     """Blend the coloured map over an RGB uint8 image (H, W, 3) of the same size."""
     if image.shape[:2] != anomaly_map.shape:
         raise ValueError(f"image {image.shape[:2]} and map {anomaly_map.shape} differ in size")

@@ -10,6 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from adtr import ADTRDetector
+from adtr.config import ModelConfig, TrainConfig
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("ADTR_DATA", REPO.parent / "shared" / "data"))
 BOTTLE = DATA / "mvtec" / "bottle"
@@ -48,3 +51,20 @@ def tiny_folder(tmp_path: Path) -> Path:
         write_png(root / "blob" / f"{i:03d}.png", img)
         write_png(root / "ground_truth" / "blob" / f"{i:03d}_mask.png", mask)
     return root
+
+
+TINY = ModelConfig(image_size=(64, 64), hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4,
+                   ffn_dim=64)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(detector, run folder, image files): a tiny model fitted on 8 random 64x64 images."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        write_png(root / "good" / f"{i}.png", rng.integers(100, 140, (64, 64, 3), dtype=np.uint8))
+    det = ADTRDetector(TINY, train=TrainConfig(epochs=2, batch_size=4), progress=False).fit(root)
+    run = tmp_path_factory.mktemp("run")
+    det.save(run)
+    return det, run, sorted((root / "good").iterdir())

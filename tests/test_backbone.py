@@ -6,9 +6,7 @@ import torch
 from adtr.backbones import build_backbone
 
 
-@pytest.mark.parametrize(
-    "name,channels", [("lite0", [16, 24, 40, 112, 320]), ("lite2", [16, 24, 48, 120, 352])]
-)
+@pytest.mark.parametrize("name,channels", [("lite0", [16, 24, 40, 112, 320]), ("lite2", [16, 24, 48, 120, 352])])
 def test_levels_and_shapes_match_description(name, channels):
     bb = build_backbone(name, (64, 96), (2, 4, 8, 16, 32))
     assert [lv.channels for lv in bb.levels] == channels
@@ -31,11 +29,7 @@ def _reference_features(variant: int, x: torch.Tensor) -> list[torch.Tensor]:
     feats, h = [], net._swish(net._bn0(net._conv_stem((x - 127.0) / 128.0)))
     strides, s = [], 2
     for block in net._blocks:
-        s *= (
-            block._block_args.stride[0]
-            if isinstance(block._block_args.stride, list)
-            else block._block_args.stride
-        )
+        s *= block._block_args.stride[0] if isinstance(block._block_args.stride, list) else block._block_args.stride
         strides.append(s)
     for i, block in enumerate(net._blocks):
         h = block(h)

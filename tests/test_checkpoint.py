@@ -9,29 +9,10 @@ from safetensors.torch import load_file, save_file
 
 from adtr import ADTRDetector
 from adtr.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
-from adtr.config import ModelConfig, TrainConfig
-
-TINY = ModelConfig(
-    image_size=(64, 64), hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4, ffn_dim=64
-)
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    from conftest import write_png
-
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        write_png(root / "good" / f"{i}.png", rng.integers(100, 140, (64, 64, 3), dtype=np.uint8))
-    det = ADTRDetector(TINY, train=TrainConfig(epochs=2, batch_size=4), progress=False).fit(root)
-    run = tmp_path_factory.mktemp("run")
-    det.save(run)
-    return det, run, sorted((root / "good").iterdir())
-
-
-def test_round_trip_gives_identical_scores_and_maps(fitted):
-    det, run, files = fitted
+def test_round_trip_gives_identical_scores_and_maps(tiny_run):
+    det, run, files = tiny_run
     again = ADTRDetector.load(run, progress=False)
     a, b = det.predict(files), again.predict(files)
     assert [p.anomaly_score for p in a] == [p.anomaly_score for p in b]
@@ -39,16 +20,16 @@ def test_round_trip_gives_identical_scores_and_maps(fitted):
     assert again.info_["score_stats"] == det.info_["score_stats"]
 
 
-def test_run_folder_is_safetensors_plus_json(fitted):
-    _, run, _ = fitted
+def test_run_folder_is_safetensors_plus_json(tiny_run):
+    _, run, _ = tiny_run
     assert sorted(p.name for p in run.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
     doc = json.loads((run / CONFIG_FILE).read_text())
     assert doc["model"]["image_size"] == [64, 64] and doc["schema_version"] == 1
     assert not any(k.startswith("backbone.") for k in load_file(str(run / WEIGHTS_FILE)))
 
 
-def test_incomplete_run_folder(fitted, tmp_path):
-    _, run, _ = fitted
+def test_incomplete_run_folder(tiny_run, tmp_path):
+    _, run, _ = tiny_run
     (tmp_path / CONFIG_FILE).write_bytes((run / CONFIG_FILE).read_bytes())
     with pytest.raises(CheckpointError, match="model.safetensors: missing"):
         ADTRDetector.load(tmp_path)
@@ -59,8 +40,8 @@ def test_incomplete_run_folder(fitted, tmp_path):
         ADTRDetector.load(tmp_path / "does-not-exist")
 
 
-def test_other_schema_version(fitted, tmp_path):
-    _, run, _ = fitted
+def test_other_schema_version(tiny_run, tmp_path):
+    _, run, _ = tiny_run
     doc = json.loads((run / CONFIG_FILE).read_text())
     doc["schema_version"] = 99
     (tmp_path / CONFIG_FILE).write_text(json.dumps(doc))
@@ -69,8 +50,8 @@ def test_other_schema_version(fitted, tmp_path):
         ADTRDetector.load(tmp_path)
 
 
-def test_tampered_shapes_are_refused(fitted, tmp_path):
-    _, run, _ = fitted
+def test_tampered_shapes_are_refused(tiny_run, tmp_path):
+    _, run, _ = tiny_run
     (tmp_path / CONFIG_FILE).write_bytes((run / CONFIG_FILE).read_bytes())
     state = load_file(str(run / WEIGHTS_FILE))
     key = next(k for k in state if k.endswith("query_embed"))
@@ -80,8 +61,8 @@ def test_tampered_shapes_are_refused(fitted, tmp_path):
         ADTRDetector.load(tmp_path)
 
 
-def test_garbage_weights_file(fitted, tmp_path):
-    _, run, _ = fitted
+def test_garbage_weights_file(tiny_run, tmp_path):
+    _, run, _ = tiny_run
     (tmp_path / CONFIG_FILE).write_bytes((run / CONFIG_FILE).read_bytes())
     (tmp_path / WEIGHTS_FILE).write_bytes(b"\x80\x04not a safetensors file")
     with pytest.raises(CheckpointError, match="unreadable"):

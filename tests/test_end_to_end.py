@@ -71,9 +71,7 @@ def test_cli_fit_test_predict(bottle, tmp_path):
         shutil.copy(s.path, data / "good" / s.path.name)
     test_root = tmp_path / "bottle_test"
     for s in mvtec.test_samples(bottle):
-        if (s.defect == "good" and int(s.path.stem) < 4) or (
-            s.defect == "broken_large" and int(s.path.stem) < 4
-        ):
+        if (s.defect == "good" and int(s.path.stem) < 4) or (s.defect == "broken_large" and int(s.path.stem) < 4):
             (test_root / s.defect).mkdir(parents=True, exist_ok=True)
             shutil.copy(s.path, test_root / s.defect / s.path.name)
             if s.mask_path:
@@ -87,9 +85,7 @@ def test_cli_fit_test_predict(bottle, tmp_path):
     )
     assert fit.returncode == 0, fit.stderr
     assert (run / "config.json").is_file() and (run / "model.safetensors").is_file()
-    again = subprocess.run(
-        _adtr() + ["fit", str(data), "--out", str(run), "--quiet"], capture_output=True, text=True
-    )
+    again = subprocess.run(_adtr() + ["fit", str(data), "--out", str(run), "--quiet"], capture_output=True, text=True)
     assert again.returncode == 2 and "already holds a run" in again.stderr
 
     out_json = tmp_path / "metrics.json"

@@ -95,3 +95,48 @@ def test_pixel_metrics_shape_mismatch_is_an_error():
 def test_image_metrics_keys():
     r = image_metrics(np.array([0.1, 0.9, 0.8]), np.array([0, 1, 1]))
     assert r["image_auroc"] == 1.0 and r["image_f1_max"] == 1.0
+
+
+def _brute_force_pixel_metrics(maps, masks, limit=0.3):
+    """Reference: every distinct score as a threshold, regions per image, no cleverness."""
+    from skimage.measure import label
+
+    scores = np.concatenate([m.ravel() for m in maps])
+    labels = np.concatenate([k.ravel() for k in masks])
+    regions = []
+    for m, k in zip(maps, masks, strict=True):
+        lab = label(k, connectivity=2)
+        regions += [m[lab == r] for r in range(1, lab.max() + 1)]
+    xs, ys = [0.0], [0.0]
+    for t in np.unique(scores)[::-1]:
+        xs.append(np.mean(scores[~labels] >= t))
+        ys.append(np.mean([np.mean(r >= t) for r in regions]))
+    xs, ys = np.array(xs), np.array(ys)
+    i = np.searchsorted(xs, limit, side="right")
+    y_lim = np.interp(limit, xs, ys)
+    aupro = np.trapezoid(np.r_[ys[:i], y_lim], np.r_[xs[:i], limit]) / limit
+    return roc_auc_score(labels, scores), aupro
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 22])
+def test_pixel_metrics_match_brute_force_with_ties_and_chunks(chunk):
+    rng = np.random.default_rng(5)
+    maps, masks = [], []
+    for shape in [(9, 11), (12, 8), (10, 10)]:
+        m = rng.integers(0, 12, shape).astype(np.float32) / 4  # many ties
+        k = np.zeros(shape, bool)
+        k[2:5, 3:6] = True
+        k[7:, :2] = True
+        m[k] += rng.random(k.sum()).astype(np.float32)
+        maps.append(m)
+        masks.append(k)
+    got = pixel_metrics(maps, masks, chunk=chunk)
+    ref_auroc, ref_aupro = _brute_force_pixel_metrics(maps, masks)
+    assert got["pixel_auroc"] == pytest.approx(ref_auroc, abs=1e-9)
+    assert got["aupro"] == pytest.approx(ref_aupro, abs=1e-9)
+
+
+def test_pixel_metrics_negative_scores_sort_correctly():
+    mask = np.array([[True, False, False]])
+    assert pixel_metrics([np.array([[-1.0, -2.0, -3.0]])], [mask])["pixel_auroc"] == 1.0
+    assert pixel_metrics([np.array([[-3.0, -2.0, 1.0]])], [mask])["pixel_auroc"] == 0.0

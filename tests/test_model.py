@@ -70,9 +70,7 @@ def test_image_score_options():
     out = m.score_maps(grid)
     assert out.anomaly_score.item() == pytest.approx(out.anomaly_map.mean().item())
     m2 = ADTR(SMALL, ScoreConfig(smoothing_sigma=0, image_score="max_pool", pool_size=1)).eval()
-    assert m2.score_maps(grid).anomaly_score.item() == pytest.approx(
-        m2.score_maps(grid).anomaly_map.max().item()
-    )
+    assert m2.score_maps(grid).anomaly_score.item() == pytest.approx(m2.score_maps(grid).anomaly_map.max().item())
 
 
 def test_smoothing_preserves_mass_of_a_constant_map():

@@ -8,6 +8,7 @@ arrays (H, W).
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -26,16 +27,20 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _open(path: Path) -> Image.Image:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if path.stat().st_size == 0:
+def _open(path: Path, data: bytes | None = None) -> Image.Image:
+    """Open and fully decode a file, or `data` (then `path` only names it in messages)."""
+    if data is None:
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"{path}: file not found")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: file is empty (0 bytes)")
+    elif len(data) == 0:
         raise DataError(f"{path}: file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(io.BytesIO(data) if data is not None else path)
             if im.width * im.height > MAX_PIXELS:
                 raise DataError(f"{path}: {im.width}x{im.height} pixels exceeds the limit of {MAX_PIXELS}")
             im.load()
@@ -64,9 +69,9 @@ def _to_uint8(im: Image.Image) -> np.ndarray:
     return np.asarray(im)
 
 
-def read_image(path: Path | str) -> np.ndarray:
-    """Decode an image file to RGB uint8 (H, W, 3)."""
-    im = _open(Path(path))
+def read_image(path: Path | str, data: bytes | None = None) -> np.ndarray:
+    """Decode an image file (or its bytes, `data`, named by `path`) to RGB uint8 (H, W, 3)."""
+    im = _open(Path(path), data)
     if im.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             # Transparent pixels are composited on black, as a camera would see nothing there.

@@ -1,0 +1,69 @@
+"""ONNX export: onnxruntime scores like PyTorch, with a dynamic batch."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from adtr import ADTRDetector
+from adtr.data import mvtec
+from adtr.export import OnnxModel, export_onnx
+
+
+def test_export_parity_dynamic_batch(tiny_run, tmp_path):
+    det, _, files = tiny_run
+    out = tmp_path / "m.onnx"
+    diff = export_onnx(det.model_, out, metadata={"k": 1})
+    assert diff < 1e-4
+    engine = OnnxModel(out, det.config.model)
+    for b in (1, 3):
+        x = torch.rand(b, 3, 64, 64) * 255
+        with torch.no_grad():
+            ref = det.model_(x)
+        got = engine(x)
+        assert got.anomaly_score.shape == (b,) and got.anomaly_map.shape == (b, 64, 64)
+        assert (got.anomaly_score - ref.anomaly_score).abs().max() < 1e-4
+    import onnx
+
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
+    assert meta == {"k": 1}
+
+
+@pytest.mark.slow
+def test_onnx_matches_pytorch_on_real_images(bottle, tmp_path):
+    from adtr.config import ModelConfig, TrainConfig
+
+    cfg = ModelConfig(hidden_dim=64, num_encoder_layers=1, num_decoder_layers=1, num_heads=4, ffn_dim=128)
+    det = ADTRDetector(cfg, train=TrainConfig(epochs=1), progress=False).fit(mvtec.train_samples(bottle)[:16])
+    files = [s.path for s in mvtec.test_samples(bottle)][::10]
+    ref = det.predict(files)
+    export_onnx(det.model_, tmp_path / "m.onnx")
+    got = det.use_onnx(tmp_path / "m.onnx").predict(files)
+    a = np.array([p.anomaly_score for p in ref])
+    b = np.array([p.anomaly_score for p in got])
+    assert np.abs(a - b).max() < 1e-4
+    assert [p.is_anomalous for p in ref] == [p.is_anomalous for p in got]
+
+
+def test_cli_export_and_onnx_predict(tiny_run, tmp_path):
+    from test_end_to_end import _adtr
+
+    _, run, files = tiny_run
+    onnx_path = tmp_path / "model.onnx"
+    r = subprocess.run(_adtr() + ["export", str(run), "--out", str(onnx_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "max image-score difference" in r.stdout and onnx_path.is_file()
+    outs = {}
+    for engine in ("torch", "onnx"):
+        d = tmp_path / engine
+        cmd = ["predict", str(run), *map(str, files), "--out", str(d), "--engine", engine, "--onnx", str(onnx_path)]
+        r = subprocess.run(_adtr() + cmd + ["--quiet", "--no-heatmaps"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        outs[engine] = json.loads((d / "scores.json").read_text())["predictions"]
+    threshold = tiny_run[0].thresholds_.image
+    for a, b in zip(outs["torch"], outs["onnx"], strict=True):
+        assert abs(a["anomaly_score"] - b["anomaly_score"]) < 1e-4
+        if abs(a["anomaly_score"] - threshold) > 1e-4:  # the threshold is itself a validation score
+            assert a["is_anomalous"] == b["is_anomalous"]
