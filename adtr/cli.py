@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run folder written by adtr fit")
     p.add_argument("data", type=Path, help="MVTec category (uses test/ and ground_truth/) or labelled folder")
     p.add_argument("--json", type=Path, default=None, help="write metrics and per-image scores to this JSON file")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="write a self-contained HTML report (curves, histograms, heatmap grids) to DIR/index.html",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="inference batch size (default: 8)")
     _add_common(p)
 
@@ -221,12 +227,14 @@ def cmd_test(args: argparse.Namespace) -> int:
     from adtr.detector import ADTRDetector
 
     det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet)
-    metrics = det.test(args.data, batch_size=args.batch_size)
+    metrics = det.test(args.data, batch_size=args.batch_size, report_dir=args.report)
     metrics = {"run": str(args.run), "data": str(args.data), **metrics}
     print(format_metrics(metrics))
     if args.json:
         atomic_write_json(args.json, metrics)
         print(f"metrics written to {args.json}")
+    if args.report:
+        print(f"report written to {metrics['report']}")
     return 0
 
 

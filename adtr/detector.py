@@ -217,8 +217,13 @@ class ADTRDetector:
         anomaly_map = resize_map(out.anomaly_map[0].cpu().numpy(), image.shape[:2])
         return self._prediction(name, float(out.anomaly_score[0]), anomaly_map)
 
-    def test(self, data: str | Path | Sequence[Sample], batch_size: int = 8) -> dict[str, Any]:
-        """Metrics on labelled test data: an MVTec category / plain folder, or samples."""
+    def test(
+        self, data: str | Path | Sequence[Sample], batch_size: int = 8, report_dir: str | Path | None = None
+    ) -> dict[str, Any]:
+        """Metrics on labelled test data: an MVTec category / plain folder, or samples.
+
+        With report_dir, also writes report_dir/index.html (report.py).
+        """
         samples = test_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
         model = self._require_model()
         t0 = time.perf_counter()
@@ -247,6 +252,14 @@ class ADTRDetector:
             result["detection_rate_at_threshold"] = float(flagged[labels == 1].mean())
         result["images_per_second"] = len(samples) / max(preds.model_seconds, 1e-9)
         result["images_per_second_with_decoding"] = len(samples) / max(wall, 1e-9)
+        if report_dir is not None:
+            from adtr.report import write_report
+            from adtr.visualize import display_range
+
+            vrange = display_range(self.info_.get("score_stats", {}))
+            result["report"] = str(
+                write_report(report_dir, result, samples, preds.scores, preds.maps, self.thresholds_, vrange)
+            )
         result["scores"] = [
             {"path": str(s.path), "label": s.label, "defect": s.defect, "score": float(v)}
             for s, v in zip(samples, preds.scores, strict=True)
