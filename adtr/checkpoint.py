@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from adtr.config import SCHEMA_VERSION, RunConfig
@@ -116,3 +116,92 @@ def load_run(run_dir: Path | str, device: torch.device | str = "cpu") -> tuple[A
             "ones this run was trained with"
         )
     return model.to(device).eval(), config, doc
+
+
+# -- resumable training state -------------------------------------------------------------
+STATE_DIR = "checkpoint"
+STATE_WEIGHTS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+
+
+def save_train_state(
+    run_dir: Path | str,
+    model: ADTR,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    epoch: int,
+    history: list[dict],
+    config: RunConfig,
+) -> None:
+    """After `epoch` epochs: weights, optimizer moments and RNG states, to continue exactly.
+
+    Both files are written atomically, weights first; each names the epoch, and loading
+    refuses a pair that disagrees, so a kill between the two writes costs one epoch at most.
+    """
+    state_dir = Path(run_dir) / STATE_DIR
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v for k, v in trainable_state(model).items()}
+    opt = optimizer.state_dict()
+    for i, per_param in opt["state"].items():
+        for k, v in per_param.items():
+            tensors[f"optimizer.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    tensors["rng.shuffle"] = generator.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"format": FORMAT, "epoch": str(epoch)}
+    atomic_write(state_dir / STATE_WEIGHTS, lambda p: save_file(tensors, str(p), metadata=meta))
+    doc = {"format": FORMAT, "epoch": epoch, "history": history, "param_groups": opt["param_groups"],
+           "config": config.to_dict()}  # fmt: skip
+    atomic_write_json(state_dir / STATE_JSON, doc)
+
+
+def has_train_state(run_dir: Path | str) -> bool:
+    return (Path(run_dir) / STATE_DIR / STATE_JSON).is_file()
+
+
+def load_train_state(
+    run_dir: Path | str,
+    model: ADTR,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    config: RunConfig,
+) -> tuple[int, list[dict]]:
+    """Restore what save_train_state wrote; returns (epochs done, history so far)."""
+    state_dir = Path(run_dir) / STATE_DIR
+    json_path, weights_path = state_dir / STATE_JSON, state_dir / STATE_WEIGHTS
+    if not json_path.is_file() or not weights_path.is_file():
+        raise CheckpointError(f"{state_dir}: no saved training state to resume from")
+    try:
+        doc = json.loads(json_path.read_text(encoding="utf-8"))
+        tensors = load_file(str(weights_path))
+        with safe_open(str(weights_path), "pt") as f:
+            saved_epoch = (f.metadata() or {}).get("epoch")
+    except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{state_dir}: unreadable training state ({e})") from None
+    if doc.get("config") != json.loads(json.dumps(config.to_dict())):  # as JSON: tuples are lists there
+        raise CheckpointError(f"{json_path}: the run was started with other settings; resume with the same ones")
+    epoch = int(doc["epoch"])
+    if saved_epoch != str(epoch):
+        raise CheckpointError(f"{state_dir}: weights and {STATE_JSON} are from different epochs")
+    model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    expected = trainable_state(model)
+    if set(model_state) != set(expected) or any(model_state[k].shape != v.shape for k, v in expected.items()):
+        raise CheckpointError(f"{weights_path}: tensors do not match the model")
+    model.load_state_dict(model_state, strict=False)
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optimizer."):
+            _, i, name = k.split(".", 2)
+            per_param.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": per_param, "param_groups": doc["param_groups"]})
+    generator.set_state(tensors["rng.shuffle"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return epoch, doc["history"]
+
+
+def clear_train_state(run_dir: Path | str) -> None:
+    """Remove the resumable state once the finished run is saved."""
+    state_dir = Path(run_dir) / STATE_DIR
+    for name in (STATE_JSON, STATE_WEIGHTS):
+        (state_dir / name).unlink(missing_ok=True)
+    if state_dir.is_dir() and not any(state_dir.iterdir()):
+        state_dir.rmdir()

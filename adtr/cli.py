@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from adtr.anomalies import GENERATORS
-from adtr.checkpoint import CONFIG_FILE, CheckpointError
+from adtr.checkpoint import CONFIG_FILE, CheckpointError, clear_train_state, has_train_state
 from adtr.config import MODEL_PRESETS, ScoreConfig, TrainConfig, parse_image_size
 from adtr.data.images import DataError, is_image_file, read_image
 from adtr.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from this run folder (normal-only fit); its model settings are kept",
     )
     p.add_argument("--force", action="store_true", help="replace an existing run folder's files")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted fit in --out from its last finished epoch (same data and options)",
+    )
     _add_common(p)
 
     p = sub.add_parser("test", help="metrics on labelled test data", description="Evaluate a run on test data.")
@@ -191,6 +196,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     if (args.out / CONFIG_FILE).exists() and not args.force:
         raise CheckpointError(f"{args.out}: already holds a run; choose another --out or pass --force")
+    if has_train_state(args.out) and not (args.resume or args.force):
+        raise CheckpointError(f"{args.out}: holds an interrupted fit; pass --resume to continue it or --force")
+    if args.resume and not has_train_state(args.out):
+        raise CheckpointError(f"{args.out}: no interrupted fit to resume")
     model = dataclasses.replace(
         MODEL_PRESETS[args.preset], backbone=args.backbone, image_size=parse_image_size(args.image_size)
     )
@@ -204,8 +213,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     score = ScoreConfig(smoothing_sigma=args.smoothing_sigma, image_score=args.image_score)
     det = ADTRDetector(model, score, train, device=args.device, progress=not args.quiet)
     synthetic = [name.strip() for name in args.synthetic.split(",") if name.strip()]
-    det.fit(args.data, anomalies=args.anomalies, synthetic=synthetic, external=args.external, init=args.init)
+    det.fit(args.data, anomalies=args.anomalies, synthetic=synthetic, external=args.external, init=args.init,
+            checkpoint_dir=args.out, resume=args.resume)  # fmt: skip
     det.save(args.out)
+    clear_train_state(args.out)
     last = det.history_[-1] if det.history_ else {}
     print(
         f"fitted in {det.info_['fit_seconds']:.0f} s; final loss {last.get('loss', float('nan')):.4f}, "

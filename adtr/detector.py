@@ -23,7 +23,7 @@ import torch
 
 from adtr import __version__
 from adtr.anomalies import get_generator
-from adtr.checkpoint import CheckpointError, load_run, save_run
+from adtr.checkpoint import CheckpointError, load_run, load_train_state, save_run, save_train_state
 from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig, TrainConfig
 from adtr.data.folder import anomaly_samples, image_folder
 from adtr.data.images import DataError, read_mask
@@ -82,6 +82,8 @@ class ADTRDetector:
         synthetic: Sequence[str] = (),
         external: str | Path | None = None,
         init: str | Path | None = None,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
     ) -> ADTRDetector:
         """Train on good images, optionally with anomalies.
 
@@ -91,7 +93,12 @@ class ADTRDetector:
         synthetic: names of synthetic anomaly generators (anomalies.GENERATORS).
         external: a folder of unrelated images, used as image-level anomalies.
         init: a run folder to start from (its model settings and weights); else from scratch.
+        checkpoint_dir: save a resumable training state there after every epoch.
+        resume: continue from the state in checkpoint_dir (same data and settings); the
+            result equals an uninterrupted fit with the same seed.
         """
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume needs the checkpoint_dir of the interrupted fit")
         samples = train_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
         if any(s.label != 0 for s in samples):
             raise DataError("the training data must be good images only (label 0); pass anomalies separately")
@@ -122,7 +129,20 @@ class ADTRDetector:
             )  # fmt: skip
             extract_seconds = time.perf_counter() - t0
             generator = torch.Generator().manual_seed(cfg.train.seed)
-            history = fit_reconstructor(
+            optimizer = torch.optim.AdamW(
+                model.reconstructor.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+            )
+            start_epoch, history = 0, []
+            if resume:
+                start_epoch, history = load_train_state(checkpoint_dir, model, optimizer, generator, cfg)
+                log.info("resuming after epoch %d of %d", start_epoch, cfg.train.epochs)
+
+            def on_epoch_end(epoch: int, opt: torch.optim.Optimizer, record: dict) -> None:
+                history.append(record)
+                if checkpoint_dir is not None:
+                    save_train_state(checkpoint_dir, model, opt, generator, epoch + 1, history, cfg)
+
+            fit_reconstructor(
                 model,
                 train_data,
                 features[val_idx] if val_idx else None,
@@ -130,6 +150,9 @@ class ADTRDetector:
                 self.device,
                 generator,
                 progress=self.progress,
+                start_epoch=start_epoch,
+                optimizer=optimizer,
+                on_epoch_end=on_epoch_end,
             )
         model.eval()
         self.model_ = model
