@@ -87,12 +87,14 @@ def read_image(path: Path | str, data: bytes | None = None) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def read_mask(path: Path | str, expected_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode a mask file to bool (H, W): any non-zero pixel is anomalous.
+def read_mask(
+    path: Path | str, expected_size: tuple[int, int] | None = None, data: bytes | None = None
+) -> np.ndarray:
+    """Decode a mask file (or its bytes) to bool (H, W): any non-zero pixel is anomalous.
 
     expected_size is the (height, width) of the image the mask belongs to.
     """
-    im = _open(Path(path))
+    im = _open(Path(path), data)
     a = _to_uint8(im)
     if a.ndim == 3:
         a = a.max(axis=2)
