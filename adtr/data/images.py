@@ -87,9 +87,7 @@ def read_image(path: Path | str, data: bytes | None = None) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def read_mask(
-    path: Path | str, expected_size: tuple[int, int] | None = None, data: bytes | None = None
-) -> np.ndarray:
+def read_mask(path: Path | str, expected_size: tuple[int, int] | None = None, data: bytes | None = None) -> np.ndarray:
     """Decode a mask file (or its bytes) to bool (H, W): any non-zero pixel is anomalous.
 
     expected_size is the (height, width) of the image the mask belongs to.

@@ -1,0 +1,140 @@
+"""CIFAR-10 one-class protocol (SPEC section 3): for each class, fit on its 5,000 training
+images, score all 10,000 test images (anomaly = any other class), AUROC per class and mean.
+A k-NN baseline on pooled features of the same backbone runs side by side.
+
+    python bench/cifar10.py --root ../shared/data/cifar10-jpeg [--classes airplane,cat] [--json FILE]
+    python bench/cifar10.py --root ... --validate     # choose settings without the test set
+
+--validate replaces the test set with a held-out 10% of every class's TRAINING images, so
+settings (input size, image score, epochs) are chosen without touching test images.
+Backbone features are computed once per image and setting and shared by all classes.
+Writes results/cifar10.json and .md (or --json FILE and FILE with .md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_DATA, REPO, machine, md_table, write_results  # noqa: E402
+
+from adtr.config import ModelConfig, ScoreConfig, TrainConfig, parse_image_size  # noqa: E402
+from adtr.data.cifar10 import CLASSES, load_cifar10  # noqa: E402
+from adtr.data.folder import image_folder  # noqa: E402
+from adtr.data.images import read_image  # noqa: E402
+from adtr.model import ADTR  # noqa: E402
+from adtr.oneclass import array_features, run_class  # noqa: E402
+
+
+def validation_split(images: np.ndarray, labels: np.ndarray, fraction: float = 0.1):
+    """Last `fraction` of each class's training images become the (labelled) validation set."""
+    held = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        held[idx[int(len(idx) * (1 - fraction)) :]] = True
+    return images[~held], labels[~held], images[held], labels[held]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=DEFAULT_DATA / "cifar10-jpeg",
+                   help="image folders, cifar-10-batches-py/ or cifar-10-python.tar.gz")  # fmt: skip
+    p.add_argument("--classes", default="all", help="comma-separated class names, or all")
+    p.add_argument("--json", type=Path, default=REPO / "results" / "cifar10.json")
+    p.add_argument("--image-size", default="128", help="upscaled input size (multiple of 32)")
+    p.add_argument("--strides", default="2,4,8,16,32", help="backbone stages used")
+    p.add_argument("--backbone", default="lite0")
+    p.add_argument("--image-score", default="mean", choices=["mean", "max_pool"])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--hidden-dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2, help="encoder and decoder layers each")
+    p.add_argument("--max-train", type=int, default=None, help="use at most N training images per class")
+    p.add_argument("--external", type=Path, default=None, help="folder of unrelated images: image-level anomalies")
+    p.add_argument("--max-external", type=int, default=5000)
+    p.add_argument("--validate", action="store_true", help="evaluate on held-out TRAINING images, not the test set")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    dev = torch.device("cpu")
+
+    classes = CLASSES if args.classes == "all" else [c.strip() for c in args.classes.split(",")]
+    t_start = time.perf_counter()
+    train_images, train_labels = load_cifar10(args.root, "train")
+    if args.validate:
+        train_images, train_labels, test_images, test_labels = validation_split(train_images, train_labels)
+    else:
+        test_images, test_labels = load_cifar10(args.root, "test")
+    load_s = time.perf_counter() - t_start
+
+    size = parse_image_size(args.image_size)
+    strides = tuple(int(s) for s in args.strides.split(","))
+    model_cfg = ModelConfig(
+        backbone=args.backbone,
+        image_size=size,
+        strides=strides,
+        hidden_dim=args.hidden_dim,
+        num_encoder_layers=args.layers,
+        num_decoder_layers=args.layers,
+        ffn_dim=2 * args.hidden_dim,
+    )
+    score_cfg = ScoreConfig(image_score=args.image_score, smoothing_sigma=0.0, pool_size=max(strides))
+    train_cfg = TrainConfig(epochs=args.epochs, batch_size=64, lr=1e-3, seed=args.seed)  # fmt: skip
+
+    t0 = time.perf_counter()
+    extractor = ADTR(model_cfg, score_cfg)
+    # Only the classes asked for need training features; the test features serve them all.
+    wanted = np.isin(train_labels, [CLASSES.index(c) for c in classes])
+    train_raw = array_features(extractor, train_images[wanted], dev)
+    train_labels = train_labels[wanted]
+    test_raw = array_features(extractor, test_images, dev)
+    external_raw = None
+    if args.external is not None:
+        files = image_folder(args.external, label=1)[: args.max_external]
+        ext = np.stack([np.asarray(_resize32(read_image(s.path))) for s in files])
+        external_raw = array_features(extractor, ext, dev)
+    feature_s = time.perf_counter() - t0
+
+    rows, results = [], []
+    for name in classes:
+        r = run_class(CLASSES.index(name), train_raw, train_labels, test_raw, test_labels, model_cfg, score_cfg,
+                      train_cfg, dev, external_raw, args.max_train)  # fmt: skip
+        r["class_name"] = name
+        results.append(r)
+        rows.append([name, r["n_train"], r["auroc"], r["knn_auroc"], round(r["fit_seconds"], 1)])
+        print(rows[-1], flush=True)
+    mean = float(np.mean([r["auroc"] for r in results]))
+    knn_mean = float(np.mean([r["knn_auroc"] for r in results]))
+    rows.append(["**mean**", "", mean, knn_mean, ""])
+    wall = time.perf_counter() - t_start
+    what = "validation (held-out training images)" if args.validate else "test"
+    md = (
+        f"# CIFAR-10 one-class, {what}: {args.root.name}\n\n"
+        f"Command: `python bench/cifar10.py {shlex.join(sys.argv[1:])}`\n\n"
+        f"Input {size[0]}x{size[1]} upscaled from 32x32, {args.backbone} stages at strides {strides}, "
+        f"image score {args.image_score}, {args.epochs} epochs. Features {feature_s:.0f} s (once, shared), "
+        f"total wall time {wall / 60:.1f} min on {torch.get_num_threads()} threads.\n"
+        + (f"External anomalies: {args.external} ({len(external_raw)} images).\n" if external_raw is not None else "")
+        + "\n" + md_table(["class", "train images", "ADTR AUROC", "k-NN AUROC (pooled features)", "fit s"], rows)
+        + "\n"
+    )  # fmt: skip
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    doc = {"machine": machine(), "args": settings, "mean_auroc": mean, "knn_mean_auroc": knn_mean,
+           "feature_seconds": feature_s, "load_seconds": load_s, "wall_seconds": wall, "results": results}  # fmt: skip
+    write_results(args.json.with_suffix(""), doc, md)
+
+
+def _resize32(image: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""CIFAR-10: the official pickled batches (restricted unpickler), folders, the one-class split."""
+
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+
+from adtr.data.cifar10 import CLASSES, load_cifar10, read_batch
+from adtr.data.images import DataError
+from adtr.oneclass import one_class_split
+
+
+def _batch(n: int, seed: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, n)
+    flat = images.transpose(0, 3, 1, 2).reshape(n, 3072)  # the official row layout: RRR..GGG..BBB
+    d = {b"batch_label": b"test", b"labels": labels.tolist(), b"data": flat, b"filenames": [b"x.png"] * n}
+    return d, images, labels
+
+
+@pytest.fixture
+def official(tmp_path):
+    """A miniature cifar-10-python.tar.gz written in the official format."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    expected = {"train": ([], []), "test": ([], [])}
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        d, images, labels = _batch(4, i)
+        (folder / name).write_bytes(pickle.dumps(d, protocol=2))
+        split = "test" if name == "test_batch" else "train"
+        expected[split][0].append(images)
+        expected[split][1].append(labels)
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    return tmp_path, tarball, {k: (np.concatenate(a), np.concatenate(b)) for k, (a, b) in expected.items()}
+
+
+def test_reads_official_batches_exactly(official):
+    root, tarball, expected = official
+    for source in (root, root / "cifar-10-batches-py", tarball):
+        for split in ("train", "test"):
+            images, labels = load_cifar10(source, split)
+            np.testing.assert_array_equal(images, expected[split][0])
+            np.testing.assert_array_equal(labels, expected[split][1])
+    assert load_cifar10(tarball, "train")[0].shape == (20, 32, 32, 3)
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /tmp/adtr_pwned",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    payload = pickle.dumps({b"data": _Evil(), b"labels": []}, protocol=2)
+    with pytest.raises(DataError, match="posix.system|os.system|not allowed"):
+        read_batch(payload, "evil_batch")
+    import os
+
+    assert not os.path.exists("/tmp/adtr_pwned")
+    with pytest.raises(DataError, match="refused"):
+        read_batch(pickle.dumps(eval, protocol=2), "builtin")
+    with pytest.raises(DataError):
+        read_batch(b"garbage", "garbage")
+
+
+def test_image_folder_form(tmp_path):
+    from conftest import write_png
+
+    for split in ("train", "test"):
+        for i, name in enumerate(CLASSES):
+            write_png(tmp_path / split / name / "0000.png", np.full((32, 32, 3), i, np.uint8))
+    images, labels = load_cifar10(tmp_path, "test")
+    assert images.shape == (10, 32, 32, 3) and labels.tolist() == list(range(10))
+    assert (images[3] == 3).all()
+
+
+def test_one_class_split():
+    train = np.array([0, 1, 2, 1, 1, 0])
+    test = np.array([1, 0, 1, 2])
+    idx, targets = one_class_split(train, test, normal_class=1)
+    assert idx.tolist() == [1, 3, 4] and (train[idx] == 1).all()
+    assert targets.tolist() == [0, 1, 0, 1]
+
+
+@pytest.mark.slow
+def test_tiny_one_class_run_beats_chance(bottle):
+    """Few images, few epochs, from the JPEG copy: ADTR separates airplane from the others."""
+    import torch
+
+    from adtr.config import ModelConfig, ScoreConfig, TrainConfig
+    from adtr.model import ADTR
+    from adtr.oneclass import array_features, run_class
+
+    root = bottle.parents[1] / "cifar10-jpeg"
+    if not root.is_dir():
+        pytest.skip("cifar10-jpeg not found")
+    from adtr.data.images import read_image
+
+    def take(split: str, per_class: int):
+        images, labels = [], []
+        for i, name in enumerate(CLASSES):
+            for p in sorted((root / split / name).iterdir())[:per_class]:
+                images.append(read_image(p))
+                labels.append(i)
+        return np.stack(images), np.array(labels)
+
+    train_images, train_labels = take("train", 60)
+    test_images, test_labels = take("test", 20)
+    cfg = ModelConfig(image_size=(64, 64), strides=(2, 4, 8, 16, 32), hidden_dim=64, num_encoder_layers=1,
+                      num_decoder_layers=1, num_heads=4, ffn_dim=128)  # fmt: skip
+    extractor = ADTR(cfg)
+    dev = torch.device("cpu")
+    tr = array_features(extractor, train_images, dev, progress=False)
+    te = array_features(extractor, test_images, dev, progress=False)
+    result = run_class(0, tr, train_labels, te, test_labels, cfg, ScoreConfig(image_score="mean", smoothing_sigma=0),
+                       TrainConfig(epochs=5, batch_size=16, lr=1e-3), dev)  # fmt: skip
+    assert result["n_train"] == 60
+    assert result["auroc"] > 0.6, result
