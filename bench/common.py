@@ -57,7 +57,9 @@ def write_results(stem: Path, data: dict, markdown: str) -> None:
 
 def md_table(header: list[str], rows: list[list]) -> str:
     def fmt(v) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return f"{v:.1f}" if abs(v) >= 10 else f"{v:.4f}"
+        return str(v)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
