@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 DATA=${ADTR_DATA:-../shared/data}/mvtec/bottle
 RUN=${RUN:-runs/bottle}
 .venv/bin/adtr fit "$DATA" --out "$RUN" --force
-.venv/bin/adtr test "$RUN" "$DATA" --json "$RUN/metrics.json"
+.venv/bin/adtr test "$RUN" "$DATA" --json "$RUN/metrics.json" --report "$RUN/report"
 .venv/bin/adtr predict "$RUN" "$DATA/test" --out "$RUN/predictions" --quiet
-echo "report: $RUN/metrics.json, heatmaps in $RUN/predictions/heatmaps"
+echo "metrics: $RUN/metrics.json, report: $RUN/report/index.html, heatmaps: $RUN/predictions/heatmaps"
