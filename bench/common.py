@@ -58,7 +58,7 @@ def write_results(stem: Path, data: dict, markdown: str) -> None:
 def md_table(header: list[str], rows: list[list]) -> str:
     def fmt(v) -> str:
         if isinstance(v, float):
-            return f"{v:.1f}" if abs(v) >= 10 else f"{v:.4f}"
+            return f"{v:.4f}" if abs(v) < 1 else f"{v:.1f}"
         return str(v)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
