@@ -23,6 +23,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
 from adtr.data.images import DataError, read_image
 from adtr.detector import ADTRDetector
@@ -64,11 +65,16 @@ def create_app(run_dir: Path | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, 
                 raise HTTPException(413, f"request exceeds the limit of {max_upload_bytes} bytes")
         name, data = _file_field(bytes(body), request.headers["content-type"])
         try:
-            image = read_image(name, data)
+            image = await run_in_threadpool(read_image, name, data)
         except DataError as e:
             raise HTTPException(415, str(e)) from None
-        with lock:
-            pred = det.predict_image(image, name)
+
+        def infer():
+            with lock:
+                return det.predict_image(image, name)
+
+        # Off the event loop, so /health and uploads keep being served during inference.
+        pred = await run_in_threadpool(infer)
         thr = det.thresholds_
         answer = {
             "filename": name,
