@@ -273,6 +273,8 @@ def _output_names(files: list[Path]) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from PIL import Image
+
     from adtr.detector import ADTRDetector
     from adtr.visualize import display_range, overlay
 
@@ -303,8 +305,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "defect_boxes": json.dumps(boxes),
         }
         if not args.no_heatmaps:
-            from PIL import Image
-
             heat = overlay(read_image(p.path), p.anomaly_map, vmin, vmax)
             buf = io.BytesIO()
             Image.fromarray(heat).save(buf, format="PNG")

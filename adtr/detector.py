@@ -25,7 +25,7 @@ from adtr import __version__
 from adtr.anomalies import get_generator
 from adtr.checkpoint import CheckpointError, load_run, load_train_state, save_run, save_train_state
 from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig, TrainConfig
-from adtr.data.folder import anomaly_samples, image_folder
+from adtr.data.folder import anomaly_samples, has_masks, image_folder
 from adtr.data.images import DataError, read_mask
 from adtr.data.mvtec import test_samples, train_samples
 from adtr.data.samples import Sample
@@ -256,16 +256,18 @@ class ADTRDetector:
         result: dict[str, Any] = {"n_images": len(samples), "n_anomalous": int(labels.sum())}
         if 0 < labels.sum() < len(labels):
             result.update(image_metrics(preds.scores, labels))
-        with_masks = [s.mask_path is not None for s in samples if s.label == 1]
-        if with_masks and all(with_masks):
+        if has_masks(samples):
             masks = [
                 read_mask(s.mask_path, size) if s.mask_path else np.zeros(size, dtype=bool)
                 for s, size in zip(samples, preds.original_sizes, strict=True)
             ]
             # Maps are upsampled to each image's original size one at a time, as the metric reads them.
             maps = _Resized(preds.maps, preds.original_sizes)
-            result.update(pixel_metrics(maps, masks))
-        elif with_masks and any(with_masks):
+            try:
+                result.update(pixel_metrics(maps, masks))
+            except ValueError as e:  # e.g. every mask empty: image metrics still stand
+                log.warning("pixel metrics skipped: %s", e)
+        elif any(s.mask_path is not None for s in samples):
             log.warning("only some anomalous images have masks: pixel metrics skipped")
         flagged = np.array([self.thresholds_.is_anomalous(v) for v in preds.scores])
         result["threshold"] = self.thresholds_.image
