@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--image-score",
-        choices=["max_pool", "mean"],
+        choices=["max_pool", "mean", "pooled_residual"],
         default=ScoreConfig().image_score,
-        help="image score: max of the average-pooled map, or the map's mean (default: max_pool)",
+        help="image score: max of the average-pooled map, the map's mean, or the norm of the image-averaged "
+        "feature residual (semantic anomalies) (default: max_pool)",
     )
     g = p.add_argument_group("anomaly-available training (FCDD-style losses L_px / L_img)")
     g.add_argument(

@@ -39,7 +39,9 @@ class ModelConfig:
 @dataclass
 class ScoreConfig:
     smoothing_sigma: float = 4.0  # Gaussian sigma in input pixels; 0 turns smoothing off
-    image_score: str = "max_pool"  # "max_pool": max of the average-pooled map; "mean": its mean
+    # "max_pool": max of the average-pooled map; "mean": its mean; "pooled_residual": norm of
+    # the image-averaged feature residual (for semantic anomalies, e.g. CIFAR-10 one-class)
+    image_score: str = "max_pool"
     pool_size: int = 16  # average-pool window in input pixels (about one token)
 
 

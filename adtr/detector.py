@@ -184,7 +184,7 @@ class ADTRDetector:
         model = self._require_model()
         scores, maxima = [], []
         for i in range(0, len(features), 16):
-            out = model.score_maps(model.error_map(features[i : i + 16].to(self.device)))
+            out = model.score(features[i : i + 16].to(self.device))
             scores.append(out.anomaly_score.cpu())
             maxima.append(out.anomaly_map.flatten(1).amax(1).cpu())
         if not scores:

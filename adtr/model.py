@@ -144,16 +144,27 @@ class ADTR(nn.Module):
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std)
 
-    def error_map(self, f: torch.Tensor) -> torch.Tensor:
-        """Reconstruction error on the token grid: standardised f (B, C, h, w) -> (B, h, w)."""
-        return torch.linalg.vector_norm(f - self.reconstructor(f), dim=1)
+    def score(self, f: torch.Tensor) -> AnomalyOutput:
+        """Standardised features (B, C, h, w) -> map at input size and image score."""
+        residual = f - self.reconstructor(f)  # (B, C, h, w)
+        return self.score_maps(torch.linalg.vector_norm(residual, dim=1), residual)
 
-    def score_maps(self, grid_map: torch.Tensor) -> AnomalyOutput:
-        """Grid error (B, h, w) -> map at input size (B, H, W) and image score (B,)."""
+    def score_maps(self, grid_map: torch.Tensor, residual: torch.Tensor | None = None) -> AnomalyOutput:
+        """Grid error (B, h, w) -> map at input size (B, H, W) and image score (B,).
+
+        The "pooled_residual" score needs the feature residual f - f_hat (B, C, h, w).
+        """
         m = F.interpolate(grid_map[:, None], size=self.cfg.image_size, mode="bilinear", align_corners=False)
         if self.score_cfg.smoothing_sigma > 0:
             m = _separable_blur(m, self.smooth_kernel)
-        if self.score_cfg.image_score == "mean":
+        if self.score_cfg.image_score == "pooled_residual":
+            if residual is None:
+                raise ValueError("the pooled_residual image score needs the feature residual")
+            # Norm of the image-averaged residual: token errors that share a direction (a whole
+            # object reconstructed as another class) add up, uncorrelated local errors cancel.
+            # Scores semantic anomalies better than any statistic of the map (docs/design.md).
+            score = torch.linalg.vector_norm(residual.mean(dim=(2, 3)), dim=1)
+        elif self.score_cfg.image_score == "mean":
             score = m.mean(dim=(1, 2, 3))
         elif self.score_cfg.image_score == "max_pool":
             k = self.score_cfg.pool_size
@@ -164,8 +175,7 @@ class ADTR(nn.Module):
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         """0..255 RGB images (B, 3, H, W) at the configured size -> map and score."""
-        f = self.standardize(self.extract(images))
-        return self.score_maps(self.error_map(f))
+        return self.score(self.standardize(self.extract(images)))
 
 
 def _separable_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,7 @@ def score_features(model: ADTR, raw: torch.Tensor, device: torch.device, batch_s
     scores = []
     for i in range(0, len(raw), batch_size):
         f = model.standardize(raw[i : i + batch_size].to(device))
-        scores.append(model.score_maps(model.error_map(f)).anomaly_score.cpu())
+        scores.append(model.score(f).anomaly_score.cpu())
     return torch.cat(scores).double().numpy()
 
 

@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--image-size", default="128", help="upscaled input size (multiple of 32)")
     p.add_argument("--strides", default="2,4,8,16,32", help="backbone stages used")
     p.add_argument("--backbone", default="lite0")
-    p.add_argument("--image-score", default="mean", choices=["mean", "max_pool"])
+    p.add_argument("--image-score", default="mean", choices=["mean", "max_pool", "pooled_residual"])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--hidden-dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=2, help="encoder and decoder layers each")

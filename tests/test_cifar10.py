@@ -121,3 +121,28 @@ def test_tiny_one_class_run_beats_chance(bottle):
                        TrainConfig(epochs=5, batch_size=16, lr=1e-3), dev)  # fmt: skip
     assert result["n_train"] == 60
     assert result["auroc"] > 0.6, result
+
+
+def test_fashion_mnist_idx_reader_reads_a_written_file_exactly(tmp_path):
+    """External anomalies for the protocol come from Debian's Fashion-MNIST idx files."""
+    import gzip
+    import struct
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from fashion_mnist import read_idx_images
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    path = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">IIII", 2051, 3, 28, 28) + images.tobytes())
+    np.testing.assert_array_equal(read_idx_images(path), images)
+    bad = tmp_path / "labels-idx1-ubyte"
+    bad.write_bytes(struct.pack(">IIII", 2049, 3, 28, 28) + images.tobytes())
+    with pytest.raises(ValueError, match="not an idx3 image file"):
+        read_idx_images(bad)
+    short = tmp_path / "short-idx3-ubyte"
+    short.write_bytes(struct.pack(">IIII", 2051, 4, 28, 28) + images.tobytes())
+    with pytest.raises(ValueError, match="the header says 4x28x28"):
+        read_idx_images(short)

@@ -73,6 +73,20 @@ def test_image_score_options():
     assert m2.score_maps(grid).anomaly_score.item() == pytest.approx(m2.score_maps(grid).anomaly_map.max().item())
 
 
+def test_pooled_residual_score_is_the_norm_of_the_mean_residual():
+    m = ADTR(SMALL, ScoreConfig(smoothing_sigma=0, image_score="pooled_residual")).eval()
+    # Two images with the same per-token error norms (3 everywhere): in the first all tokens
+    # err in one direction, in the second the errors of neighbouring tokens cancel.
+    same = torch.zeros(2, 2, 4, 6)
+    same[0, 0] = 3.0
+    same[1, 0] = 3.0 * torch.tensor([1.0, -1.0]).repeat(12).view(4, 6)
+    out = m.score_maps(same.norm(dim=1), same)
+    assert torch.allclose(out.anomaly_map, torch.full_like(out.anomaly_map, 3.0))
+    assert out.anomaly_score.tolist() == pytest.approx([3.0, 0.0])
+    with pytest.raises(ValueError, match="needs the feature residual"):
+        m.score_maps(same.norm(dim=1))
+
+
 def test_smoothing_preserves_mass_of_a_constant_map():
     m = ADTR(SMALL, ScoreConfig(smoothing_sigma=4)).eval()
     out = m.score_maps(torch.full((1, 4, 6), 2.0))
