@@ -80,13 +80,16 @@ def score_features(model: ADTR, raw: torch.Tensor, device: torch.device, batch_s
     return torch.cat(scores).double().numpy()
 
 
-def knn_scores(train_raw: torch.Tensor, test_raw: torch.Tensor, k: int = 5) -> np.ndarray:
-    """Baseline: mean distance to the k nearest training images in globally pooled,
-    L2-normalised feature space (N_test,)."""
-    a = F.normalize(train_raw.mean(dim=(2, 3)), dim=1)
-    b = F.normalize(test_raw.mean(dim=(2, 3)), dim=1)
-    d = torch.cdist(b, a)
-    return d.topk(min(k, len(a)), largest=False).values.mean(1).double().numpy()
+def pooled(raw: torch.Tensor) -> torch.Tensor:
+    """Globally average-pooled, L2-normalised features: (N, C, h, w) -> (N, C)."""
+    return F.normalize(raw.mean(dim=(2, 3)), dim=1)
+
+
+def knn_scores(train_pooled: torch.Tensor, test_pooled: torch.Tensor, k: int = 5) -> np.ndarray:
+    """Baseline: mean distance to the k nearest training images in pooled feature space
+    (`pooled`): (N_train, C), (N_test, C) -> (N_test,)."""
+    d = torch.cdist(test_pooled, train_pooled)
+    return d.topk(min(k, len(train_pooled)), largest=False).values.mean(1).double().numpy()
 
 
 def run_class(
@@ -101,11 +104,17 @@ def run_class(
     device: torch.device,
     external_raw: torch.Tensor | None = None,
     max_train: int | None = None,
+    knn_features: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict:
-    """Fit on one class, score the test set: AUROC of ADTR and of the k-NN baseline."""
+    """Fit on one class, score the test set: AUROC of ADTR and of the k-NN baseline.
+
+    The baseline uses `knn_features` (pooled train, pooled test; e.g. of another backbone)
+    when given, else the pooled ADTR features.
+    """
     idx, targets = one_class_split(train_labels, test_labels, normal_class)
     if max_train is not None:
         idx = idx[:max_train]
+    knn_train, knn_test = knn_features if knn_features is not None else (pooled(train_raw), pooled(test_raw))
     t0 = time.perf_counter()
     model = fit_class(train_raw[idx], model_cfg, score_cfg, train_cfg, device, external_raw)
     fit_s = time.perf_counter() - t0
@@ -116,7 +125,7 @@ def run_class(
         "class": normal_class,
         "n_train": len(idx),
         "auroc": auroc(scores, targets),
-        "knn_auroc": auroc(knn_scores(train_raw[idx], test_raw), targets),
+        "knn_auroc": auroc(knn_scores(knn_train[idx], knn_test), targets),
         "fit_seconds": fit_s,
         "score_seconds": score_s,
     }
