@@ -114,7 +114,10 @@ def run_class(
     idx, targets = one_class_split(train_labels, test_labels, normal_class)
     if max_train is not None:
         idx = idx[:max_train]
-    knn_train, knn_test = knn_features if knn_features is not None else (pooled(train_raw), pooled(test_raw))
+    if knn_features is not None:
+        knn_train, knn_test = knn_features[0][idx], knn_features[1]
+    else:
+        knn_train, knn_test = pooled(train_raw[idx]), pooled(test_raw)
     t0 = time.perf_counter()
     model = fit_class(train_raw[idx], model_cfg, score_cfg, train_cfg, device, external_raw)
     fit_s = time.perf_counter() - t0
@@ -125,7 +128,7 @@ def run_class(
         "class": normal_class,
         "n_train": len(idx),
         "auroc": auroc(scores, targets),
-        "knn_auroc": auroc(knn_scores(knn_train[idx], knn_test), targets),
+        "knn_auroc": auroc(knn_scores(knn_train, knn_test), targets),
         "fit_seconds": fit_s,
         "score_seconds": score_s,
     }
