@@ -4,6 +4,10 @@ For each normal class: fit ADTR on that class's training images, score every tes
 AUROC with anomaly = any other class. Backbone features do not depend on the class, so they
 are computed once per image and setting (`array_features`) and each class only trains the
 reconstructor and standardises with its own training statistics.
+
+Test-time views (`test_views`): a test image's score can be averaged over its mirror image
+and small shifts. A 32x32 image gives the 4x4 deepest grid few tokens, so one pixel's
+misplacement moves the score; averaging views steadies it (measured in docs/design.md).
 """
 
 from __future__ import annotations
@@ -26,6 +30,29 @@ def one_class_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(indices of the normal class's training images, test targets: 1 = anomaly = other class)."""
     return np.flatnonzero(train_labels == normal_class), (test_labels != normal_class).astype(np.int64)
+
+
+VIEW_SETS = ("none", "flip", "flip-shift")
+
+
+def test_views(images: np.ndarray, views: str = "flip-shift", shift: int = 2) -> list[np.ndarray]:
+    """Copies of uint8 images (N, h, w, 3) to score and average, the images themselves first.
+
+    "flip": + the horizontal mirror. "flip-shift": the image and its mirror, each as is and
+    moved by `shift` pixels up, down, left and right (edges reflected): 10 views.
+    """
+    if views not in VIEW_SETS:
+        raise ValueError(f"unknown test views {views!r}: expected one of {VIEW_SETS}")
+    bases = [images] if views == "none" else [images, images[:, :, ::-1]]
+    if views != "flip-shift":
+        return [np.ascontiguousarray(b) for b in bases]
+    s, (h, w) = shift, images.shape[1:3]
+    out = [np.ascontiguousarray(b) for b in bases]
+    for b in bases:
+        padded = np.pad(b, ((0, 0), (s, s), (s, s), (0, 0)), mode="reflect")
+        for dy, dx in ((s, 0), (-s, 0), (0, s), (0, -s)):
+            out.append(np.ascontiguousarray(padded[:, s + dy : s + dy + h, s + dx : s + dx + w]))
+    return out
 
 
 @torch.no_grad()
@@ -96,7 +123,7 @@ def run_class(
     normal_class: int,
     train_raw: torch.Tensor,
     train_labels: np.ndarray,
-    test_raw: torch.Tensor,
+    test_raw: list[torch.Tensor],
     test_labels: np.ndarray,
     model_cfg: ModelConfig,
     score_cfg: ScoreConfig,
@@ -104,12 +131,15 @@ def run_class(
     device: torch.device,
     external_raw: torch.Tensor | None = None,
     max_train: int | None = None,
-    knn_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    knn_features: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
 ) -> dict:
     """Fit on one class, score the test set: AUROC of ADTR and of the k-NN baseline.
 
-    The baseline uses `knn_features` (pooled train, pooled test; e.g. of another backbone)
-    when given, else the pooled ADTR features.
+    `test_raw` holds the raw features of each test view (`test_views`), the plain images
+    first; a score is the mean over views. "auroc_plain" and "knn_auroc" use the plain view
+    only; "knn_auroc_views" averages the baseline over the same views. The baseline uses
+    `knn_features` (pooled train, pooled test views; e.g. of another backbone) when given,
+    else the pooled ADTR features.
     """
     idx, targets = one_class_split(train_labels, test_labels, normal_class)
     if max_train is not None:
@@ -117,18 +147,22 @@ def run_class(
     if knn_features is not None:
         knn_train, knn_test = knn_features[0][idx], knn_features[1]
     else:
-        knn_train, knn_test = pooled(train_raw[idx]), pooled(test_raw)
+        knn_train, knn_test = pooled(train_raw[idx]), [pooled(v) for v in test_raw]
     t0 = time.perf_counter()
     model = fit_class(train_raw[idx], model_cfg, score_cfg, train_cfg, device, external_raw)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scores = score_features(model, test_raw, device)
+    scores = [score_features(model, v, device) for v in test_raw]
     score_s = time.perf_counter() - t0
+    knn = [knn_scores(knn_train, v) for v in knn_test]
     return {
         "class": normal_class,
         "n_train": len(idx),
-        "auroc": auroc(scores, targets),
-        "knn_auroc": auroc(knn_scores(knn_train, knn_test), targets),
+        "views": len(test_raw),
+        "auroc": auroc(np.mean(scores, axis=0), targets),
+        "auroc_plain": auroc(scores[0], targets),
+        "knn_auroc": auroc(knn[0], targets),
+        "knn_auroc_views": auroc(np.mean(knn, axis=0), targets),
         "fit_seconds": fit_s,
         "score_seconds": score_s,
     }

@@ -33,7 +33,7 @@ from adtr.data.cifar10 import CLASSES, load_cifar10  # noqa: E402
 from adtr.data.folder import image_folder  # noqa: E402
 from adtr.data.images import read_image  # noqa: E402
 from adtr.model import ADTR  # noqa: E402
-from adtr.oneclass import array_features, pooled, run_class  # noqa: E402
+from adtr.oneclass import VIEW_SETS, array_features, pooled, run_class, test_views  # noqa: E402
 
 
 def validation_split(images: np.ndarray, labels: np.ndarray, fraction: float = 0.1):
@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--backbone", default="lite2")
     p.add_argument("--knn-backbone", default="lite0", help="backbone of the k-NN baseline (the floor: lite0)")
     p.add_argument("--image-score", default="pooled_residual", choices=["mean", "max_pool", "pooled_residual"])
+    p.add_argument("--test-views", default="flip-shift", choices=VIEW_SETS,
+                   help="average each test image's score over its mirror image and 2-pixel shifts")  # fmt: skip
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--hidden-dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=2, help="encoder and decoder layers each")
@@ -97,12 +99,13 @@ def main() -> None:
     wanted = np.isin(train_labels, [CLASSES.index(c) for c in classes])
     train_raw = array_features(extractor, train_images[wanted], dev)
     train_labels = train_labels[wanted]
-    test_raw = array_features(extractor, test_images, dev)
+    views = test_views(test_images, args.test_views)
+    test_raw = [array_features(extractor, v, dev) for v in views]
     knn_features = None
     if args.knn_backbone != args.backbone:
         knn_extractor = ADTR(dataclasses.replace(model_cfg, backbone=args.knn_backbone), score_cfg)
         knn_features = (pooled(array_features(knn_extractor, train_images[wanted], dev)),
-                        pooled(array_features(knn_extractor, test_images, dev)))  # fmt: skip
+                        [pooled(array_features(knn_extractor, v, dev)) for v in views])  # fmt: skip
     external_raw = None
     if args.external is not None:
         files = image_folder(args.external, label=1)[: args.max_external]
@@ -116,11 +119,12 @@ def main() -> None:
                       train_cfg, dev, external_raw, args.max_train, knn_features)  # fmt: skip
         r["class_name"] = name
         results.append(r)
-        rows.append([name, r["n_train"], r["auroc"], r["knn_auroc"], round(r["fit_seconds"], 1)])
+        rows.append([name, r["n_train"], r["auroc"], r["auroc_plain"], r["knn_auroc"], r["knn_auroc_views"],
+                     round(r["fit_seconds"], 1)])  # fmt: skip
         print(rows[-1], flush=True)
-    mean = float(np.mean([r["auroc"] for r in results]))
-    knn_mean = float(np.mean([r["knn_auroc"] for r in results]))
-    rows.append(["**mean**", "", mean, knn_mean, ""])
+    columns = ("auroc", "auroc_plain", "knn_auroc", "knn_auroc_views")
+    means = {k: float(np.mean([r[k] for r in results])) for k in columns}
+    rows.append(["**mean**", "", *means.values(), ""])
     wall = time.perf_counter() - t_start
     what = "validation (held-out training images)" if args.validate else "test"
     md = (
@@ -128,16 +132,20 @@ def main() -> None:
         f"Command: `python bench/cifar10.py {shlex.join(sys.argv[1:])}`\n\n"
         f"Input {size[0]}x{size[1]} upscaled from 32x32, {args.backbone} stages at strides {strides}, "
         f"hidden dim {args.hidden_dim}, {args.layers}+{args.layers} layers, image score {args.image_score}, "
-        f"{args.epochs} epochs. k-NN baseline (k=5) on pooled {args.knn_backbone} features of the same stages. "
+        f"{args.epochs} epochs. Test views: {args.test_views} ({len(views)}: a score is the mean over them; "
+        f"'plain' = the image alone). k-NN baseline (k=5) on pooled {args.knn_backbone} features of the same "
+        "stages: the floor is its plain column. "
         f"Features {feature_s:.0f} s (once, shared), "
         f"total wall time {wall / 60:.1f} min on {torch.get_num_threads()} threads.\n"
         + (f"External anomalies: {args.external} ({len(external_raw)} images).\n" if external_raw is not None else "")
-        + "\n" + md_table(["class", "train images", f"ADTR AUROC ({args.backbone})",
-                          f"k-NN AUROC (pooled {args.knn_backbone})", "fit s"], rows)  # fmt: skip
+        + "\n" + md_table(["class", "train images", f"ADTR AUROC ({args.backbone})", "ADTR plain",
+                          f"k-NN AUROC (pooled {args.knn_backbone}), plain", "k-NN, views", "fit s"], rows)  # fmt: skip
         + "\n"
     )  # fmt: skip
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    doc = {"machine": machine(), "args": settings, "mean_auroc": mean, "knn_mean_auroc": knn_mean,
+    doc = {"machine": machine(), "args": settings, "mean_auroc": means["auroc"],
+           "mean_auroc_plain": means["auroc_plain"], "knn_mean_auroc": means["knn_auroc"],
+           "knn_mean_auroc_views": means["knn_auroc_views"],
            "feature_seconds": feature_s, "load_seconds": load_s, "wall_seconds": wall, "results": results}  # fmt: skip
     write_results(args.json.with_suffix(""), doc, md)
 

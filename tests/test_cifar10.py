@@ -117,10 +117,11 @@ def test_tiny_one_class_run_beats_chance(bottle):
     dev = torch.device("cpu")
     tr = array_features(extractor, train_images, dev, progress=False)
     te = array_features(extractor, test_images, dev, progress=False)
-    result = run_class(0, tr, train_labels, te, test_labels, cfg, ScoreConfig(image_score="mean", smoothing_sigma=0),
+    result = run_class(0, tr, train_labels, [te], test_labels, cfg, ScoreConfig(image_score="mean", smoothing_sigma=0),
                        TrainConfig(epochs=5, batch_size=16, lr=1e-3), dev)  # fmt: skip
     assert result["n_train"] == 60
     assert result["auroc"] > 0.6, result
+    assert result["auroc"] == result["auroc_plain"]  # one view: the mean over views is the plain score
 
 
 def test_fashion_mnist_idx_reader_reads_a_written_file_exactly(tmp_path):
@@ -146,3 +147,51 @@ def test_fashion_mnist_idx_reader_reads_a_written_file_exactly(tmp_path):
     short.write_bytes(struct.pack(">IIII", 2051, 4, 28, 28) + images.tobytes())
     with pytest.raises(ValueError, match="the header says 4x28x28"):
         read_idx_images(short)
+
+
+def test_test_views_are_the_image_its_mirror_and_shifts():
+    from adtr.oneclass import test_views
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    assert [len(test_views(images, v)) for v in ("none", "flip", "flip-shift")] == [1, 2, 10]
+    views = test_views(images, "flip-shift", shift=2)
+    assert all(v.shape == images.shape and v.dtype == np.uint8 for v in views)
+    np.testing.assert_array_equal(views[0], images)
+    np.testing.assert_array_equal(views[1], images[:, :, ::-1])
+    # views[2]: moved up by 2 rows, the bottom rows reflected in.
+    np.testing.assert_array_equal(views[2][:, :6], images[:, 2:])
+    np.testing.assert_array_equal(views[2][:, 6], images[:, 6])
+    # views[5]: moved right by 2 columns.
+    np.testing.assert_array_equal(views[5][:, :, 2:], images[:, :, :6])
+    # views[6..9] are the mirror image's shifts.
+    np.testing.assert_array_equal(views[6][:, :6], images[:, 2:, ::-1])
+    with pytest.raises(ValueError, match="unknown test views"):
+        test_views(images, "rotate")
+
+
+def test_protocol_runner_end_to_end_writes_views_and_baseline(tmp_path):
+    """bench/cifar10.py on a miniature folder copy: one class, test views, k-NN side by side."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import write_png
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for name in CLASSES:
+            for k in range(n):
+                write_png(tmp_path / "data" / split / name / f"{k}.png", rng.integers(0, 256, (32, 32, 3), np.uint8))
+    out = tmp_path / "out" / "cifar"
+    bench = Path(__file__).resolve().parents[1] / "bench" / "cifar10.py"
+    subprocess.run([sys.executable, str(bench), "--root", str(tmp_path / "data"), "--classes", "airplane",
+                    "--epochs", "1", "--image-size", "32", "--hidden-dim", "16", "--layers", "1",
+                    "--json", str(out.with_suffix(".json"))], check=True, capture_output=True)  # fmt: skip
+    doc = json.loads(out.with_suffix(".json").read_text())
+    (r,) = doc["results"]
+    assert r["class_name"] == "airplane" and r["n_train"] == 4 and r["views"] == 10
+    for key in ("auroc", "auroc_plain", "knn_auroc", "knn_auroc_views"):
+        assert 0.0 <= r[key] <= 1.0
+    assert doc["args"]["test_views"] == "flip-shift"
+    assert "k-NN, views" in out.with_suffix(".md").read_text()
