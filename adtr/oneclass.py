@@ -5,7 +5,7 @@ AUROC with anomaly = any other class. Backbone features do not depend on the cla
 are computed once per image and setting (`array_features`) and each class only trains the
 reconstructor and standardises with its own training statistics.
 
-Test-time views (`test_views`): a test image's score can be averaged over its mirror image
+Test-time views (`scoring_views`): a test image's score can be averaged over its mirror image
 and small shifts. A 32x32 image gives the 4x4 deepest grid few tokens, so one pixel's
 misplacement moves the score; averaging views steadies it (measured in docs/design.md).
 """
@@ -35,7 +35,7 @@ def one_class_split(
 VIEW_SETS = ("none", "flip", "flip-shift")
 
 
-def test_views(images: np.ndarray, views: str = "flip-shift", shift: int = 2) -> list[np.ndarray]:
+def scoring_views(images: np.ndarray, views: str = "flip-shift", shift: int = 2) -> list[np.ndarray]:
     """Copies of uint8 images (N, h, w, 3) to score and average, the images themselves first.
 
     "flip": + the horizontal mirror. "flip-shift": the image and its mirror, each as is and
@@ -135,7 +135,7 @@ def run_class(
 ) -> dict:
     """Fit on one class, score the test set: AUROC of ADTR and of the k-NN baseline.
 
-    `test_raw` holds the raw features of each test view (`test_views`), the plain images
+    `test_raw` holds the raw features of each test view (`scoring_views`), the plain images
     first; a score is the mean over views. "auroc_plain" and "knn_auroc" use the plain view
     only; "knn_auroc_views" averages the baseline over the same views. The baseline uses
     `knn_features` (pooled train, pooled test views; e.g. of another backbone) when given,

@@ -33,7 +33,7 @@ from adtr.data.cifar10 import CLASSES, load_cifar10  # noqa: E402
 from adtr.data.folder import image_folder  # noqa: E402
 from adtr.data.images import read_image  # noqa: E402
 from adtr.model import ADTR  # noqa: E402
-from adtr.oneclass import VIEW_SETS, array_features, pooled, run_class, test_views  # noqa: E402
+from adtr.oneclass import VIEW_SETS, array_features, pooled, run_class, scoring_views  # noqa: E402
 
 
 def validation_split(images: np.ndarray, labels: np.ndarray, fraction: float = 0.1):
@@ -99,7 +99,7 @@ def main() -> None:
     wanted = np.isin(train_labels, [CLASSES.index(c) for c in classes])
     train_raw = array_features(extractor, train_images[wanted], dev)
     train_labels = train_labels[wanted]
-    views = test_views(test_images, args.test_views)
+    views = scoring_views(test_images, args.test_views)
     test_raw = [array_features(extractor, v, dev) for v in views]
     knn_features = None
     if args.knn_backbone != args.backbone:

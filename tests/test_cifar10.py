@@ -150,11 +150,11 @@ def test_fashion_mnist_idx_reader_reads_a_written_file_exactly(tmp_path):
 
 
 def test_test_views_are_the_image_its_mirror_and_shifts():
-    from adtr.oneclass import test_views
+    from adtr.oneclass import scoring_views
 
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-    assert [len(test_views(images, v)) for v in ("none", "flip", "flip-shift")] == [1, 2, 10]
-    views = test_views(images, "flip-shift", shift=2)
+    assert [len(scoring_views(images, v)) for v in ("none", "flip", "flip-shift")] == [1, 2, 10]
+    views = scoring_views(images, "flip-shift", shift=2)
     assert all(v.shape == images.shape and v.dtype == np.uint8 for v in views)
     np.testing.assert_array_equal(views[0], images)
     np.testing.assert_array_equal(views[1], images[:, :, ::-1])
@@ -166,7 +166,7 @@ def test_test_views_are_the_image_its_mirror_and_shifts():
     # views[6..9] are the mirror image's shifts.
     np.testing.assert_array_equal(views[6][:, :6], images[:, 2:, ::-1])
     with pytest.raises(ValueError, match="unknown test views"):
-        test_views(images, "rotate")
+        scoring_views(images, "rotate")
 
 
 def test_protocol_runner_end_to_end_writes_views_and_baseline(tmp_path):
