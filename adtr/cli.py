@@ -16,13 +16,12 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from adtr.anomalies import GENERATORS
 from adtr.checkpoint import CONFIG_FILE, CheckpointError, clear_train_state, has_train_state
 from adtr.config import MODEL_PRESETS, ScoreConfig, TrainConfig, parse_image_size
 from adtr.data.images import DataError, is_image_file, read_image
 from adtr.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from adtr.runtime import configure_cpu
 from adtr.thresholds import bounding_boxes
 
 log = logging.getLogger("adtr")
@@ -188,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
     logging.getLogger("adtr.engine").setLevel(logging.WARNING)  # per-epoch lines: the bar shows them
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_cpu(args.threads)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:

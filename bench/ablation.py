@@ -17,13 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, REPO, machine, md_table, write_results  # noqa: E402
 
 from adtr import ADTRDetector  # noqa: E402
 from adtr.config import MODEL_PRESETS, TrainConfig  # noqa: E402
+from adtr.runtime import configure_cpu  # noqa: E402
 
 VARIANTS = {
     "transformer + query (ADTR)": {},
@@ -41,7 +40,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "results" / "ablation")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    configure_cpu(2)
 
     rows, results = [], []
     for name, change in VARIANTS.items():

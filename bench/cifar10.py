@@ -34,6 +34,7 @@ from adtr.data.folder import image_folder  # noqa: E402
 from adtr.data.images import read_image  # noqa: E402
 from adtr.model import ADTR  # noqa: E402
 from adtr.oneclass import VIEW_SETS, array_features, pooled, run_class, scoring_views  # noqa: E402
+from adtr.runtime import configure_cpu  # noqa: E402
 
 
 def validation_split(images: np.ndarray, labels: np.ndarray, fraction: float = 0.1):
@@ -67,7 +68,7 @@ def main() -> None:
     p.add_argument("--validate", action="store_true", help="evaluate on held-out TRAINING images, not the test set")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    torch.set_num_threads(2)
+    configure_cpu(2)
     dev = torch.device("cpu")
 
     classes = CLASSES if args.classes == "all" else [c.strip() for c in args.classes.split(",")]

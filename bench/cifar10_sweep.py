@@ -31,6 +31,7 @@ from adtr.data.cifar10 import CLASSES, load_cifar10  # noqa: E402
 from adtr.metrics import auroc  # noqa: E402
 from adtr.model import ADTR  # noqa: E402
 from adtr.oneclass import array_features, fit_class, knn_scores, one_class_split, pooled, score_features  # noqa: E402
+from adtr.runtime import configure_cpu  # noqa: E402
 
 ALL_STRIDES = (2, 4, 8, 16, 32)
 SCORES = ("mean", "max_pool", "pooled_residual")
@@ -52,7 +53,7 @@ def main() -> None:
     p.add_argument("--variants", default="[{}]", help="JSON list of dicts (see above)")
     p.add_argument("--json", type=Path, default=REPO / "results" / "cifar10_sweep.json")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    configure_cpu(2)
     dev = torch.device("cpu")
     variants = json.loads(args.variants)
     classes = [CLASSES.index(c.strip()) for c in args.classes.split(",")]

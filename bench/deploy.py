@@ -31,6 +31,7 @@ from common import DEFAULT_DATA, REPO, adtr_command, machine, md_table, write_re
 
 from adtr import ADTRDetector  # noqa: E402
 from adtr.export import OnnxModel, export_onnx  # noqa: E402
+from adtr.runtime import configure_cpu  # noqa: E402
 from adtr.serve import encode_multipart  # noqa: E402
 
 
@@ -109,7 +110,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--out", type=Path, default=REPO / "results" / "deploy")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    configure_cpu(2)
     det = ADTRDetector.load(args.run, progress=False)
     onnx_path = args.run / "model.onnx"
     diff = export_onnx(det.model_, onnx_path)

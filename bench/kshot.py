@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, REPO, machine, md_table, write_results  # noqa: E402
 
@@ -26,6 +24,7 @@ from adtr import ADTRDetector  # noqa: E402
 from adtr.config import TrainConfig  # noqa: E402
 from adtr.data import mvtec  # noqa: E402
 from adtr.data.splits import kshot_split  # noqa: E402
+from adtr.runtime import configure_cpu  # noqa: E402
 
 METRICS = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max"]
 
@@ -40,7 +39,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "results" / "kshot")
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "kshot")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    configure_cpu(2)
     ks = [int(k) for k in args.ks.split(",") if k.strip()]
     pool = max(ks)
     test = mvtec.test_samples(args.data)
