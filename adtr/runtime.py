@@ -3,8 +3,9 @@
 glibc hands every freed block above its mmap threshold (at most 32 MiB, adjusted on the fly)
 back to the kernel and maps fresh zeroed pages for the next one. A CNN's activations at batch
 64 are about that size, so each batch pays hundreds of thousands of page faults: on this
-project's 2-core machine half the CPU time went to the kernel, and Lite2 features at 128x128
-cost 2.6x their compute (`python bench/allocator.py`, results/allocator.md). Raising the
+project's 2-core machine the kernel took as much CPU time as the network, and backbone
+features came 2.3x (Lite0, 256x256) to 2.7x (Lite2, 128x128) faster without the churn
+(`python bench/allocator.py`, results/allocator.md). Raising the
 thresholds keeps freed memory in the process for the next batch; resident memory stays up to
 about 1 GiB higher. `ADTR_MALLOC=default` leaves glibc as it is.
 """
