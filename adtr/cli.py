@@ -68,10 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--image-size",
-        default="256",
-        help="input size N or HxW, multiples of 32; HxW keeps long parts' aspect ratio (default: 256)",
+        default=None,
+        help="input size N or HxW (height x width), multiples of 32 (default: the training images' aspect "
+        "ratio at about 256x256 pixels, e.g. 256x256 for square images, 160x384 for 1130x460)",
     )
-    p.add_argument("--epochs", type=int, default=d_train.epochs, help=f"training epochs (default: {d_train.epochs})")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=d_train.steps,
+        help=f"optimisation steps, rounded up to whole epochs (default: {d_train.steps})",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="training epochs; overrides --steps")
     p.add_argument(
         "--batch-size",
         type=int,
@@ -200,9 +207,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.resume and not has_train_state(args.out):
         raise CheckpointError(f"{args.out}: no interrupted fit to resume")
     model = dataclasses.replace(
-        MODEL_PRESETS[args.preset], backbone=args.backbone, image_size=parse_image_size(args.image_size)
+        MODEL_PRESETS[args.preset],
+        backbone=args.backbone,
+        image_size=parse_image_size(args.image_size) if args.image_size is not None else None,
     )
     train = TrainConfig(
+        steps=args.steps,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

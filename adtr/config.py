@@ -18,7 +18,9 @@ SCHEMA_VERSION = 1
 @dataclass
 class ModelConfig:
     backbone: str = "lite0"
-    image_size: tuple[int, int] = (256, 256)  # (height, width) fed to the backbone
+    # (height, width) fed to the backbone; None: chosen from the training images at fit time
+    # (their aspect ratio at about 256x256 pixels, data.transforms.input_size_for)
+    image_size: tuple[int, int] | None = None
     strides: tuple[int, ...] = (2, 4, 8, 16)  # backbone stages used; the token grid is the largest
     reconstructor: str = "transformer"  # "transformer", "mlp" or "cnn" (ablation baselines)
     hidden_dim: int = 256
@@ -26,12 +28,15 @@ class ModelConfig:
     num_decoder_layers: int = 4
     num_heads: int = 8
     ffn_dim: int = 1024
-    dropout: float = 0.1
+    dropout: float = 0.1  # on residual branches and feed-forward layers
+    attention_dropout: float = 0.0  # on attention weights (the paper: 0.1; 2x slower on CPUs)
     use_query: bool = True  # False: the decoder reads the encoder output (paper's ablation)
     normalize_features: bool = True  # per-channel standardisation with training statistics
 
     @property
     def grid_size(self) -> tuple[int, int]:
+        if self.image_size is None:
+            raise ValueError("the input size is not set yet (it is chosen from the data at fit time)")
         s = max(self.strides)
         return self.image_size[0] // s, self.image_size[1] // s
 
@@ -47,11 +52,18 @@ class ScoreConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    # The budget: `steps` optimisation steps, rounded up to whole epochs, so that a small and
+    # a large category both get a converged fit in about the same time; `epochs` overrides.
+    steps: int = 600
+    epochs: int | None = None
     batch_size: int = 16
     lr: float = 4e-4
     weight_decay: float = 1e-4
-    lr_drop_at: float = 0.8  # fraction of epochs after which lr is multiplied by 0.1
+    # "cosine": linear warm-up over warmup_fraction of the steps, then cosine decay to 0;
+    # "step": warm-up over warmup_epochs, lr x0.1 after lr_drop_at of the epochs (the paper's).
+    schedule: str = "cosine"
+    warmup_fraction: float = 0.05
+    lr_drop_at: float = 0.8
     grad_clip: float = 1.0
     warmup_epochs: int = 2
     val_fraction: float = 0.1  # good training images held out for monitoring and thresholds
@@ -92,13 +104,33 @@ class RunConfig:
         if version != SCHEMA_VERSION:
             raise ValueError(f"config schema version {version!r} is not supported (expected {SCHEMA_VERSION})")
         model = _build(ModelConfig, data.get("model", {}))
-        model.image_size = tuple(model.image_size)
+        model.image_size = tuple(model.image_size) if model.image_size is not None else None
         model.strides = tuple(model.strides)
         return cls(
             model=model,
             score=_build(ScoreConfig, data.get("score", {})),
             train=_build(TrainConfig, data.get("train", {})),
         )
+
+
+def with_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """A copy of config with fields set by name, e.g. {"steps": 300, "hidden_dim": 128}.
+
+    Each name belongs to exactly one of ModelConfig, ScoreConfig, TrainConfig. Raises
+    ValueError for a name that is none of their fields.
+    """
+    parts = {"model": config.model, "score": config.score, "train": config.train}
+    changes: dict[str, dict[str, Any]] = {k: {} for k in parts}
+    for key, value in overrides.items():
+        owner = [k for k, part in parts.items() if key in {f.name for f in dataclasses.fields(part)}]
+        if not owner:
+            raise ValueError(
+                f"unknown setting {key!r}; settings are the fields of ModelConfig, ScoreConfig, TrainConfig"
+            )
+        if key in ("image_size", "strides") and value is not None:
+            value = tuple(value)
+        changes[owner[0]][key] = value
+    return RunConfig(**{k: dataclasses.replace(part, **changes[k]) for k, part in parts.items()})
 
 
 def _build(cls: type, values: dict[str, Any]) -> Any:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -26,16 +27,17 @@ from adtr.anomalies import get_generator
 from adtr.checkpoint import CheckpointError, load_run, load_train_state, save_run, save_train_state
 from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig, TrainConfig
 from adtr.data.folder import anomaly_samples, has_masks, image_folder
-from adtr.data.images import DataError, read_mask
+from adtr.data.images import DataError, image_size, read_mask
 from adtr.data.mvtec import test_samples, train_samples
 from adtr.data.samples import Sample
 from adtr.data.splits import split_validation
-from adtr.data.transforms import resize_image, resize_map
+from adtr.data.transforms import input_size_for, resize_image, resize_map
 from adtr.engine import (
     TrainingData,
     anomaly_pool,
     extract_features,
     fit_reconstructor,
+    planned_epochs,
     predict_samples,
     synthetic_pools,
 )
@@ -110,6 +112,10 @@ class ADTRDetector:
         if init is not None:
             base, base_config, _ = load_run(init, self.device)
             self.config.model, self.config.score = base_config.model, base_config.score
+        if self.config.model.image_size is None:
+            size = input_size_for([image_size(s.path) for s in samples])
+            self.config.model = dataclasses.replace(self.config.model, image_size=size)
+            log.info("input size %dx%d (height x width), from the training images' aspect ratio", *size)
         cfg = self.config
         t0 = time.perf_counter()
         train_idx, val_idx = split_validation(len(samples), cfg.train.val_fraction, cfg.train.seed)
@@ -135,7 +141,7 @@ class ADTRDetector:
             start_epoch, history = 0, []
             if resume:
                 start_epoch, history = load_train_state(checkpoint_dir, model, optimizer, generator, cfg)
-                log.info("resuming after epoch %d of %d", start_epoch, cfg.train.epochs)
+                log.info("resuming after epoch %d of %d", start_epoch, planned_epochs(len(train_idx), cfg.train))
 
             def on_epoch_end(epoch: int, opt: torch.optim.Optimizer, record: dict) -> None:
                 history.append(record)

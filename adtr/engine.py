@@ -195,10 +195,26 @@ def synthetic_pools(
     ]
 
 
-def _lr_factor(epoch: int, cfg: TrainConfig) -> float:
-    warm = min(1.0, (epoch + 1) / cfg.warmup_epochs) if cfg.warmup_epochs > 0 else 1.0
-    drop = 0.1 if epoch >= int(cfg.lr_drop_at * cfg.epochs) else 1.0
-    return warm * drop
+def planned_epochs(n_train: int, cfg: TrainConfig) -> int:
+    """Epochs of a fit on n_train good images: cfg.epochs, or cfg.steps rounded up to epochs."""
+    if cfg.epochs is not None:
+        return cfg.epochs
+    return max(1, math.ceil(cfg.steps / max(1, math.ceil(n_train / cfg.batch_size))))
+
+
+def lr_factor(step: int, steps_per_epoch: int, epochs: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier at optimisation step `step` (0-based) of epochs * steps_per_epoch."""
+    total = epochs * steps_per_epoch
+    if cfg.schedule == "step":
+        epoch = step // steps_per_epoch
+        warm = min(1.0, (epoch + 1) / cfg.warmup_epochs) if cfg.warmup_epochs > 0 else 1.0
+        return warm * (0.1 if epoch >= int(cfg.lr_drop_at * epochs) else 1.0)
+    if cfg.schedule == "cosine":
+        warmup = max(1, round(cfg.warmup_fraction * total))
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    raise ValueError(f"unknown learning-rate schedule {cfg.schedule!r}; choose 'cosine' or 'step'")
 
 
 @torch.no_grad()
@@ -266,16 +282,18 @@ def fit_reconstructor(
         optimizer = torch.optim.AdamW(rec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = []
     n = len(data.normal)
-    bar = tqdm(range(start_epoch, cfg.epochs), desc="fit", disable=not progress, initial=start_epoch,
-               total=cfg.epochs)  # fmt: skip
-    for epoch in bar:
+    epochs = planned_epochs(n, cfg)
+    per_epoch = math.ceil(n / cfg.batch_size)
+    bar = tqdm(total=epochs * per_epoch, initial=start_epoch * per_epoch, desc="fit", unit="step",
+               disable=not progress)  # fmt: skip
+    for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(epoch, cfg)
         rec.train()
         perm = torch.randperm(n, generator=generator)
         total = 0.0
-        for i in range(0, n, cfg.batch_size):
+        for j, i in enumerate(range(0, n, cfg.batch_size)):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(epoch * per_epoch + j, per_epoch, epochs, cfg)
             f, token_labels, image_labels, pixel_level = _batch(data, perm[i : i + cfg.batch_size], cfg, generator)
             f = f.to(device)
             f_hat = rec(f)
@@ -292,6 +310,7 @@ def fit_reconstructor(
                 torch.nn.utils.clip_grad_norm_(rec.parameters(), cfg.grad_clip)
             optimizer.step()
             total += loss.item() * len(f)
+            bar.update(1)
         record = {
             "epoch": epoch + 1,
             "loss": total / n,
@@ -301,10 +320,12 @@ def fit_reconstructor(
         if val_features is not None and len(val_features):
             record["val_loss"] = validation_loss(model, val_features, device)
         history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{record.get('val_loss', float('nan')):.4f}")
+        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{record['loss']:.4f}",
+                        val=f"{record.get('val_loss', float('nan')):.4f}")  # fmt: skip
         log.info("epoch %d: %s", epoch + 1, record)
         if on_epoch_end is not None:
             on_epoch_end(epoch, optimizer, record)
+    bar.close()
     rec.eval()
     return history
 

@@ -50,6 +50,7 @@ class TransformerReconstructor(nn.Module):
             cfg.num_decoder_layers,
             cfg.dropout,
             cfg.use_query,
+            cfg.attention_dropout,
         )
         self.proj_out = nn.Conv2d(cfg.hidden_dim, channels, 1)
 
@@ -114,6 +115,8 @@ class ADTR(nn.Module):
         super().__init__()
         if cfg.reconstructor not in RECONSTRUCTORS:
             raise ValueError(f"unknown reconstructor {cfg.reconstructor!r}; choose from {sorted(RECONSTRUCTORS)}")
+        if cfg.image_size is None:
+            raise ValueError("ModelConfig.image_size is None: set it, or let ADTRDetector.fit choose it from the data")
         self.cfg = cfg
         self.score_cfg = score or ScoreConfig()
         self.backbone = build_backbone(cfg.backbone, cfg.image_size, cfg.strides)
@@ -154,9 +157,9 @@ class ADTR(nn.Module):
 
         The "pooled_residual" score needs the feature residual f - f_hat (B, C, h, w).
         """
-        m = F.interpolate(grid_map[:, None], size=self.cfg.image_size, mode="bilinear", align_corners=False)
-        if self.score_cfg.smoothing_sigma > 0:
-            m = _separable_blur(m, self.smooth_kernel)
+        m = upsample_map(
+            grid_map, self.cfg.image_size, self.smooth_kernel if self.score_cfg.smoothing_sigma > 0 else None
+        )
         if self.score_cfg.image_score == "pooled_residual":
             if residual is None:
                 raise ValueError("the pooled_residual image score needs the feature residual")
@@ -176,6 +179,13 @@ class ADTR(nn.Module):
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         """0..255 RGB images (B, 3, H, W) at the configured size -> map and score."""
         return self.score(self.standardize(self.extract(images)))
+
+
+def upsample_map(grid_map: torch.Tensor, size: tuple[int, int], kernel: torch.Tensor | None) -> torch.Tensor:
+    """Grid map (B, h, w) -> (B, 1, H, W): bilinear to `size`, then blurred with the 1-D
+    Gaussian `kernel` (gaussian_kernel1d) unless it is None. SPEC section 1, "Scores"."""
+    m = F.interpolate(grid_map[:, None], size=size, mode="bilinear", align_corners=False)
+    return _separable_blur(m, kernel) if kernel is not None else m
 
 
 def _separable_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:

@@ -5,41 +5,82 @@ An encoder reads the feature tokens; a decoder whose input is a learnable query 
 query keeps the model from learning an identity map. A learned position embedding is
 added to queries and keys in every attention layer, as in DETR. Layers are post-norm.
 All tensors are batch-first: (B, K, D) with K tokens of width D.
+
+Attention runs through `torch.nn.functional.scaled_dot_product_attention` (a fused kernel on
+CPUs). Dropout on the attention weights is off by default: on 2 cores it took 40% of a
+training step (a Bernoulli draw per entry of every (K, K) attention matrix) and forces the
+unfused path; dropout on the residual branches stays (docs/design.md, "Training speed").
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-class EncoderLayer(nn.Module):
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
+class Attention(nn.Module):
+    """Multi-head attention with nn.MultiheadAttention's parameter names (checkpoints of
+    either load into the other) over the fused scaled-dot-product kernel.
+
+    query (B, Kq, D), key (B, Kk, D), value (B, Kk, D) -> (B, Kq, D).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
-        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads, self.dropout = heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        b, kq, d = query.shape
+
+        def heads(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, w, bias).unflatten(-1, (self.heads, d // self.heads)).transpose(1, 2)  # (B, h, K, d/h)
+
+        out = F.scaled_dot_product_attention(
+            heads(query, w_q, b_q),
+            heads(key, w_k, b_k),
+            heads(value, w_v, b_v),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(b, kq, d))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, attention_dropout: float = 0.0):
+        super().__init__()
+        self.attn = Attention(dim, heads, attention_dropout)
         self.ffn = _feed_forward(dim, ffn_dim, dropout)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         q = k = x + pos
-        x = self.norm1(x + self.drop(self.attn(q, k, x, need_weights=False)[0]))
+        x = self.norm1(x + self.drop(self.attn(q, k, x)))
         return self.norm2(x + self.ffn(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, attention_dropout: float = 0.0):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.self_attn = Attention(dim, heads, attention_dropout)
+        self.cross_attn = Attention(dim, heads, attention_dropout)
         self.ffn = _feed_forward(dim, ffn_dim, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         q = k = tgt + pos
-        tgt = self.norm1(tgt + self.drop(self.self_attn(q, k, tgt, need_weights=False)[0]))
-        attended = self.cross_attn(tgt + pos, memory + pos, memory, need_weights=False)[0]
+        tgt = self.norm1(tgt + self.drop(self.self_attn(q, k, tgt)))
+        attended = self.cross_attn(tgt + pos, memory + pos, memory)
         tgt = self.norm2(tgt + self.drop(attended))
         return self.norm3(tgt + self.ffn(tgt))
 
@@ -63,6 +104,7 @@ class ReconstructionTransformer(nn.Module):
         num_decoder_layers: int,
         dropout: float,
         use_query: bool = True,
+        attention_dropout: float = 0.0,
     ):
         super().__init__()
         self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
@@ -70,8 +112,12 @@ class ReconstructionTransformer(nn.Module):
         nn.init.normal_(self.pos_embed, std=0.02)
         if self.query_embed is not None:
             nn.init.normal_(self.query_embed, std=0.02)
-        self.encoder = nn.ModuleList(EncoderLayer(dim, heads, ffn_dim, dropout) for _ in range(num_encoder_layers))
-        self.decoder = nn.ModuleList(DecoderLayer(dim, heads, ffn_dim, dropout) for _ in range(num_decoder_layers))
+        self.encoder = nn.ModuleList(
+            EncoderLayer(dim, heads, ffn_dim, dropout, attention_dropout) for _ in range(num_encoder_layers)
+        )
+        self.decoder = nn.ModuleList(
+            DecoderLayer(dim, heads, ffn_dim, dropout, attention_dropout) for _ in range(num_decoder_layers)
+        )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         pos = self.pos_embed

@@ -55,6 +55,18 @@ def _open(path: Path, data: bytes | None = None) -> Image.Image:
     return im
 
 
+def image_size(path: Path | str) -> tuple[int, int]:
+    """(height, width) of an image file, read from its header without decoding the pixels."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: not an image file, or an unknown image format ({e})") from None
+
+
 def _to_uint8(im: Image.Image) -> np.ndarray:
     """Any PIL mode -> uint8 array, scaling 16/32-bit data to 0..255 rather than clipping it."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):

@@ -7,6 +7,22 @@ import torch
 from PIL import Image
 
 
+def input_size_for(
+    sizes: list[tuple[int, int]], pixels: int = 256 * 256, multiple: int = 32
+) -> tuple[int, int]:
+    """Model input (height, width) for images of the given (height, width) sizes.
+
+    Keeps the median aspect ratio (long parts are not squashed) at about `pixels` pixels,
+    both sides multiples of `multiple`: square images -> 256x256; 1130x460 -> 160x384.
+    """
+    if not sizes:
+        raise ValueError("no image sizes to choose an input size from")
+    ratio = float(np.median([w / h for h, w in sizes]))  # width / height
+    h = max(multiple, round((pixels / ratio) ** 0.5 / multiple) * multiple)
+    w = max(multiple, round(h * ratio / multiple) * multiple)
+    return int(h), int(w)
+
+
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """RGB uint8 (H, W, 3) -> float tensor (3, h, w) with values 0..255, size = (h, w).
 
