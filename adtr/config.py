@@ -29,6 +29,9 @@ class ModelConfig:
     num_heads: int = 8
     ffn_dim: int = 1024
     dropout: float = 0.1  # on residual branches and feed-forward layers
+    # Dropout on the input tokens before the encoder, in training only: a "noisy bottleneck"
+    # (Dinomaly, Guo et al., CVPR 2025, section 3.2) that keeps the model from copying its input.
+    feature_dropout: float = 0.0
     attention_dropout: float = 0.0  # on attention weights (the paper: 0.1; 2x slower on CPUs)
     use_query: bool = True  # False: the decoder reads the encoder output (paper's ablation)
     normalize_features: bool = True  # per-channel standardisation with training statistics
@@ -44,10 +47,12 @@ class ModelConfig:
 @dataclass
 class ScoreConfig:
     smoothing_sigma: float = 4.0  # Gaussian sigma in input pixels; 0 turns smoothing off
-    # "max_pool": max of the average-pooled map; "mean": its mean; "pooled_residual": norm of
+    # "max_pool": max of the average-pooled map; "mean": its mean; "top_mean": mean of its top
+    # top_fraction values; "pooled_residual": norm of
     # the image-averaged feature residual (for semantic anomalies, e.g. CIFAR-10 one-class)
     image_score: str = "max_pool"
     pool_size: int = 16  # average-pool window in input pixels (about one token)
+    top_fraction: float = 0.01  # "top_mean": the mean of this share of the map's highest values
 
 
 @dataclass
@@ -66,6 +71,11 @@ class TrainConfig:
     lr_drop_at: float = 0.8
     grad_clip: float = 1.0
     warmup_epochs: int = 2
+    # Normal-only loss (losses.reconstruction_loss): "mse", or "hard": the error of positions
+    # below the batch's hard_quantile counts easy_weight times (Dinomaly's loose loss).
+    loss: str = "mse"
+    hard_quantile: float = 0.9
+    easy_weight: float = 0.1
     val_fraction: float = 0.1  # good training images held out for monitoring and thresholds
     false_alarm_rate: float = 0.01  # accepted share of good images flagged (thresholds.py)
     seed: int = 0

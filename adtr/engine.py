@@ -25,7 +25,7 @@ from adtr.config import TrainConfig
 from adtr.data.images import DataError, read_image, read_mask
 from adtr.data.samples import Sample
 from adtr.data.transforms import resize_image
-from adtr.losses import mixed_loss, mse_loss
+from adtr.losses import mixed_loss, mse_loss, reconstruction_loss
 from adtr.model import ADTR
 
 log = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ def fit_reconstructor(
                 loss = mixed_loss(f, f_hat, token_labels.to(device), image_labels.to(device),
                                   pixel_level.to(device), cfg.top_k, cfg.alpha)  # fmt: skip
             else:
-                loss = mse_loss(f, f_hat)
+                loss = reconstruction_loss(f, f_hat, cfg.loss, cfg.hard_quantile, cfg.easy_weight)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}")
             optimizer.zero_grad(set_to_none=True)

@@ -29,6 +29,27 @@ def mse_loss(f: torch.Tensor, f_hat: torch.Tensor) -> torch.Tensor:
     return torch.mean((f - f_hat) ** 2)
 
 
+def reconstruction_loss(
+    f: torch.Tensor, f_hat: torch.Tensor, kind: str = "mse", hard_quantile: float = 0.9, easy_weight: float = 0.1
+) -> torch.Tensor:
+    """Normal-only loss of features f and reconstructions f_hat, both (B, C, h, w).
+
+    "mse": mean squared error. "hard": per-position squared error e(u) (mean over channels);
+    positions below the batch's hard_quantile of e count easy_weight times, so training
+    concentrates on what is still badly reconstructed (Dinomaly, Guo et al., CVPR 2025,
+    "loose loss"; EfficientAD's hard-feature loss keeps only the hard ones: easy_weight 0).
+    Raises ValueError for another kind.
+    """
+    if kind == "mse":
+        return mse_loss(f, f_hat)
+    if kind == "hard":
+        e = ((f - f_hat) ** 2).mean(dim=1)  # (B, h, w)
+        threshold = torch.quantile(e.detach().flatten().float(), hard_quantile)
+        weight = torch.where(e.detach() >= threshold, 1.0, easy_weight)
+        return (weight * e).sum() / weight.sum()
+    raise ValueError(f"unknown reconstruction loss {kind!r}; choose 'mse' or 'hard'")
+
+
 def pseudo_huber(f: torch.Tensor, f_hat: torch.Tensor) -> torch.Tensor:
     """phi: (B, C, h, w) features and reconstructions -> (B, h, w)."""
     return torch.sqrt((f - f_hat).abs().mean(dim=1) ** 2 + 1) - 1

@@ -53,10 +53,11 @@ class TransformerReconstructor(nn.Module):
             cfg.attention_dropout,
         )
         self.proj_out = nn.Conv2d(cfg.hidden_dim, channels, 1)
+        self.feature_dropout = nn.Dropout(cfg.feature_dropout)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         b, _, h, w = f.shape
-        tokens = self.proj_in(f).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        tokens = self.feature_dropout(self.proj_in(f).flatten(2).transpose(1, 2))  # (B, h*w, D)
         tokens = self.transformer(tokens)
         return self.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w))
 
@@ -169,6 +170,9 @@ class ADTR(nn.Module):
             score = torch.linalg.vector_norm(residual.mean(dim=(2, 3)), dim=1)
         elif self.score_cfg.image_score == "mean":
             score = m.mean(dim=(1, 2, 3))
+        elif self.score_cfg.image_score == "top_mean":
+            flat = m.flatten(1)
+            score = flat.topk(max(1, round(self.score_cfg.top_fraction * flat.shape[1])), dim=1).values.mean(1)
         elif self.score_cfg.image_score == "max_pool":
             k = self.score_cfg.pool_size
             score = F.avg_pool2d(m, k, stride=1).amax(dim=(1, 2, 3)) if k > 1 else m.amax(dim=(1, 2, 3))
