@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from adtr.config import SCHEMA_VERSION, RunConfig
+from adtr.errors import RunFolderError
 from adtr.fileio import atomic_write, atomic_write_json
 from adtr.model import ADTR
 
@@ -29,8 +30,7 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT = "adtr-run"
 
 
-class CheckpointError(ValueError):
-    """A run folder that cannot be loaded; the message names the file and the problem."""
+CheckpointError = RunFolderError  # the name before adtr/errors.py
 
 
 def trainable_state(model: ADTR) -> dict[str, torch.Tensor]:
@@ -64,17 +64,17 @@ def save_run(run_dir: Path | str, model: ADTR, config: RunConfig, extra: dict[st
 def read_run_config(run_dir: Path | str) -> dict[str, Any]:
     path = Path(run_dir) / CONFIG_FILE
     if not Path(run_dir).is_dir():
-        raise CheckpointError(f"{run_dir}: run folder not found")
+        raise RunFolderError(f"{run_dir}: run folder not found")
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing; {run_dir} is not a complete run folder")
+        raise RunFolderError(f"{path}: missing; {run_dir} is not a complete run folder")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raise RunFolderError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an adtr run config")
+        raise RunFolderError(f"{path}: not an adtr run config")
     if doc.get("schema_version") != SCHEMA_VERSION:
-        raise CheckpointError(
+        raise RunFolderError(
             f"{path}: schema version {doc.get('schema_version')!r}, this adtr reads version {SCHEMA_VERSION}"
         )
     return doc
@@ -88,30 +88,30 @@ def load_run(run_dir: Path | str, device: torch.device | str = "cpu") -> tuple[A
         config = RunConfig.from_dict(doc)
         model = ADTR(config.model, config.score)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{run_dir / CONFIG_FILE}: invalid settings ({e})") from None
+        raise RunFolderError(f"{run_dir / CONFIG_FILE}: invalid settings ({e})") from None
     weights = run_dir / WEIGHTS_FILE
     if not weights.is_file():
-        raise CheckpointError(f"{weights}: missing; {run_dir} is not a complete run folder")
+        raise RunFolderError(f"{weights}: missing; {run_dir} is not a complete run folder")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from None
+        raise RunFolderError(f"{weights}: unreadable safetensors file ({e})") from None
     expected = trainable_state(model)
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
-        raise CheckpointError(
+        raise RunFolderError(
             f"{weights}: tensors do not match the config: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
     for k, v in expected.items():
         if state[k].shape != v.shape or state[k].dtype != v.dtype:
-            raise CheckpointError(
+            raise RunFolderError(
                 f"{weights}: tensor {k} is {tuple(state[k].shape)} {state[k].dtype}, "
                 f"the config implies {tuple(v.shape)} {v.dtype}"
             )
     model.load_state_dict(state, strict=False)
     if doc.get("backbone_sha256") != backbone_fingerprint(model):
-        raise CheckpointError(
+        raise RunFolderError(
             f"{run_dir / CONFIG_FILE}: the installed {config.model.backbone} weights differ from the "
             "ones this run was trained with"
         )
@@ -169,23 +169,23 @@ def load_train_state(
     state_dir = Path(run_dir) / STATE_DIR
     json_path, weights_path = state_dir / STATE_JSON, state_dir / STATE_WEIGHTS
     if not json_path.is_file() or not weights_path.is_file():
-        raise CheckpointError(f"{state_dir}: no saved training state to resume from")
+        raise RunFolderError(f"{state_dir}: no saved training state to resume from")
     try:
         doc = json.loads(json_path.read_text(encoding="utf-8"))
         tensors = load_file(str(weights_path))
         with safe_open(str(weights_path), "pt") as f:
             saved_epoch = (f.metadata() or {}).get("epoch")
     except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{state_dir}: unreadable training state ({e})") from None
+        raise RunFolderError(f"{state_dir}: unreadable training state ({e})") from None
     if doc.get("config") != json.loads(json.dumps(config.to_dict())):  # as JSON: tuples are lists there
-        raise CheckpointError(f"{json_path}: the run was started with other settings; resume with the same ones")
+        raise RunFolderError(f"{json_path}: the run was started with other settings; resume with the same ones")
     epoch = int(doc["epoch"])
     if saved_epoch != str(epoch):
-        raise CheckpointError(f"{state_dir}: weights and {STATE_JSON} are from different epochs")
+        raise RunFolderError(f"{state_dir}: weights and {STATE_JSON} are from different epochs")
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     expected = trainable_state(model)
     if set(model_state) != set(expected) or any(model_state[k].shape != v.shape for k, v in expected.items()):
-        raise CheckpointError(f"{weights_path}: tensors do not match the model")
+        raise RunFolderError(f"{weights_path}: tensors do not match the model")
     model.load_state_dict(model_state, strict=False)
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():

@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 
 from adtr.anomalies import GENERATORS
-from adtr.checkpoint import CONFIG_FILE, CheckpointError, clear_train_state, has_train_state
+from adtr.checkpoint import CONFIG_FILE, clear_train_state, has_train_state
 from adtr.config import MODEL_PRESETS, ScoreConfig, TrainConfig, parse_image_size
-from adtr.data.images import DataError, is_image_file, read_image
+from adtr.data.images import is_image_file, read_image
+from adtr.errors import ADTRError, DataError, RunFolderError, SettingsError
 from adtr.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from adtr.runtime import configure_cpu
 from adtr.thresholds import bounding_boxes
@@ -201,15 +202,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from adtr.detector import ADTRDetector
 
     if (args.out / CONFIG_FILE).exists() and not args.force:
-        raise CheckpointError(f"{args.out}: already holds a run; choose another --out or pass --force")
+        raise RunFolderError(f"{args.out}: already holds a run; choose another --out or pass --force")
     if has_train_state(args.out) and not (args.resume or args.force):
-        raise CheckpointError(f"{args.out}: holds an interrupted fit; pass --resume to continue it or --force")
+        raise RunFolderError(f"{args.out}: holds an interrupted fit; pass --resume to continue it or --force")
     if args.resume and not has_train_state(args.out):
-        raise CheckpointError(f"{args.out}: no interrupted fit to resume")
+        raise RunFolderError(f"{args.out}: no interrupted fit to resume")
     model = dataclasses.replace(
         MODEL_PRESETS[args.preset],
         backbone=args.backbone,
-        image_size=parse_image_size(args.image_size) if args.image_size is not None else None,
+        image_size=_image_size(args.image_size),
     )
     train = TrainConfig(
         steps=args.steps,
@@ -232,6 +233,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
         f"validation loss {last.get('val_loss', float('nan')):.4f}; run saved to {args.out}"
     )
     return 0
+
+
+def _image_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        return parse_image_size(text)
+    except ValueError as e:
+        raise SettingsError(f"--image-size: {e}") from None
 
 
 def format_metrics(metrics: dict) -> str:
@@ -355,11 +365,16 @@ COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "export": 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb; returns the exit status.
+
+    User errors (adtr.errors.ADTRError: data, run folder, settings) print one line and give
+    status 2. Any other exception is a bug and propagates with its traceback (status 1).
+    """
     args = build_parser().parse_args(argv)
     _setup(args)
     try:
         return COMMANDS[args.command](args)
-    except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except ADTRError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

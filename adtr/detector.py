@@ -24,10 +24,10 @@ import torch
 
 from adtr import __version__
 from adtr.anomalies import get_generator
-from adtr.checkpoint import CheckpointError, load_run, load_train_state, save_run, save_train_state
+from adtr.checkpoint import load_run, load_train_state, save_run, save_train_state
 from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig, TrainConfig
 from adtr.data.folder import anomaly_samples, has_masks, image_folder
-from adtr.data.images import DataError, image_size, read_mask
+from adtr.data.images import image_size, read_mask
 from adtr.data.mvtec import test_samples, train_samples
 from adtr.data.samples import Sample
 from adtr.data.splits import split_validation
@@ -41,6 +41,7 @@ from adtr.engine import (
     predict_samples,
     synthetic_pools,
 )
+from adtr.errors import DataError, RunFolderError, SettingsError
 from adtr.metrics import image_metrics, pixel_metrics
 from adtr.model import ADTR
 from adtr.thresholds import Thresholds, f1_optimal, from_good_scores
@@ -100,7 +101,7 @@ class ADTRDetector:
             result equals an uninterrupted fit with the same seed.
         """
         if resume and checkpoint_dir is None:
-            raise ValueError("resume needs the checkpoint_dir of the interrupted fit")
+            raise SettingsError("resume needs the checkpoint_dir of the interrupted fit")
         samples = train_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
         if any(s.label != 0 for s in samples):
             raise DataError("the training data must be good images only (label 0); pass anomalies separately")
@@ -108,7 +109,10 @@ class ADTRDetector:
         external_samples = image_folder(Path(external), label=1) if external is not None else []
         n_external = len(external_samples)
         labelled += external_samples
-        generators = [get_generator(name) for name in synthetic]
+        try:
+            generators = [get_generator(name) for name in synthetic]
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
         if init is not None:
             base, base_config, _ = load_run(init, self.device)
             self.config.model, self.config.score = base_config.model, base_config.score
@@ -121,7 +125,7 @@ class ADTRDetector:
         train_idx, val_idx = split_validation(len(samples), cfg.train.val_fraction, cfg.train.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)  # weight init and dropout; shuffling has its own generator
-            model = base if init is not None else ADTR(cfg.model, cfg.score).to(self.device)
+            model = base if init is not None else _build_model(cfg, self.device)
             raw = extract_features(model, samples, self.device, progress=self.progress)
             if init is None:
                 model.set_feature_stats(raw[train_idx].to(self.device))
@@ -262,19 +266,19 @@ class ADTRDetector:
         result: dict[str, Any] = {"n_images": len(samples), "n_anomalous": int(labels.sum())}
         if 0 < labels.sum() < len(labels):
             result.update(image_metrics(preds.scores, labels))
+        _check_finite(samples, preds.scores, preds.maps)
         if has_masks(samples):
             masks = [
                 read_mask(s.mask_path, size) if s.mask_path else np.zeros(size, dtype=bool)
                 for s, size in zip(samples, preds.original_sizes, strict=True)
             ]
-            # Maps are upsampled to each image's original size one at a time, as the metric reads them.
-            maps = _Resized(preds.maps, preds.original_sizes)
-            try:
-                result.update(pixel_metrics(maps, masks))
-            except ValueError as e:  # e.g. every mask empty: image metrics still stand
-                log.warning("pixel metrics skipped: %s", e)
+            if not any(m.any() for m in masks) or all(m.all() for m in masks):
+                _skip_pixel_metrics(result, "the masks hold no anomalous pixels, or no normal ones")
+            else:
+                # Maps are upsampled to each image's original size one at a time, as the metric reads them.
+                result.update(pixel_metrics(_Resized(preds.maps, preds.original_sizes), masks))
         elif any(s.mask_path is not None for s in samples):
-            log.warning("only some anomalous images have masks: pixel metrics skipped")
+            _skip_pixel_metrics(result, "only some anomalous images have masks")
         flagged = np.array([self.thresholds_.is_anomalous(v) for v in preds.scores])
         result["threshold"] = self.thresholds_.image
         if (labels == 0).any():
@@ -317,9 +321,18 @@ class ADTRDetector:
         try:
             det.thresholds_ = Thresholds.from_dict(doc["thresholds"])
         except (KeyError, TypeError) as e:
-            raise CheckpointError(f"{Path(run_dir) / 'config.json'}: missing or invalid thresholds ({e})") from None
+            raise RunFolderError(f"{Path(run_dir) / 'config.json'}: missing or invalid thresholds ({e})") from None
         det.info_ = {k: v for k, v in doc.items() if k not in ("format", "schema_version", "model", "score", "train")}
         return det
+
+
+def _build_model(cfg: RunConfig, device: torch.device) -> ADTR:
+    """A fresh ADTR for the settings; settings it cannot be built from raise SettingsError."""
+    try:
+        model = ADTR(cfg.model, cfg.score)
+    except ValueError as e:  # e.g. an image size the backbone cannot take, an unknown backbone
+        raise SettingsError(str(e)) from None
+    return model.to(device)
 
 
 def _score_stats(scores: np.ndarray) -> dict[str, Any]:
@@ -338,6 +351,25 @@ def _score_stats(scores: np.ndarray) -> dict[str, Any]:
         "q95": float(q[2]),
         "q99": float(q[3]),
     }
+
+
+def _check_finite(samples: Sequence[Sample], scores: np.ndarray, maps: Sequence[np.ndarray]) -> None:
+    """Raise FloatingPointError naming the first image whose score or map is NaN or infinite.
+
+    Metrics over such values mean nothing; the model, not the data, is at fault (a bug or a
+    diverged fit), so this is not a user error.
+    """
+    for s, score, m in zip(samples, scores, maps, strict=True):
+        if not np.isfinite(score) or not np.isfinite(m).all():
+            raise FloatingPointError(
+                f"{s.path}: the model's anomaly score or map is NaN or infinite; no metric can be computed"
+            )
+
+
+def _skip_pixel_metrics(result: dict[str, Any], reason: str) -> None:
+    """Say in the result and the log why pixel AUROC and AUPRO are missing."""
+    result["pixel_metrics_skipped"] = reason
+    log.warning("pixel AUROC and AUPRO not computed: %s", reason)
 
 
 class _Resized(Sequence):

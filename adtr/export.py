@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adtr.errors import RunFolderError
 from adtr.fileio import atomic_write
 from adtr.model import ADTR, AnomalyOutput
 
@@ -69,7 +70,7 @@ class OnnxModel:
         import onnxruntime as ort
 
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: ONNX model not found (create it with adtr export)")
+            raise RunFolderError(f"{path}: ONNX model not found (create it with adtr export)")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

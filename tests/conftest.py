@@ -68,3 +68,33 @@ def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     det.save(run)
     return det, run, sorted((root / "good").iterdir())
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Call `adtr` in this process: run_cli(args...) -> (exit status, stdout, stderr).
+
+    The allocator policy and log levels the CLI sets for a real run are process-wide, so they
+    are left alone here (ADTR_MALLOC=default) or restored afterwards.
+    """
+    import logging
+
+    from adtr import cli
+
+    monkeypatch.setenv("ADTR_MALLOC", "default")
+    loggers = [logging.getLogger(), logging.getLogger("adtr.engine")]
+    levels = [lg.level for lg in loggers]
+    handlers = list(logging.getLogger().handlers)
+    threads = torch.get_num_threads()
+
+    def call(*args) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield call
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.setLevel(level)
+    logging.getLogger().handlers[:] = handlers
+    torch.set_num_threads(threads)

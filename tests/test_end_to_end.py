@@ -141,22 +141,6 @@ def test_cli_help_explains_every_option():
         assert opt in r.stdout
 
 
-def test_cli_bad_data_exits_2_with_message(tmp_path):
-    r = subprocess.run(
-        _adtr() + ["fit", str(tmp_path / "missing"), "--out", str(tmp_path / "r")],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 2 and "missing: data folder not found" in r.stderr
-    assert not (tmp_path / "r").exists()
-    r = subprocess.run(
-        _adtr() + ["fit", str(tmp_path), "--out", str(tmp_path / "r"), "--image-size", "250"],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 2 and "error:" in r.stderr
-
-
 def test_readme_commands_exist():
     repo = Path(__file__).resolve().parents[1]
     text = (repo / "README.md").read_text()

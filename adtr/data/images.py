@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from adtr.errors import DataError
+
+__all__ = ["DataError", "image_size", "is_image_file", "list_images", "read_image", "read_mask"]
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 MAX_PIXELS = 100_000_000  # larger images are refused as likely decompression bombs
-
-
-class DataError(ValueError):
-    """A data file or folder that cannot be used; the message names it."""
 
 
 def is_image_file(path: Path) -> bool:
