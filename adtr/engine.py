@@ -195,6 +195,13 @@ def synthetic_pools(
     ]
 
 
+def make_optimizer(model: ADTR, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the reconstructor's parameters; the fused kernel where the device has one
+    (CPU and CUDA: 3x faster steps of the optimizer on 2 cores, docs/design.md)."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(model.reconstructor.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
 def planned_epochs(n_train: int, cfg: TrainConfig) -> int:
     """Epochs of a fit on n_train good images: cfg.epochs, or cfg.steps rounded up to epochs."""
     if cfg.epochs is not None:
@@ -279,7 +286,7 @@ def fit_reconstructor(
     """
     rec = model.reconstructor
     if optimizer is None:
-        optimizer = torch.optim.AdamW(rec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(model, cfg, device)
     history = []
     n = len(data.normal)
     epochs = planned_epochs(n, cfg)
