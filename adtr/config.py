@@ -73,6 +73,9 @@ class TrainConfig:
     warmup_epochs: int = 2
     # Normal-only loss (losses.reconstruction_loss): "mse", or "hard": the error of positions
     # below the batch's hard_quantile counts easy_weight times (Dinomaly's loose loss).
+    # "auto": bf16 autocast for the reconstructor where the device computes bf16 natively
+    # (CPUs with AVX-512 BF16 / AMX, recent GPUs), else fp32; "fp32" or "bf16" force one.
+    precision: str = "auto"
     loss: str = "mse"
     hard_quantile: float = 0.9
     easy_weight: float = 0.1
