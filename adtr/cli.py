@@ -7,23 +7,17 @@ file and exit with status 2; nothing already written is overwritten without --fo
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from adtr.anomalies import GENERATORS
 from adtr.checkpoint import CONFIG_FILE, clear_train_state, has_train_state
 from adtr.config import MODEL_PRESETS, ScoreConfig, TrainConfig, parse_image_size
-from adtr.data.images import is_image_file, read_image
 from adtr.errors import ADTRError, DataError, RunFolderError, SettingsError
-from adtr.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from adtr.fileio import atomic_write_json
 from adtr.runtime import configure_cpu
-from adtr.thresholds import bounding_boxes
 
 log = logging.getLogger("adtr")
 
@@ -156,20 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict",
         help="score images and write heatmaps",
-        description="Score images: CSV + JSON of scores and a heatmap overlay PNG per image.",
+        description="Score images: CSV + JSON lines of scores and a heatmap overlay PNG per image, written as "
+        "each image finishes; scores.json at the end.",
     )
     p.add_argument("run", type=Path, help="run folder written by adtr fit")
     p.add_argument("paths", type=Path, nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--out", type=Path, required=True, help="output folder for scores.csv, scores.json, heatmaps/")
+    p.add_argument(
+        "--out", type=Path, required=True, help="output folder for scores.csv, scores.jsonl, scores.json, heatmaps/"
+    )
     p.add_argument("--no-heatmaps", action="store_true", help="write scores only")
     p.add_argument(
         "--engine",
         choices=["torch", "onnx"],
-        default="torch",
-        help="inference engine: PyTorch, or onnxruntime with an exported model (default: torch)",
+        default=None,
+        help="inference engine: PyTorch, or onnxruntime with an exported model (default: torch, or onnx "
+        "with --onnx)",
     )
-    p.add_argument("--onnx", type=Path, default=None, help="ONNX file for --engine onnx (default: RUN/model.onnx)")
+    p.add_argument(
+        "--onnx", type=Path, default=None, help="ONNX file to run (implies --engine onnx; default: RUN/model.onnx)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="inference batch size (default: 8)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the finished results in --out and score only the other images (after an interrupted run)",
+    )
     _add_common(p)
 
     p = sub.add_parser("export", help="export a run to ONNX", description="Export the whole pipeline to ONNX.")
@@ -268,78 +273,26 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
-def _collect_images(paths: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if is_image_file(q))
-            if not found:
-                log.warning("%s: no image files in this folder", p)
-            files += found
-        elif p.exists():
-            files.append(p)  # named explicitly: a non-image file is reported as an error
-        else:
-            raise DataError(f"{p}: file not found")
-    return files
-
-
-def _output_names(files: list[Path]) -> list[str]:
-    """Unique heatmap names from paths relative to their common folder (a/b.png -> a__b)."""
-    resolved = [f.resolve() for f in files]
-    parents = [str(r.parent) for r in resolved]
-    common = Path(os.path.commonpath(parents)) if parents else Path(".")
-    return ["__".join(r.relative_to(common).with_suffix("").parts) for r in resolved]
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from adtr.detector import ADTRDetector
-    from adtr.visualize import display_range, overlay
+    from adtr.outputs import collect_images, predict_to_folder
 
-    det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet)
-    if args.engine == "onnx":
-        det.use_onnx(args.onnx or args.run / "model.onnx")
-    files = _collect_images(args.paths)
+    if args.onnx is not None and args.engine == "torch":
+        raise SettingsError("--onnx FILE runs the ONNX engine: drop --engine torch, or drop --onnx")
+    files = collect_images(args.paths)
     if not files:
         raise DataError("no images to score among: " + ", ".join(map(str, args.paths)))
-    failures: list[dict] = []
-
-    def report(path: Path, error: DataError) -> None:
-        log.error("%s", error)
-        failures.append({"path": str(path), "error": str(error)})
-
-    preds = det.predict(files, batch_size=args.batch_size, on_error=report)
-    names = dict(zip(map(str, files), _output_names(files), strict=True))
-    vmin, vmax = display_range(det.info_.get("score_stats", {}))
-    thr = det.thresholds_
-    rows = []
-    for p in preds:
-        boxes = bounding_boxes(thr.defect_mask(p.anomaly_map)) if p.is_anomalous else []
-        row = {
-            "path": p.path,
-            "anomaly_score": p.anomaly_score,
-            "normalized_score": p.normalized_score,
-            "is_anomalous": p.is_anomalous,
-            "defect_boxes": json.dumps(boxes),
-        }
-        if not args.no_heatmaps:
-            heat = overlay(read_image(p.path), p.anomaly_map, vmin, vmax)
-            buf = io.BytesIO()
-            Image.fromarray(heat).save(buf, format="PNG")
-            target = args.out / "heatmaps" / f"{names[p.path]}.png"
-            atomic_write_bytes(target, buf.getvalue())
-            row["heatmap"] = str(target)
-        rows.append(row)
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["path", "anomaly_score"])
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(args.out / "scores.csv", out.getvalue())
-    atomic_write_json(args.out / "scores.json", {"run": str(args.run), "predictions": rows, "failed": failures})
-    flagged = sum(r["is_anomalous"] for r in rows)
-    print(f"scored {len(rows)} images ({flagged} anomalous), {len(failures)} failed; results in {args.out}")
-    return 1 if failures else 0
+    det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet)
+    if args.engine == "onnx" or args.onnx is not None:
+        det.use_onnx(args.onnx or args.run / "model.onnx")
+    summary = predict_to_folder(det, files, args.out, heatmaps=not args.no_heatmaps, resume=args.resume,
+                                batch_size=args.batch_size, run_dir=args.run)  # fmt: skip
+    skipped = f", {summary.skipped} already done" if summary.skipped else ""
+    print(
+        f"scored {len(summary.rows)} images ({summary.n_anomalous} anomalous){skipped}, "
+        f"{len(summary.failed)} failed; results in {args.out}"
+    )
+    return 1 if summary.failed else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

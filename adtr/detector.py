@@ -14,20 +14,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from adtr import __version__
 from adtr.anomalies import get_generator
 from adtr.checkpoint import load_run, load_train_state, save_run, save_train_state
 from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig, TrainConfig
 from adtr.data.folder import anomaly_samples, has_masks, image_folder
-from adtr.data.images import image_size, read_mask
+from adtr.data.images import image_size, read_image, read_mask
 from adtr.data.mvtec import test_samples, train_samples
 from adtr.data.samples import Sample
 from adtr.data.splits import split_validation
@@ -37,6 +39,7 @@ from adtr.engine import (
     anomaly_pool,
     extract_features,
     fit_reconstructor,
+    make_optimizer,
     planned_epochs,
     predict_samples,
     synthetic_pools,
@@ -56,6 +59,7 @@ class Prediction:
     anomaly_map: np.ndarray  # (H, W) at the image's original size
     normalized_score: float  # 0..1, 0.5 = the run's threshold
     is_anomalous: bool  # anomaly_score >= the image threshold
+    image: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) uint8 when asked for (keep_images)
 
 
 class ADTRDetector:
@@ -139,9 +143,7 @@ class ADTRDetector:
             )  # fmt: skip
             extract_seconds = time.perf_counter() - t0
             generator = torch.Generator().manual_seed(cfg.train.seed)
-            optimizer = torch.optim.AdamW(
-                model.reconstructor.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-            )
+            optimizer = make_optimizer(model, cfg.train, self.device)
             start_epoch, history = 0, []
             if resume:
                 start_epoch, history = load_train_state(checkpoint_dir, model, optimizer, generator, cfg)
@@ -225,15 +227,61 @@ class ADTRDetector:
         """Score image files; maps come back at each image's original size.
 
         Without on_error an unreadable file raises DataError; with it, the file is reported
-        as on_error(path, error) and the others are still scored.
+        as on_error(path, error) and the others are still scored. Holds every map: for many
+        files, iterate over iter_predict() instead.
         """
-        samples = [Sample(Path(p), 0) for p in paths]
-        report = (lambda i, e: on_error(samples[i].path, e)) if on_error else None
-        preds = predict_samples(self._engine(), samples, self.device, batch_size, self.progress, report)
-        return [
-            self._prediction(str(samples[i].path), float(score), resize_map(m, size))
-            for i, score, m, size in zip(preds.indices, preds.scores, preds.maps, preds.original_sizes, strict=True)
-        ]
+        return list(self.iter_predict(paths, batch_size, on_error))
+
+    def iter_predict(
+        self,
+        paths: Sequence[str | Path],
+        batch_size: int = 8,
+        on_error: Callable[[Path, DataError], None] | None = None,
+        keep_images: bool = False,
+    ) -> Iterator[Prediction]:
+        """Score image files one batch at a time, yielding one Prediction per file in order.
+
+        Each file is decoded once (in 2 threads); only the current batch is in memory, so
+        memory stays flat in the number of files. `anomaly_map` is (H, W) at the file's size;
+        with keep_images, `image` holds the decoded RGB uint8 (H, W, 3), e.g. for an overlay.
+        Errors as in predict(): DataError, or on_error(path, error) and the file is left out.
+        """
+        engine = self._engine().eval()
+        size = self.config.model.image_size
+
+        def decode(path: Path) -> tuple[np.ndarray, torch.Tensor] | DataError:
+            try:
+                image = read_image(path)
+            except DataError as e:
+                if on_error is None:
+                    raise
+                return e
+            return image, resize_image(image, size)
+
+        files = [Path(p) for p in paths]
+        bar = tqdm(total=len(files), desc="predict", unit="img", disable=not self.progress)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for start in range(0, len(files), batch_size):
+                chunk = files[start : start + batch_size]
+                ok = []
+                for path, item in zip(chunk, pool.map(decode, chunk), strict=True):
+                    if isinstance(item, DataError):
+                        on_error(path, item)  # type: ignore[misc]
+                    else:
+                        ok.append((path, *item))
+                if ok:
+                    with torch.no_grad():
+                        out = engine(torch.stack([t for _, _, t in ok]).to(self.device))
+                    scores = out.anomaly_score.cpu().tolist()
+                    maps = out.anomaly_map.cpu().numpy()  # (B, h, w) at the model's input size
+                    for (path, image, _), score, small in zip(ok, scores, maps, strict=True):
+                        pred = self._prediction(str(path), float(score), resize_map(small, image.shape[:2]))
+                        if keep_images:
+                            pred.image = image
+                        bar.update(1)
+                        yield pred
+                bar.update(len(chunk) - len(ok))
+        bar.close()
 
     def _engine(self):
         """The ONNX engine when use_onnx() was called, else the PyTorch model."""
@@ -288,8 +336,8 @@ class ADTRDetector:
         result["images_per_second"] = len(samples) / max(preds.model_seconds, 1e-9)
         result["images_per_second_with_decoding"] = len(samples) / max(wall, 1e-9)
         if report_dir is not None:
+            from adtr.render import display_range
             from adtr.report import write_report
-            from adtr.visualize import display_range
 
             vrange = display_range(self.info_.get("score_stats", {}))
             result["report"] = str(

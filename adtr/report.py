@@ -2,7 +2,7 @@
 
 Every figure is a PNG embedded as base64, so the single index.html can be mailed or
 archived. Overlays use a perceptual colour map (inferno) over the visible image, with the
-fixed colour range of the run (visualize.display_range), and the predicted defect mask
+fixed colour range of the run (render.display_range), and the predicted defect mask
 (map >= pixel threshold) drawn as a cyan outline; ground truth is drawn in green.
 """
 
@@ -27,8 +27,8 @@ from adtr.data.images import read_image, read_mask  # noqa: E402
 from adtr.data.samples import Sample  # noqa: E402
 from adtr.data.transforms import resize_map  # noqa: E402
 from adtr.fileio import atomic_write_text  # noqa: E402
+from adtr.render import overlay  # noqa: E402
 from adtr.thresholds import Thresholds  # noqa: E402
-from adtr.visualize import overlay  # noqa: E402
 
 THUMB = 224  # pixels per panel in the grids
 N_CASES = 6  # images per grid

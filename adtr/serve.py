@@ -15,20 +15,17 @@ service writes no files.
 from __future__ import annotations
 
 import base64
-import io
 import threading
 import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from adtr.data.images import DataError, read_image
 from adtr.detector import ADTRDetector
-from adtr.thresholds import bounding_boxes
-from adtr.visualize import display_range, overlay
+from adtr.render import defect_boxes, display_range, heatmap_png
 
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 
@@ -37,7 +34,7 @@ def create_app(run_dir: Path | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, 
     det = ADTRDetector.load(run_dir, progress=False)
     if engine == "onnx":
         det.use_onnx(Path(run_dir) / "model.onnx")
-    vmin, vmax = display_range(det.info_.get("score_stats", {}))
+    vrange = display_range(det.info_.get("score_stats", {}))
     lock = threading.Lock()
     app = FastAPI(title="adtr inspection service", version=det.info_.get("adtr_version", "?"))
 
@@ -82,12 +79,11 @@ def create_app(run_dir: Path | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, 
             "normalized_score": pred.normalized_score,
             "is_anomalous": pred.is_anomalous,
             "threshold": thr.image,
-            "defect_boxes": bounding_boxes(thr.defect_mask(pred.anomaly_map)) if pred.is_anomalous else [],
+            "defect_boxes": defect_boxes(thr, pred.anomaly_map, pred.is_anomalous),
         }
         if heatmap:
-            buf = io.BytesIO()
-            Image.fromarray(overlay(image, pred.anomaly_map, vmin, vmax)).save(buf, format="PNG")
-            answer["heatmap_png_base64"] = base64.b64encode(buf.getvalue()).decode("ascii")
+            png = heatmap_png(image, pred.anomaly_map, vrange)
+            answer["heatmap_png_base64"] = base64.b64encode(png).decode("ascii")
         return JSONResponse(answer)
 
     return app

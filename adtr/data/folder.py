@@ -70,12 +70,18 @@ def has_masks(samples: list[Sample]) -> bool:
     return bool(anomalous) and all(s.mask_path is not None for s in anomalous)
 
 
+def find_images(root: Path) -> list[Path]:
+    """Image files below a folder, recursively and sorted; masks (ground_truth/) and hidden files are left out."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("*") if is_image_file(p) and MASK_FOLDER not in p.relative_to(root).parts)
+
+
 def image_folder(root: Path, label: int) -> list[Sample]:
     """Every image below a folder (recursively), with one image-level label and no masks."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: folder not found")
-    images = sorted(p for p in root.rglob("*") if is_image_file(p) and MASK_FOLDER not in p.parts)
+    images = find_images(root)
     if not images:
         raise DataError(f"{root}: no image files in this folder or below it")
     return [Sample(p, label, root.name) for p in images]

@@ -1,0 +1,163 @@
+"""What `adtr predict` writes, one image at a time, so that an interrupted run keeps its results.
+
+    OUT/heatmaps/<name>.png   overlay of each image's anomaly map (render.py), written atomically
+    OUT/scores.csv            one row per scored image, appended and flushed as it finishes
+    OUT/scores.jsonl          the same rows as JSON lines, appended and flushed likewise
+    OUT/scores.json           every row plus the files that failed, written atomically at the end
+
+A row is written after its heatmap, so a row on disk means a finished image. With resume,
+images whose row (and heatmap, when heatmaps are wanted) exist are skipped; a row cut short
+by the interruption is dropped and its image scored again.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adtr.data.folder import find_images
+from adtr.data.images import DataError
+from adtr.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from adtr.render import defect_boxes, display_range, heatmap_png
+
+if TYPE_CHECKING:
+    from adtr.detector import ADTRDetector
+
+log = logging.getLogger(__name__)
+
+SCORES_CSV, SCORES_JSONL, SCORES_JSON, HEATMAPS = "scores.csv", "scores.jsonl", "scores.json", "heatmaps"
+FIELDS = ["path", "anomaly_score", "normalized_score", "is_anomalous", "defect_boxes", "heatmap"]
+
+
+def collect_images(paths: Sequence[Path]) -> list[Path]:
+    """Image files named by paths: files as given, folders searched as data/folder.find_images does.
+
+    A missing path raises DataError; a folder without images is logged and skipped; a named
+    file that is not an image is kept, so that scoring reports it as a failure.
+    """
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = find_images(p)
+            if not found:
+                log.warning("%s: no image files in this folder", p)
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: file not found")
+    return files
+
+
+def output_names(files: Sequence[Path]) -> list[str]:
+    """Unique heatmap names from paths relative to their common folder (a/b.png -> a__b)."""
+    resolved = [Path(f).resolve() for f in files]
+    parents = [str(r.parent) for r in resolved]
+    common = Path(os.path.commonpath(parents)) if parents else Path(".")
+    return ["__".join(r.relative_to(common).with_suffix("").parts) for r in resolved]
+
+
+@dataclass
+class PredictSummary:
+    rows: list[dict[str, Any]]  # every finished row, resumed ones first
+    failed: list[dict[str, str]] = field(default_factory=list)  # {path, error} of unreadable files
+    skipped: int = 0  # images with finished outputs from an earlier run (resume)
+
+    @property
+    def n_anomalous(self) -> int:
+        return sum(bool(r["is_anomalous"]) for r in self.rows)
+
+
+def finished_rows(out_dir: Path, heatmaps: bool) -> list[dict[str, Any]]:
+    """Rows of scores.jsonl whose image is finished (its heatmap exists, when heatmaps are wanted)."""
+    path = Path(out_dir) / SCORES_JSONL
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the last row of a killed run may be cut short
+            continue
+        if heatmaps and not (row.get("heatmap") and Path(row["heatmap"]).is_file()):
+            continue
+        rows.append(row)
+    return rows
+
+
+def _csv_text(rows: list[dict[str, Any]], fieldnames: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fieldnames, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def predict_to_folder(
+    detector: ADTRDetector,
+    files: Sequence[Path],
+    out_dir: Path,
+    heatmaps: bool = True,
+    resume: bool = False,
+    batch_size: int = 8,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    run_dir: Path | None = None,
+) -> PredictSummary:
+    """Score files with detector.iter_predict and write each result as it finishes (layout above).
+
+    resume: skip files with finished outputs in out_dir; otherwise earlier scores files are
+    replaced. on_result(row) is called after each row is on disk. run_dir is named in
+    scores.json. Unreadable files are logged and listed in the summary's `failed`; memory
+    stays flat in the number of files.
+    """
+    out_dir = Path(out_dir)
+    fieldnames = FIELDS if heatmaps else FIELDS[:-1]
+    rows = finished_rows(out_dir, heatmaps) if resume else []
+    # Start both append files from the finished rows alone: consistent, and no cut-short line.
+    atomic_write_text(out_dir / SCORES_CSV, _csv_text(rows, fieldnames))
+    atomic_write_text(out_dir / SCORES_JSONL, "".join(json.dumps(r) + "\n" for r in rows))
+    done = {r["path"] for r in rows}
+    todo = [Path(f) for f in files if str(f) not in done]
+    summary = PredictSummary(rows, skipped=len(files) - len(todo))
+    if summary.skipped:
+        log.info("%d images already scored in %s: skipped", summary.skipped, out_dir)
+    names = dict(zip(map(str, files), output_names(files), strict=True))
+    vrange = display_range(detector.info_.get("score_stats", {}))
+
+    def failed(path: Path, error: DataError) -> None:
+        log.error("%s", error)
+        summary.failed.append({"path": str(path), "error": str(error)})
+
+    with (
+        open(out_dir / SCORES_CSV, "a", newline="", encoding="utf-8") as csv_file,
+        open(out_dir / SCORES_JSONL, "a", encoding="utf-8") as jsonl_file,
+    ):
+        writer = csv.DictWriter(csv_file, fieldnames=fieldnames, extrasaction="ignore")
+        for pred in detector.iter_predict(todo, batch_size, on_error=failed, keep_images=heatmaps):
+            row: dict[str, Any] = {
+                "path": pred.path,
+                "anomaly_score": pred.anomaly_score,
+                "normalized_score": pred.normalized_score,
+                "is_anomalous": pred.is_anomalous,
+                "defect_boxes": json.dumps(defect_boxes(detector.thresholds_, pred.anomaly_map, pred.is_anomalous)),
+            }
+            if heatmaps:
+                target = out_dir / HEATMAPS / f"{names[pred.path]}.png"
+                atomic_write_bytes(target, heatmap_png(pred.image, pred.anomaly_map, vrange))
+                row["heatmap"] = str(target)
+            writer.writerow(row)
+            csv_file.flush()
+            jsonl_file.write(json.dumps(row) + "\n")
+            jsonl_file.flush()
+            rows.append(row)
+            if on_result is not None:
+                on_result(row)
+    atomic_write_json(out_dir / SCORES_JSON, {"run": str(run_dir), "predictions": rows, "failed": summary.failed})
+    return summary
