@@ -47,7 +47,7 @@ def backbone_fingerprint(model: ADTR) -> str:
 
 
 def save_run(run_dir: Path | str, model: ADTR, config: RunConfig, extra: dict[str, Any]) -> None:
-    """Write weights, then config.json, each atomically."""
+    """Write weights, then config.json, each atomically; then drop run_dir's resumable training state."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = trainable_state(model)
@@ -59,6 +59,7 @@ def save_run(run_dir: Path | str, model: ADTR, config: RunConfig, extra: dict[st
         **extra,
     }
     atomic_write_json(run_dir / CONFIG_FILE, doc)
+    clear_train_state(run_dir)  # the finished run supersedes any resumable state in its folder
 
 
 def read_run_config(run_dir: Path | str) -> dict[str, Any]:
@@ -156,6 +157,21 @@ def save_train_state(
 
 def has_train_state(run_dir: Path | str) -> bool:
     return (Path(run_dir) / STATE_DIR / STATE_JSON).is_file()
+
+
+def check_fit_target(run_dir: Path | str, resume: bool = False, force: bool = False) -> None:
+    """The policy for the folder a fit writes to; raises RunFolderError when the fit must not start.
+
+    A finished run is replaced only with force; an interrupted fit is continued with resume
+    or replaced with force; resume needs an interrupted fit to continue.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG_FILE).exists() and not force:
+        raise RunFolderError(f"{run_dir}: already holds a run; choose another --out or pass --force")
+    if has_train_state(run_dir) and not (resume or force):
+        raise RunFolderError(f"{run_dir}: holds an interrupted fit; pass --resume to continue it or --force")
+    if resume and not has_train_state(run_dir):
+        raise RunFolderError(f"{run_dir}: no interrupted fit to resume")
 
 
 def load_train_state(

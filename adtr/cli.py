@@ -13,13 +13,10 @@ import sys
 from pathlib import Path
 
 from adtr.anomalies import GENERATORS
-from adtr.checkpoint import CONFIG_FILE, clear_train_state, has_train_state
+from adtr.checkpoint import check_fit_target
 from adtr.config import MODEL_PRESETS, ScoreConfig, TrainConfig, parse_image_size
-from adtr.errors import ADTRError, DataError, RunFolderError, SettingsError
-from adtr.fileio import atomic_write_json
+from adtr.errors import ADTRError, DataError, SettingsError
 from adtr.runtime import configure_cpu
-
-log = logging.getLogger("adtr")
 
 METRIC_ROWS = [
     ("image_auroc", "image AUROC"),
@@ -33,10 +30,11 @@ METRIC_ROWS = [
 ]
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
+    if device:
+        p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run to ONNX", description="Export the whole pipeline to ONNX.")
     p.add_argument("run", type=Path, help="run folder written by adtr fit")
     p.add_argument("--out", type=Path, default=None, help="ONNX file to write (default: RUN/model.onnx)")
-    _add_common(p)
+    _add_common(p, device=False)  # the export traces the model on the CPU
 
     p = sub.add_parser("serve", help="HTTP inspection service", description="Serve a run over HTTP (FastAPI).")
     p.add_argument("run", type=Path, help="run folder written by adtr fit")
@@ -206,12 +204,7 @@ def _setup(args: argparse.Namespace) -> None:
 def cmd_fit(args: argparse.Namespace) -> int:
     from adtr.detector import ADTRDetector
 
-    if (args.out / CONFIG_FILE).exists() and not args.force:
-        raise RunFolderError(f"{args.out}: already holds a run; choose another --out or pass --force")
-    if has_train_state(args.out) and not (args.resume or args.force):
-        raise RunFolderError(f"{args.out}: holds an interrupted fit; pass --resume to continue it or --force")
-    if args.resume and not has_train_state(args.out):
-        raise RunFolderError(f"{args.out}: no interrupted fit to resume")
+    check_fit_target(args.out, resume=args.resume, force=args.force)
     model = dataclasses.replace(
         MODEL_PRESETS[args.preset],
         backbone=args.backbone,
@@ -231,7 +224,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     det.fit(args.data, anomalies=args.anomalies, synthetic=synthetic, external=args.external, init=args.init,
             checkpoint_dir=args.out, resume=args.resume)  # fmt: skip
     det.save(args.out)
-    clear_train_state(args.out)
     last = det.history_[-1] if det.history_ else {}
     print(
         f"fitted in {det.info_['fit_seconds']:.0f} s; final loss {last.get('loss', float('nan')):.4f}, "
@@ -266,7 +258,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     metrics = {"run": str(args.run), "data": str(args.data), **metrics}
     print(format_metrics(metrics))
     if args.json:
-        atomic_write_json(args.json, metrics)
+        from adtr.outputs import write_metrics
+
+        write_metrics(args.json, metrics)
         print(f"metrics written to {args.json}")
     if args.report:
         print(f"report written to {metrics['report']}")
@@ -279,6 +273,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.onnx is not None and args.engine == "torch":
         raise SettingsError("--onnx FILE runs the ONNX engine: drop --engine torch, or drop --onnx")
+    _check_onnx_device("onnx" if args.onnx is not None else args.engine, args.device)
     files = collect_images(args.paths)
     if not files:
         raise DataError("no images to score among: " + ", ".join(map(str, args.paths)))
@@ -297,12 +292,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from adtr.detector import ADTRDetector
-    from adtr.export import export_onnx
+    from adtr.export import export_run
 
     det = ADTRDetector.load(args.run, progress=False)
     out = args.out or args.run / "model.onnx"
-    meta = {"image_size": list(det.config.model.image_size), "thresholds": det.thresholds_.to_dict()}
-    diff = export_onnx(det.model_, out, metadata=meta)
+    diff = export_run(det, out)
     print(f"exported {out}; onnxruntime vs PyTorch, max image-score difference {diff:.2e}")
     return 0
 
@@ -310,8 +304,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from adtr.serve import serve
 
-    serve(args.run, args.host, args.port, int(args.max_upload_mb * 1024 * 1024), args.engine)
+    _check_onnx_device(args.engine, args.device)
+    serve(args.run, args.host, args.port, int(args.max_upload_mb * 1024 * 1024), args.engine, args.device,
+          quiet=args.quiet)  # fmt: skip
     return 0
+
+
+def _check_onnx_device(engine: str | None, device: str) -> None:
+    if engine == "onnx" and device != "cpu":
+        raise SettingsError(f"--device {device}: the ONNX engine runs on the CPU only; drop --device or use torch")
 
 
 COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve}

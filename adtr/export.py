@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ import torch
 from adtr.errors import RunFolderError
 from adtr.fileio import atomic_write
 from adtr.model import ADTR, AnomalyOutput
+
+if TYPE_CHECKING:
+    from adtr.detector import ADTRDetector
 
 OPSET = 17
 
@@ -61,6 +65,16 @@ def export_onnx(model: ADTR, out: Path | str, metadata: dict | None = None, chec
     with torch.no_grad():
         ours = model(example).anomaly_score
     return float((engine(example).anomaly_score - ours).abs().max())
+
+
+def export_run(detector: ADTRDetector, out: Path | str) -> float:
+    """Export a fitted detector to `out` with its input size and thresholds as ONNX metadata.
+
+    Returns the parity check's max image-score difference (export_onnx). The export runs on
+    the CPU whatever the detector's device.
+    """
+    meta = {"image_size": list(detector.config.model.image_size), "thresholds": detector.thresholds_.to_dict()}
+    return export_onnx(detector.model_.cpu(), out, metadata=meta)
 
 
 class OnnxModel:

@@ -1,4 +1,5 @@
-"""What `adtr predict` writes, one image at a time, so that an interrupted run keeps its results.
+"""Files the CLI writes: `adtr test --json` (write_metrics) and `adtr predict`, whose results
+are written one image at a time, so that an interrupted run keeps them:
 
     OUT/heatmaps/<name>.png   overlay of each image's anomaly map (render.py), written atomically
     OUT/scores.csv            one row per scored image, appended and flushed as it finishes
@@ -34,6 +35,11 @@ log = logging.getLogger(__name__)
 
 SCORES_CSV, SCORES_JSONL, SCORES_JSON, HEATMAPS = "scores.csv", "scores.jsonl", "scores.json", "heatmaps"
 FIELDS = ["path", "anomaly_score", "normalized_score", "is_anomalous", "defect_boxes", "heatmap"]
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """`adtr test --json`: metrics and per-image scores as one JSON file, written atomically."""
+    atomic_write_json(path, metrics)
 
 
 def collect_images(paths: Sequence[Path]) -> list[Path]:

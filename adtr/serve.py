@@ -30,8 +30,11 @@ from adtr.render import defect_boxes, display_range, heatmap_png
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 
 
-def create_app(run_dir: Path | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, engine: str = "torch") -> FastAPI:
-    det = ADTRDetector.load(run_dir, progress=False)
+def create_app(
+    run_dir: Path | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, engine: str = "torch", device: str = "cpu"
+) -> FastAPI:
+    """The service for a run folder; engine "torch" runs on `device`, "onnx" on the CPU."""
+    det = ADTRDetector.load(run_dir, device=device, progress=False)
     if engine == "onnx":
         det.use_onnx(Path(run_dir) / "model.onnx")
     vrange = display_range(det.info_.get("score_stats", {}))
@@ -44,6 +47,7 @@ def create_app(run_dir: Path | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, 
             "status": "ok",
             "run": str(run_dir),
             "engine": engine,
+            "device": str(det.device),
             "image_size": list(det.config.model.image_size),
             "threshold": det.thresholds_.image,
         }
@@ -115,7 +119,17 @@ def encode_multipart(filename: str, data: bytes, field: str = "file") -> tuple[b
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def serve(run_dir: Path | str, host: str, port: int, max_upload_bytes: int, engine: str = "torch") -> None:
+def serve(
+    run_dir: Path | str,
+    host: str,
+    port: int,
+    max_upload_bytes: int,
+    engine: str = "torch",
+    device: str = "cpu",
+    quiet: bool = False,
+) -> None:
+    """Run the service until interrupted; quiet logs warnings and errors only (no access log)."""
     import uvicorn
 
-    uvicorn.run(create_app(run_dir, max_upload_bytes, engine), host=host, port=port, log_level="info")
+    app = create_app(run_dir, max_upload_bytes, engine, device)
+    uvicorn.run(app, host=host, port=port, log_level="warning" if quiet else "info")

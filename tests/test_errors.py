@@ -87,3 +87,41 @@ def _png_zeros() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_fit_target_policy(tmp_path):
+    from adtr.checkpoint import CONFIG_FILE, STATE_DIR, STATE_JSON, check_fit_target
+
+    check_fit_target(tmp_path / "new")  # a fresh folder: fine
+    with pytest.raises(RunFolderError, match="no interrupted fit to resume"):
+        check_fit_target(tmp_path, resume=True)
+    (tmp_path / STATE_DIR).mkdir()
+    (tmp_path / STATE_DIR / STATE_JSON).write_text("{}")
+    with pytest.raises(RunFolderError, match="holds an interrupted fit"):
+        check_fit_target(tmp_path)
+    check_fit_target(tmp_path, resume=True)
+    check_fit_target(tmp_path, force=True)
+    (tmp_path / CONFIG_FILE).write_text("{}")
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        check_fit_target(tmp_path, resume=True)
+    check_fit_target(tmp_path, force=True)
+
+
+def test_save_clears_the_resumable_state(tiny_run, tmp_path):
+    from adtr.checkpoint import STATE_DIR, STATE_JSON, has_train_state
+
+    (tmp_path / STATE_DIR).mkdir()
+    (tmp_path / STATE_DIR / STATE_JSON).write_text("{}")
+    tiny_run[0].save(tmp_path)
+    assert not has_train_state(tmp_path) and not (tmp_path / STATE_DIR).exists()
+
+
+def test_every_option_is_honoured_or_refused(run_cli, tiny_run, tmp_path):
+    _, run, files = tiny_run
+    with pytest.raises(SystemExit) as e:  # export traces on the CPU: no --device option
+        run_cli("export", run, "--device", "cuda")
+    assert e.value.code == 2
+    code, _, err = run_cli("predict", run, files[0], "--out", tmp_path, "--engine", "onnx", "--device", "cuda")
+    assert code == 2 and "the ONNX engine runs on the CPU only" in err
+    code, _, err = run_cli("serve", run, "--engine", "onnx", "--device", "cuda")
+    assert code == 2 and "the ONNX engine runs on the CPU only" in err

@@ -128,3 +128,12 @@ def test_concurrent_clients_all_succeed_and_nothing_is_written(server):
     assert all(len(v) == 1 for v in scores.values())  # same image, same score, under concurrency
     assert list(workdir.iterdir()) == []
     assert np.isfinite([a["anomaly_score"] for _, a in results]).all()
+
+
+def test_app_honours_the_device(tiny_run):
+    from adtr.serve import create_app
+
+    _, run, _ = tiny_run
+    app = create_app(run, device="cpu")
+    health = next(r.endpoint for r in app.routes if getattr(r, "path", "") == "/health")()
+    assert health["device"] == "cpu" and health["engine"] == "torch" and health["image_size"] == [64, 64]
