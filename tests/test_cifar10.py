@@ -169,6 +169,7 @@ def test_test_views_are_the_image_its_mirror_and_shifts():
         scoring_views(images, "rotate")
 
 
+@pytest.mark.slow
 def test_protocol_runner_end_to_end_writes_views_and_baseline(tmp_path):
     """bench/cifar10.py on a miniature folder copy: one class, test views, k-NN side by side."""
     import json

@@ -3,7 +3,6 @@ and the installed CLI's verbs work together."""
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -45,7 +44,7 @@ def test_fit_lowers_loss_and_beats_chance(bottle):
     assert metrics["n_images"] == 20
     assert metrics["image_auroc"] > 0.9, metrics
     assert metrics["pixel_auroc"] > 0.9, metrics
-    assert 0.0 <= metrics["aupro"] <= 1.0
+    assert metrics["aupro"] > 0.5, metrics  # a map of noise scores about 0.15 (FPR <= 0.3, normalised)
 
 
 @pytest.mark.slow
@@ -57,45 +56,37 @@ def test_same_seed_gives_same_scores(bottle):
     assert [s["score"] for s in a["scores"]] == [s["score"] for s in b["scores"]]
 
 
-def _adtr() -> list[str]:
+def test_console_script_is_installed():
     exe = shutil.which("adtr") or str(Path(sys.executable).parent / "adtr")
     assert Path(exe).exists(), "the console script 'adtr' is not installed"
-    return [exe]
+    assert "from adtr.cli import main" in Path(exe).read_text()
 
 
 @pytest.mark.slow
-def test_cli_fit_test_predict(bottle, tmp_path):
+def test_cli_fit_test_predict(bottle, tmp_path, run_cli, caplog):
     data = tmp_path / "bottle_slice"
     for s in mvtec.train_samples(bottle)[:24]:
         (data / "good").mkdir(parents=True, exist_ok=True)
         shutil.copy(s.path, data / "good" / s.path.name)
     test_root = tmp_path / "bottle_test"
     for s in mvtec.test_samples(bottle):
-        if (s.defect == "good" and int(s.path.stem) < 4) or (s.defect == "broken_large" and int(s.path.stem) < 4):
+        if s.defect in ("good", "broken_large") and int(s.path.stem) < 4:
             (test_root / s.defect).mkdir(parents=True, exist_ok=True)
             shutil.copy(s.path, test_root / s.defect / s.path.name)
             if s.mask_path:
                 (test_root / "ground_truth" / s.defect).mkdir(parents=True, exist_ok=True)
                 shutil.copy(s.mask_path, test_root / "ground_truth" / s.defect / s.mask_path.name)
     run = tmp_path / "run"
-    fit = subprocess.run(
-        _adtr() + ["fit", str(data), "--out", str(run), "--epochs", "2", "--image-size", "128", "--quiet"],
-        capture_output=True,
-        text=True,
-    )
-    assert fit.returncode == 0, fit.stderr
+    code, _, _ = run_cli("fit", data, "--out", run, "--epochs", "2", "--image-size", "128", "--quiet")
+    assert code == 0
     assert (run / "config.json").is_file() and (run / "model.safetensors").is_file()
-    again = subprocess.run(_adtr() + ["fit", str(data), "--out", str(run), "--quiet"], capture_output=True, text=True)
-    assert again.returncode == 2 and "already holds a run" in again.stderr
+    code, _, err = run_cli("fit", data, "--out", run, "--quiet")
+    assert code == 2 and "already holds a run" in err
 
     out_json = tmp_path / "metrics.json"
-    test = subprocess.run(
-        _adtr() + ["test", str(run), str(test_root), "--json", str(out_json), "--quiet"],
-        capture_output=True,
-        text=True,
-    )
-    assert test.returncode == 0, test.stderr
-    assert "image AUROC" in test.stdout
+    code, out, _ = run_cli("test", run, test_root, "--json", out_json, "--quiet")
+    assert code == 0
+    assert "image AUROC" in out
     metrics = json.loads(out_json.read_text())
     for key in ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "n_images", "images_per_second"]:
         assert key in metrics
@@ -104,23 +95,10 @@ def test_cli_fit_test_predict(bottle, tmp_path):
     pred_dir = tmp_path / "pred"
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
-    pred = subprocess.run(
-        _adtr()
-        + [
-            "predict",
-            str(run),
-            str(test_root / "good"),
-            str(test_root / "broken_large"),
-            str(bad),
-            "--out",
-            str(pred_dir),
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert pred.returncode == 1  # one bad file: reported, the rest still scored
-    assert "broken.png" in pred.stderr
+    code, _, _ = run_cli("predict", run, test_root / "good", test_root / "broken_large", bad, "--out", pred_dir,
+                         "--quiet")  # fmt: skip
+    assert code == 1  # one bad file: reported, the rest still scored
+    assert "broken.png" in caplog.text
     doc = json.loads((pred_dir / "scores.json").read_text())
     assert len(doc["predictions"]) == 8 and len(doc["failed"]) == 1
     heatmaps = sorted((pred_dir / "heatmaps").iterdir())
@@ -131,14 +109,26 @@ def test_cli_fit_test_predict(bottle, tmp_path):
     assert (pred_dir / "scores.csv").read_text().count("\n") == 9
 
 
+def _help(verb: str) -> str:
+    import io
+    from contextlib import redirect_stdout
+
+    from adtr.cli import build_parser
+
+    buf = io.StringIO()
+    with redirect_stdout(buf), pytest.raises(SystemExit) as e:
+        build_parser().parse_args([verb, "--help"])
+    assert e.value.code == 0
+    return buf.getvalue()
+
+
 def test_cli_help_explains_every_option():
-    for verb in ["fit", "test", "predict"]:
-        r = subprocess.run(_adtr() + [verb, "--help"], capture_output=True, text=True)
-        assert r.returncode == 0
-        assert "usage: adtr " + verb in r.stdout
-    r = subprocess.run(_adtr() + ["fit", "--help"], capture_output=True, text=True)
+    for verb in ["fit", "test", "predict", "export", "serve"]:
+        assert "usage: adtr " + verb in _help(verb)
+    text = _help("fit")
     for opt in ["--backbone", "--image-size", "--epochs", "--seed", "--out", "--preset"]:
-        assert opt in r.stdout
+        assert opt in text
+    assert "--resume" in _help("predict") and "--device" not in _help("export")
 
 
 def test_readme_commands_exist():

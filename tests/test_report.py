@@ -47,6 +47,7 @@ def test_report_is_self_contained_and_figures_decode(report):
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(report, tmp_path):
     page, _ = report
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,4 +1,6 @@
-"""The inspection service, as a real server on loopback: answers, 4xx for bad requests."""
+"""The inspection service, as a real server on loopback: answers, 4xx for bad requests.
+
+The server runs in a uvicorn subprocess: those tests are marked slow."""
 
 import base64
 import json
@@ -13,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from adtr.render import defect_boxes
 from adtr.serve import encode_multipart
 
 
@@ -55,6 +58,7 @@ def _post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+@pytest.mark.slow
 def test_health_and_openapi(server):
     url, _, _ = server
     health = json.loads(urllib.request.urlopen(url + "/health").read())
@@ -63,6 +67,7 @@ def test_health_and_openapi(server):
     assert "/predict" in spec["paths"]
 
 
+@pytest.mark.slow
 def test_predict_returns_decision_and_heatmap(server, tiny_run):
     url, files, _ = server
     det = tiny_run[0]
@@ -71,11 +76,13 @@ def test_predict_returns_decision_and_heatmap(server, tiny_run):
     expected = det.predict([files[0]])[0]
     assert answer["anomaly_score"] == pytest.approx(expected.anomaly_score, abs=1e-5)
     assert answer["is_anomalous"] == expected.is_anomalous
-    assert 0 <= answer["normalized_score"] <= 1 and isinstance(answer["defect_boxes"], list)
+    assert answer["normalized_score"] == pytest.approx(expected.normalized_score, abs=1e-5)
+    assert answer["defect_boxes"] == defect_boxes(det.thresholds_, expected.anomaly_map, expected.is_anomalous)
     png = base64.b64decode(answer["heatmap_png_base64"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "body,ctype,code",
     [
@@ -95,6 +102,7 @@ def test_bad_requests_get_4xx(server, body, ctype, code):
     assert "detail" in answer
 
 
+@pytest.mark.slow
 def test_oversized_upload_is_413(server):
     import http.client
     from urllib.parse import urlparse
@@ -116,6 +124,7 @@ def test_oversized_upload_is_413(server):
     conn.close()
 
 
+@pytest.mark.slow
 def test_concurrent_clients_all_succeed_and_nothing_is_written(server):
     url, files, workdir = server
     bodies = [encode_multipart(f.name, f.read_bytes()) for f in files]
