@@ -118,14 +118,15 @@ def predict_to_folder(
 ) -> PredictSummary:
     """Score files with detector.iter_predict and write each result as it finishes (layout above).
 
-    resume: skip files with finished outputs in out_dir; otherwise earlier scores files are
-    replaced. on_result(row) is called after each row is on disk. run_dir is named in
-    scores.json. Unreadable files are logged and listed in the summary's `failed`; memory
-    stays flat in the number of files.
+    resume: skip files with finished outputs in out_dir (rows of files not asked for now are
+    dropped); otherwise earlier scores files are replaced. on_result(row) is called after
+    each row is on disk. run_dir is named in scores.json. Unreadable files are logged and
+    listed in the summary's `failed`; memory stays flat in the number of files.
     """
     out_dir = Path(out_dir)
     fieldnames = FIELDS if heatmaps else FIELDS[:-1]
-    rows = finished_rows(out_dir, heatmaps) if resume else []
+    wanted = set(map(str, files))
+    rows = [r for r in finished_rows(out_dir, heatmaps) if r["path"] in wanted] if resume else []
     # Start both append files from the finished rows alone: consistent, and no cut-short line.
     atomic_write_text(out_dir / SCORES_CSV, _csv_text(rows, fieldnames))
     atomic_write_text(out_dir / SCORES_JSONL, "".join(json.dumps(r) + "\n" for r in rows))

@@ -93,6 +93,9 @@ def test_without_resume_earlier_scores_are_replaced(tiny_run, tmp_path):
     assert summary.skipped == 0
     assert [r["path"] for r in _csv_rows(tmp_path)] == [str(f) for f in files[2:4]]
     assert "heatmap" not in _csv_rows(tmp_path)[0]
+    summary = predict_to_folder(det, files[3:5], tmp_path, heatmaps=False, resume=True)
+    assert summary.skipped == 1  # files[3] is done; files[2] was not asked for: its row goes
+    assert [r["path"] for r in _csv_rows(tmp_path)] == [str(f) for f in files[3:5]]
 
 
 def test_cli_predict_resume_and_failures(tiny_run, tmp_path, run_cli, caplog):
