@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from adtr.anomalies import GENERATORS
 from adtr.checkpoint import check_fit_target
 from adtr.config import MODEL_PRESETS, ScoreConfig, TrainConfig, parse_image_size
@@ -198,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
     logging.getLogger("adtr.engine").setLevel(logging.WARNING)  # per-epoch lines: the bar shows them
+    if getattr(args, "device", None) is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError as e:
+            raise SettingsError(f"--device {args.device}: {e}") from None
     configure_cpu(args.threads)
 
 
@@ -205,20 +212,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from adtr.detector import ADTRDetector
 
     check_fit_target(args.out, resume=args.resume, force=args.force)
-    model = dataclasses.replace(
-        MODEL_PRESETS[args.preset],
-        backbone=args.backbone,
-        image_size=_image_size(args.image_size),
-    )
-    train = TrainConfig(
-        steps=args.steps,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        val_fraction=args.val_fraction,
-    )
-    score = ScoreConfig(smoothing_sigma=args.smoothing_sigma, image_score=args.image_score)
+    image_size = _image_size(args.image_size)
+    try:
+        model = dataclasses.replace(MODEL_PRESETS[args.preset], backbone=args.backbone, image_size=image_size)
+        train = TrainConfig(
+            steps=args.steps,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+        )
+        score = ScoreConfig(smoothing_sigma=args.smoothing_sigma, image_score=args.image_score)
+    except ValueError as e:  # a config's own checks
+        raise SettingsError(str(e)) from None
     det = ADTRDetector(model, score, train, device=args.device, progress=not args.quiet)
     synthetic = [name.strip() for name in args.synthetic.split(",") if name.strip()]
     det.fit(args.data, anomalies=args.anomalies, synthetic=synthetic, external=args.external, init=args.init,
@@ -325,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     status 2. Any other exception is a bug and propagates with its traceback (status 1).
     """
     args = build_parser().parse_args(argv)
-    _setup(args)
     try:
+        _setup(args)
         return COMMANDS[args.command](args)
     except ADTRError as e:
         print(f"error: {e}", file=sys.stderr)

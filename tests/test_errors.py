@@ -34,6 +34,12 @@ def test_image_size_250_reaches_the_size_check(run_cli, tiny_folder, tmp_path):
     assert code == 2 and "--image-size: image size 'big' is not N or HxW" in err
 
 
+def test_unknown_device_is_a_settings_error(run_cli, tiny_run, tmp_path):
+    _, run, files = tiny_run
+    code, _, err = run_cli("predict", run, files[0], "--out", tmp_path, "--device", "toaster", "--quiet")
+    assert code == 2 and err.startswith("error: --device toaster:")
+
+
 def test_unknown_synthetic_generator_is_a_settings_error(run_cli, tiny_folder, tmp_path):
     code, _, err = run_cli("fit", tiny_folder, "--out", tmp_path / "r", "--synthetic", "glitter", "--quiet")
     assert code == 2 and "unknown synthetic anomaly 'glitter'" in err
