@@ -18,9 +18,10 @@ def input_size_for(
     if not sizes:
         raise ValueError("no image sizes to choose an input size from")
     ratio = float(np.median([w / h for h, w in sizes]))  # width / height
-    h = max(multiple, round((pixels / ratio) ** 0.5 / multiple) * multiple)
-    w = max(multiple, round(h * ratio / multiple) * multiple)
-    return int(h), int(w)
+    long_ratio = max(ratio, 1 / ratio)  # the short side first, so that portrait = landscape turned
+    short = max(multiple, round((pixels / long_ratio) ** 0.5 / multiple) * multiple)
+    long = max(multiple, round(short * long_ratio / multiple) * multiple)
+    return (int(short), int(long)) if ratio >= 1 else (int(long), int(short))
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
