@@ -22,6 +22,9 @@ class ModelConfig:
     # (their aspect ratio at about 256x256 pixels, data.transforms.input_size_for)
     image_size: tuple[int, int] | None = None
     strides: tuple[int, ...] = (2, 4, 8, 16)  # backbone stages used; the token grid is the largest
+    # How finer stages reach the token grid (model.align_features): "bilinear" here, so that runs
+    # saved before this field existed load as they were; the "cpu" preset uses "area".
+    align: str = "bilinear"
     reconstructor: str = "transformer"  # "transformer", "mlp" or "cnn" (ablation baselines)
     hidden_dim: int = 256
     num_encoder_layers: int = 4
@@ -93,6 +96,7 @@ class TrainConfig:
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "paper": ModelConfig(),
     "cpu": ModelConfig(
+        align="area",
         hidden_dim=256,
         num_encoder_layers=2,
         num_decoder_layers=2,

@@ -26,12 +26,24 @@ class AnomalyOutput(NamedTuple):
     anomaly_score: torch.Tensor  # (B,)
 
 
-def align_features(maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
-    """Resize each stage output to the token grid and concatenate: (B, sum C_s, h, w)."""
-    resized = [
-        m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps
-    ]
-    return torch.cat(resized, dim=1)
+def align_features(maps: list[torch.Tensor], grid: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize each stage output to the token grid and concatenate: (B, sum C_s, h, w).
+
+    Maps finer than the grid are reduced by `mode`: "bilinear" (as SPEC section 1 reads; it
+    samples a 128x128 stride-2 map at 16x16 points, i.e. aliases it) or "area" (the mean over
+    each token's cell: what a token covers). Coarser maps are upsampled bilinearly.
+    """
+
+    def resize(m: torch.Tensor) -> torch.Tensor:
+        if m.shape[-2:] == grid:
+            return m
+        if mode == "area" and m.shape[-2] >= grid[0] and m.shape[-1] >= grid[1]:
+            return F.adaptive_avg_pool2d(m, grid)
+        if mode not in ("area", "bilinear"):
+            raise ValueError(f"unknown feature alignment {mode!r}; choose 'bilinear' or 'area'")
+        return F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+
+    return torch.cat([resize(m) for m in maps], dim=1)
 
 
 class TransformerReconstructor(nn.Module):
@@ -134,7 +146,7 @@ class ADTR(nn.Module):
     @torch.no_grad()
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         """Raw aligned backbone features of 0..255 RGB images (B, 3, H, W): (B, C, h, w)."""
-        return align_features(self.backbone(images), self.cfg.grid_size)
+        return align_features(self.backbone(images), self.cfg.grid_size, self.cfg.align)
 
     def standardize(self, f: torch.Tensor) -> torch.Tensor:
         if not self.cfg.normalize_features:
