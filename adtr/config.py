@@ -35,7 +35,10 @@ class ModelConfig:
     # Dropout on the input tokens before the encoder, in training only: a "noisy bottleneck"
     # (Dinomaly, Guo et al., CVPR 2025, section 3.2) that keeps the model from copying its input.
     feature_dropout: float = 0.0
-    attention_dropout: float = 0.0  # on attention weights (the paper: 0.1; 2x slower on CPUs)
+    attention_dropout: float = 0.0
+    # > 0: attention never reaches the n x n window of tokens around a token's own position
+    # (UniAD's neighbor masked attention), so the input there cannot be copied; 0 = off.
+    neighbor_mask: int = 0  # on attention weights (the paper: 0.1; 2x slower on CPUs)
     use_query: bool = True  # False: the decoder reads the encoder output (paper's ablation)
     normalize_features: bool = True  # per-channel standardisation with training statistics
 

@@ -63,6 +63,8 @@ class TransformerReconstructor(nn.Module):
             cfg.dropout,
             cfg.use_query,
             cfg.attention_dropout,
+            grid=(h, w),
+            neighbor_mask=cfg.neighbor_mask,
         )
         self.proj_out = nn.Conv2d(cfg.hidden_dim, channels, 1)
         self.feature_dropout = nn.Dropout(cfg.feature_dropout)

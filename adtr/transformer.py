@@ -37,7 +37,10 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """mask: (Kq, Kk) bool, True where a query may attend to a key; None: everywhere."""
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         b, kq, d = query.shape
@@ -49,6 +52,7 @@ class Attention(nn.Module):
             heads(query, w_q, b_q),
             heads(key, w_k, b_k),
             heads(value, w_v, b_v),
+            attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.out_proj(out.transpose(1, 2).reshape(b, kq, d))
@@ -62,9 +66,9 @@ class EncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q = k = x + pos
-        x = self.norm1(x + self.drop(self.attn(q, k, x)))
+        x = self.norm1(x + self.drop(self.attn(q, k, x, mask)))
         return self.norm2(x + self.ffn(x))
 
 
@@ -77,10 +81,12 @@ class DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tgt: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         q = k = tgt + pos
-        tgt = self.norm1(tgt + self.drop(self.self_attn(q, k, tgt)))
-        attended = self.cross_attn(tgt + pos, memory + pos, memory)
+        tgt = self.norm1(tgt + self.drop(self.self_attn(q, k, tgt, mask)))
+        attended = self.cross_attn(tgt + pos, memory + pos, memory, mask)
         tgt = self.norm2(tgt + self.drop(attended))
         return self.norm3(tgt + self.ffn(tgt))
 
@@ -105,8 +111,20 @@ class ReconstructionTransformer(nn.Module):
         dropout: float,
         use_query: bool = True,
         attention_dropout: float = 0.0,
+        grid: tuple[int, int] | None = None,
+        neighbor_mask: int = 0,
     ):
+        """neighbor_mask > 0 (needs grid = (h, w), h * w = num_tokens): no token attends to the
+        neighbor_mask x neighbor_mask window of grid positions around its own, so that no
+        layer can copy a position's input to its output (UniAD, You et al., NeurIPS 2022,
+        "neighbor masked attention")."""
         super().__init__()
+        mask = None
+        if neighbor_mask > 0:
+            if grid is None or grid[0] * grid[1] != num_tokens:
+                raise ValueError(f"neighbor_mask needs the token grid; got {grid} for {num_tokens} tokens")
+            mask = neighbor_attention_mask(grid, neighbor_mask)
+        self.register_buffer("attention_mask", mask, persistent=False)
         self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
         self.query_embed = nn.Parameter(torch.empty(1, num_tokens, dim)) if use_query else None
         nn.init.normal_(self.pos_embed, std=0.02)
@@ -122,12 +140,24 @@ class ReconstructionTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         pos = self.pos_embed
         memory = tokens
+        mask = self.attention_mask
         for layer in self.encoder:
-            memory = layer(memory, pos)
+            memory = layer(memory, pos, mask)
         if self.query_embed is not None:
             tgt = self.query_embed.expand(tokens.shape[0], -1, -1)
         else:
             tgt = memory  # ablation: the decoder sees the features it must reconstruct
         for layer in self.decoder:
-            tgt = layer(tgt, memory, pos)
+            tgt = layer(tgt, memory, pos, mask)
         return tgt
+
+
+def neighbor_attention_mask(grid: tuple[int, int], size: int) -> torch.Tensor:
+    """(h*w, h*w) bool, True where token j lies OUTSIDE the size x size window centred on token i
+    (row-major grid positions): the attention UniAD allows."""
+    h, w = grid
+    rows = torch.arange(h * w) // w
+    cols = torch.arange(h * w) % w
+    r = size // 2
+    near = ((rows[:, None] - rows[None, :]).abs() <= r) & ((cols[:, None] - cols[None, :]).abs() <= r)
+    return ~near
