@@ -70,12 +70,14 @@ def greedy_coreset(x: torch.Tensor, n: int, seed: int = 0, projection_dim: int =
     g = torch.Generator().manual_seed(seed)
     if x.shape[1] > projection_dim:
         x = x @ (torch.randn(x.shape[1], projection_dim, generator=g) / math.sqrt(projection_dim))
+    x = x.contiguous()
+    sq = (x**2).sum(1)  # |x|^2 once: each step is then one matrix-vector product over x
     chosen = torch.empty(n, dtype=torch.long)
     chosen[0] = int(torch.randint(len(x), (1,), generator=g))
-    dist = torch.linalg.vector_norm(x - x[chosen[0]], dim=1)
+    dist = sq - 2 * (x @ x[chosen[0]]) + sq[chosen[0]]  # squared distances to the chosen set
     for i in range(1, n):
         chosen[i] = int(dist.argmax())
-        dist = torch.minimum(dist, torch.linalg.vector_norm(x - x[chosen[i]], dim=1))
+        torch.minimum(dist, sq - 2 * (x @ x[chosen[i]]) + sq[chosen[i]], out=dist)
     return chosen
 
 
