@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from adtr.anomalies import GENERATORS
 from adtr.checkpoint import check_fit_target
 from adtr.config import MODEL_PRESETS, ScoreConfig, TrainConfig, parse_image_size
+from adtr.data.images import PIXEL_LIMIT_ENV
 from adtr.errors import ADTRError, DataError, SettingsError
 from adtr.runtime import configure_cpu
 
@@ -37,6 +39,23 @@ def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
         p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    p.add_argument(
+        "--max-pixels",
+        type=_pixels,
+        default=None,
+        help="largest accepted image (width x height, e.g. 50000000 or 5e7), checked from the header before "
+        "decoding (default: $ADTR_MAX_PIXELS, else 100000000; serve: 50000000)",
+    )
+
+
+def _pixels(text: str) -> int:
+    try:
+        value = int(float(text.replace("_", "")))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of pixels")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,10 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--image-score",
-        choices=["max_pool", "mean", "pooled_residual"],
+        choices=["top_mean", "max_pool", "mean", "pooled_residual"],
         default=ScoreConfig().image_score,
-        help="image score: max of the average-pooled map, the map's mean, or the norm of the image-averaged "
-        "feature residual (semantic anomalies) (default: max_pool)",
+        help="image score: the mean of the map's top 1%%, the max of the average-pooled map, the map's mean, or "
+        f"the norm of the image-averaged feature residual (semantic anomalies) (default: {ScoreConfig().image_score})",
     )
     g = p.add_argument_group("anomaly-available training (FCDD-style losses L_px / L_img)")
     g.add_argument(
@@ -205,6 +224,8 @@ def _setup(args: argparse.Namespace) -> None:
             torch.device(args.device)
         except RuntimeError as e:
             raise SettingsError(f"--device {args.device}: {e}") from None
+    if args.max_pixels is not None:  # read by data.images.pixel_limit wherever images are decoded
+        os.environ[PIXEL_LIMIT_ENV] = str(args.max_pixels)
     configure_cpu(args.threads)
 
 
@@ -313,7 +334,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _check_onnx_device(args.engine, args.device)
     serve(args.run, args.host, args.port, int(args.max_upload_mb * 1024 * 1024), args.engine, args.device,
-          quiet=args.quiet)  # fmt: skip
+          quiet=args.quiet, max_pixels=args.max_pixels)  # fmt: skip
     return 0
 
 
