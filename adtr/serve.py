@@ -6,34 +6,100 @@
     GET  /health    status and the run's settings.
     GET  /docs      OpenAPI documentation.
 
-Every bad request gets a 4xx answer with a one-line reason: over the size limit (413),
-not multipart or no file (422), not a decodable image (415). Inference runs one request at
-a time behind a lock, so concurrent clients queue instead of multiplying memory. The
-service writes no files.
+Every bad request gets a 4xx answer with a one-line reason: over the upload limit or the
+pixel limit (413, checked from the image header before decoding), not multipart or no file
+(422), not a decodable image (415). Decoding, inference and rendering run one request at a
+time behind a lock, so concurrent clients queue instead of multiplying memory: at most one
+full-size image is decoded at a time, and after a large one the freed memory is handed
+back to the system (glibc malloc_trim). The service writes no files.
 """
 
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from adtr.data.images import DataError, read_image
+from adtr.data.images import DataError, ImageTooLarge, pixel_limit, read_image
 from adtr.detector import ADTRDetector
 from adtr.render import defect_boxes, display_range, heatmap_png
 
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
+SERVICE_MAX_PIXELS = 50_000_000  # default pixel limit of the service, below the CLI's (data.images.MAX_PIXELS)
+TRIM_ABOVE_PIXELS = 4_000_000  # after an image this large, hand freed memory back to the system
+
+
+def service_pixel_limit(max_pixels: int | None = None) -> int:
+    """The service's pixel limit: max_pixels if given, else the lower of SERVICE_MAX_PIXELS and pixel_limit()."""
+    return int(max_pixels) if max_pixels is not None else min(SERVICE_MAX_PIXELS, pixel_limit())
+
+
+def score_upload(
+    det: ADTRDetector,
+    name: str,
+    data: bytes,
+    max_pixels: int,
+    heatmap: bool = False,
+    vrange: tuple[float, float] | None = None,
+) -> dict[str, Any]:
+    """Decode one uploaded file, score it and build the answer; DataError when it cannot be used.
+
+    The same decoding as for files (data.images.read_image) and the same scoring as for arrays
+    (ADTRDetector.predict_image), so an upload scores as its file does. Call it one request at
+    a time: it holds the full-size image and map until it returns.
+    """
+    image = read_image(name, data, max_pixels=max_pixels)
+    pred = det.predict_image(image, name)
+    thr = det.thresholds_
+    answer = {
+        "filename": name,
+        "width": int(image.shape[1]),
+        "height": int(image.shape[0]),
+        "anomaly_score": pred.anomaly_score,
+        "normalized_score": pred.normalized_score,
+        "is_anomalous": pred.is_anomalous,
+        "threshold": thr.image,
+        "defect_boxes": defect_boxes(thr, pred.anomaly_map, pred.is_anomalous),
+    }
+    if heatmap:
+        png = heatmap_png(image, pred.anomaly_map, vrange or display_range(det.info_.get("score_stats", {})))
+        answer["heatmap_png_base64"] = base64.b64encode(png).decode("ascii")
+    return answer
+
+
+def release_memory() -> bool:
+    """Return freed heap memory to the system (glibc malloc_trim); False where there is no such call.
+
+    The CLI's allocator settings (runtime.keep_freed_memory) keep freed blocks for reuse, which
+    suits batches of equal size but would leave a service at its largest request's peak.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0)) if name else False
+    except (OSError, AttributeError):
+        return False
 
 
 def create_app(
-    run_dir: Path | str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, engine: str = "torch", device: str = "cpu"
+    run_dir: Path | str,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    engine: str = "torch",
+    device: str = "cpu",
+    max_pixels: int | None = None,
 ) -> FastAPI:
-    """The service for a run folder; engine "torch" runs on `device`, "onnx" on the CPU."""
+    """The service for a run folder; engine "torch" runs on `device`, "onnx" on the CPU.
+
+    max_pixels: largest accepted width x height (default: service_pixel_limit()).
+    """
+    limit = service_pixel_limit(max_pixels)
     det = ADTRDetector.load(run_dir, device=device, progress=False)
     if engine == "onnx":
         det.use_onnx(Path(run_dir) / "model.onnx")
@@ -50,6 +116,7 @@ def create_app(
             "device": str(det.device),
             "image_size": list(det.config.model.image_size),
             "threshold": det.thresholds_.image,
+            "max_pixels": limit,
         }
 
     @app.post("/predict")
@@ -65,29 +132,23 @@ def create_app(
             if len(body) > max_upload_bytes:
                 raise HTTPException(413, f"request exceeds the limit of {max_upload_bytes} bytes")
         name, data = _file_field(bytes(body), request.headers["content-type"])
-        try:
-            image = await run_in_threadpool(read_image, name, data)
-        except DataError as e:
-            raise HTTPException(415, str(e)) from None
+        del body
 
-        def infer():
+        def infer() -> dict[str, Any]:
+            # Decoding inside the lock: concurrent large uploads never decode side by side.
             with lock:
-                return det.predict_image(image, name)
+                answer = score_upload(det, name, data, limit, heatmap, vrange)
+                if answer["width"] * answer["height"] >= TRIM_ABOVE_PIXELS:
+                    release_memory()
+                return answer
 
         # Off the event loop, so /health and uploads keep being served during inference.
-        pred = await run_in_threadpool(infer)
-        thr = det.thresholds_
-        answer = {
-            "filename": name,
-            "anomaly_score": pred.anomaly_score,
-            "normalized_score": pred.normalized_score,
-            "is_anomalous": pred.is_anomalous,
-            "threshold": thr.image,
-            "defect_boxes": defect_boxes(thr, pred.anomaly_map, pred.is_anomalous),
-        }
-        if heatmap:
-            png = heatmap_png(image, pred.anomaly_map, vrange)
-            answer["heatmap_png_base64"] = base64.b64encode(png).decode("ascii")
+        try:
+            answer = await run_in_threadpool(infer)
+        except ImageTooLarge as e:
+            raise HTTPException(413, str(e)) from None
+        except DataError as e:
+            raise HTTPException(415, str(e)) from None
         return JSONResponse(answer)
 
     return app
@@ -127,9 +188,10 @@ def serve(
     engine: str = "torch",
     device: str = "cpu",
     quiet: bool = False,
+    max_pixels: int | None = None,
 ) -> None:
     """Run the service until interrupted; quiet logs warnings and errors only (no access log)."""
     import uvicorn
 
-    app = create_app(run_dir, max_upload_bytes, engine, device)
+    app = create_app(run_dir, max_upload_bytes, engine, device, max_pixels)
     uvicorn.run(app, host=host, port=port, log_level="warning" if quiet else "info")
