@@ -18,7 +18,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy.ndimage import convolve1d, rotate
 
-Generator = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+# A synthetic anomaly generator (not a torch.Generator): (image, numpy rng) -> (image, mask).
+AnomalyGenerator = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
 def _blob_layer(
@@ -87,10 +88,10 @@ def cutpaste(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
     return out, _changed(image, out)
 
 
-GENERATORS: dict[str, Generator] = {"confetti": confetti, "cutpaste": cutpaste}
+GENERATORS: dict[str, AnomalyGenerator] = {"confetti": confetti, "cutpaste": cutpaste}
 
 
-def get_generator(name: str) -> Generator:
+def get_generator(name: str) -> AnomalyGenerator:
     if name not in GENERATORS:
         raise ValueError(f"unknown synthetic anomaly {name!r}; choose from {sorted(GENERATORS)}")
     return GENERATORS[name]

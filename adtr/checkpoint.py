@@ -1,7 +1,10 @@
 """Run folders: safetensors weights plus a JSON description; never pickle.
 
-    RUN/config.json        settings (RunConfig), backbone weights' hash, score statistics,
-                           training history; written last, so it marks a complete run
+    RUN/config.json        the run's record (RunRecord) in named sections: settings
+                           (schema_version, model, score, train) and the backbone weights'
+                           hash, calibration (thresholds, score statistics), provenance
+                           (adtr version, data counts and hashes, timings), history (one
+                           entry per epoch); written last, so it marks a complete run
     RUN/model.safetensors  reconstructor weights and feature statistics (the frozen backbone
                            comes from its PyPI package and is checked by hash)
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ from adtr.config import SCHEMA_VERSION, RunConfig
 from adtr.errors import RunFolderError
 from adtr.fileio import atomic_write, atomic_write_json
 from adtr.model import ADTR
+from adtr.thresholds import Thresholds
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -46,18 +51,51 @@ def backbone_fingerprint(model: ADTR) -> str:
     return h.hexdigest()
 
 
-def save_run(run_dir: Path | str, model: ADTR, config: RunConfig, extra: dict[str, Any]) -> None:
+@dataclass
+class RunRecord:
+    """A fitted run's description besides its weights: what config.json holds, by section."""
+
+    config: RunConfig  # settings
+    thresholds: Thresholds  # calibration: decisions
+    score_stats: dict[str, Any]  # calibration: held-out good scores (calibration.score_stats)
+    provenance: dict[str, Any] = field(default_factory=dict)  # adtr_version, data, fit/feature seconds
+    history: list[dict] = field(default_factory=list)  # one record per epoch
+
+    def to_doc(self) -> dict[str, Any]:
+        """The sections as config.json lays them out (settings at the top level)."""
+        return {
+            **self.config.to_dict(),
+            "calibration": {"thresholds": self.thresholds.to_dict(), "score_stats": self.score_stats},
+            "provenance": self.provenance,
+            "history": self.history,
+        }
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any], config: RunConfig) -> RunRecord:
+        """Read a config.json of this layout or of the flat one written before it (thresholds,
+        score_stats, adtr_version, data, ... at the top level). KeyError / TypeError when the
+        thresholds are missing or malformed."""
+        if "calibration" in doc:
+            calibration, provenance = doc["calibration"], doc.get("provenance", {})
+        else:
+            calibration = doc
+            provenance = {k: doc[k] for k in ("adtr_version", "data", "fit_seconds", "feature_seconds") if k in doc}
+        return cls(config, Thresholds.from_dict(calibration["thresholds"]), calibration.get("score_stats", {"n": 0}),
+                   provenance, doc.get("history", []))  # fmt: skip
+
+
+def file_list_summary(paths: list[Path | str]) -> dict[str, Any]:
+    """{"n": count, "sha256": hash of the paths in order}: names a run's data without listing it."""
+    return {"n": len(paths), "sha256": hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()}
+
+
+def save_run(run_dir: Path | str, model: ADTR, record: RunRecord) -> None:
     """Write weights, then config.json, each atomically; then drop run_dir's resumable training state."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = trainable_state(model)
     atomic_write(run_dir / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-    doc = {
-        "format": FORMAT,
-        **config.to_dict(),
-        "backbone_sha256": backbone_fingerprint(model),
-        **extra,
-    }
+    doc = {"format": FORMAT, "backbone_sha256": backbone_fingerprint(model), **record.to_doc()}
     atomic_write_json(run_dir / CONFIG_FILE, doc)
     clear_train_state(run_dir)  # the finished run supersedes any resumable state in its folder
 
@@ -82,7 +120,10 @@ def read_run_config(run_dir: Path | str) -> dict[str, Any]:
 
 
 def load_run(run_dir: Path | str, device: torch.device | str = "cpu") -> tuple[ADTR, RunConfig, dict[str, Any]]:
-    """Rebuild the model of a run folder; returns (model in eval mode, config, config.json)."""
+    """Rebuild the model of a run folder; returns (model in eval mode, config, config.json).
+
+    RunFolderError for a missing, incomplete, tampered or foreign folder; `load_record` adds
+    the record's sections."""
     run_dir = Path(run_dir)
     doc = read_run_config(run_dir)
     try:
@@ -117,6 +158,16 @@ def load_run(run_dir: Path | str, device: torch.device | str = "cpu") -> tuple[A
             "ones this run was trained with"
         )
     return model.to(device).eval(), config, doc
+
+
+def load_record(run_dir: Path | str, device: torch.device | str = "cpu") -> tuple[ADTR, RunRecord]:
+    """The model and record of a run folder (either config.json layout); RunFolderError when
+    it cannot be loaded or its thresholds are missing."""
+    model, config, doc = load_run(run_dir, device)
+    try:
+        return model, RunRecord.from_doc(doc, config)
+    except (KeyError, TypeError) as e:
+        raise RunFolderError(f"{Path(run_dir) / CONFIG_FILE}: missing or invalid thresholds ({e})") from None
 
 
 # -- resumable training state -------------------------------------------------------------

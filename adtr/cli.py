@@ -254,7 +254,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     det.save(args.out)
     last = det.history_[-1] if det.history_ else {}
     print(
-        f"fitted in {det.info_['fit_seconds']:.0f} s; final loss {last.get('loss', float('nan')):.4f}, "
+        f"fitted in {det.record_.provenance['fit_seconds']:.0f} s; final loss {last.get('loss', float('nan')):.4f}, "
         f"validation loss {last.get('val_loss', float('nan')):.4f}; run saved to {args.out}"
     )
     return 0

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from adtr import __version__
 from adtr.anomalies import get_generator
-from adtr.checkpoint import load_run, load_train_state, save_run, save_train_state
+from adtr.calibration import calibrate, feature_scores, score_stats
+from adtr.checkpoint import RunRecord, file_list_summary, load_record, load_run, save_run
 from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig, TrainConfig
 from adtr.data.folder import anomaly_samples, has_masks, image_folder
 from adtr.data.images import image_size, read_image, read_mask
@@ -34,20 +35,11 @@ from adtr.data.mvtec import test_samples, train_samples
 from adtr.data.samples import Sample
 from adtr.data.splits import split_validation
 from adtr.data.transforms import input_size_for, resize_image, resize_map
-from adtr.engine import (
-    TrainingData,
-    anomaly_pool,
-    extract_features,
-    fit_reconstructor,
-    make_optimizer,
-    planned_epochs,
-    predict_samples,
-    synthetic_pools,
-)
-from adtr.errors import DataError, RunFolderError, SettingsError
+from adtr.engine import predict_samples
+from adtr.errors import DataError, SettingsError
+from adtr.fit import fit_on_features
 from adtr.metrics import image_metrics, pixel_metrics
 from adtr.model import ADTR
-from adtr.thresholds import Thresholds, f1_optimal, from_good_scores
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +96,16 @@ class ADTRDetector:
         resume: continue from the state in checkpoint_dir (same data and settings); the
             result equals an uninterrupted fit with the same seed.
         """
-        if resume and checkpoint_dir is None:
-            raise SettingsError("resume needs the checkpoint_dir of the interrupted fit")
         samples = train_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
         if any(s.label != 0 for s in samples):
             raise DataError("the training data must be good images only (label 0); pass anomalies separately")
         labelled = anomaly_samples(Path(anomalies)) if isinstance(anomalies, (str, Path)) else list(anomalies or [])
         external_samples = image_folder(Path(external), label=1) if external is not None else []
-        n_external = len(external_samples)
-        labelled += external_samples
         try:
             generators = [get_generator(name) for name in synthetic]
         except ValueError as e:
             raise SettingsError(str(e)) from None
+        base = None
         if init is not None:
             base, base_config, _ = load_run(init, self.device)
             self.config.model, self.config.score = base_config.model, base_config.score
@@ -127,90 +116,37 @@ class ADTRDetector:
         cfg = self.config
         t0 = time.perf_counter()
         train_idx, val_idx = split_validation(len(samples), cfg.train.val_fraction, cfg.train.seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)  # weight init and dropout; shuffling has its own generator
-            model = base if init is not None else _build_model(cfg, self.device)
-            raw = extract_features(model, samples, self.device, progress=self.progress)
-            if init is None:
-                model.set_feature_stats(raw[train_idx].to(self.device))
-            features = model.standardize(raw.to(self.device)).cpu()
-            good = [samples[i] for i in train_idx]
-            train_data = TrainingData(
-                features[train_idx],
-                synthetic_pools(model, good, generators, cfg.train.synthetic_copies, cfg.train.seed,
-                                self.device, progress=self.progress) if generators else None,
-                anomaly_pool(model, labelled, self.device, progress=self.progress) if labelled else None,
-            )  # fmt: skip
-            extract_seconds = time.perf_counter() - t0
-            generator = torch.Generator().manual_seed(cfg.train.seed)
-            optimizer = make_optimizer(model, cfg.train, self.device)
-            start_epoch, history = 0, []
-            if resume:
-                start_epoch, history = load_train_state(checkpoint_dir, model, optimizer, generator, cfg)
-                log.info("resuming after epoch %d of %d", start_epoch, planned_epochs(len(train_idx), cfg.train))
-
-            def on_epoch_end(epoch: int, opt: torch.optim.Optimizer, record: dict) -> None:
-                history.append(record)
-                if checkpoint_dir is not None:
-                    save_train_state(checkpoint_dir, model, opt, generator, epoch + 1, history, cfg)
-
-            fit_reconstructor(
-                model,
-                train_data,
-                features[val_idx] if val_idx else None,
-                cfg.train,
-                self.device,
-                generator,
-                progress=self.progress,
-                start_epoch=start_epoch,
-                optimizer=optimizer,
-                on_epoch_end=on_epoch_end,
-            )
-        model.eval()
-        self.model_ = model
-        self.history_ = history
-        real = train_data.anomalies.features[: len(labelled) - n_external] if train_data.anomalies else None
-        self.thresholds_ = self._calibrate(features[val_idx], features[train_idx], real)
-        val_scores = self._scores_from_features(features[val_idx])[0]
-        self.info_ = {
+        fitted = fit_on_features(cfg, samples, self.device, val_idx=val_idx, anomalies=labelled,
+                                 external=external_samples, generators=generators, init=base,
+                                 state_dir=checkpoint_dir, resume=resume, progress=self.progress)  # fmt: skip
+        self.model_, self.history_ = fitted.model, fitted.history
+        real = fitted.anomalies.of_kind("real").features if fitted.anomalies is not None else None
+        self.thresholds_ = calibrate(fitted.model, fitted.val, fitted.train, real, cfg.train.false_alarm_rate,
+                                     self.device)  # fmt: skip
+        provenance = {
             "adtr_version": __version__,
             "data": {
-                "train_files": [str(samples[i].path) for i in train_idx],
-                "val_files": [str(samples[i].path) for i in val_idx],
-                "anomaly_files": [str(s.path) for s in labelled],
+                "train": file_list_summary([samples[i].path for i in train_idx]),
+                "val": file_list_summary([samples[i].path for i in val_idx]),
+                "anomaly_files": [str(s.path) for s in labelled + external_samples],
+                "n_external": len(external_samples),
                 "n_pixel_labelled": sum(s.mask_path is not None for s in labelled),
                 "synthetic": list(synthetic),
                 "init": str(init) if init is not None else None,
             },
-            "score_stats": _score_stats(val_scores),
-            "thresholds": self.thresholds_.to_dict(),
-            "history": history,
             "fit_seconds": time.perf_counter() - t0,
-            "feature_seconds": extract_seconds,
+            "feature_seconds": fitted.feature_seconds,
         }
+        stats = score_stats(feature_scores(fitted.model, fitted.val, self.device)[0])
+        self.record_ = RunRecord(cfg, self.thresholds_, stats, provenance, self.history_)
         return self
 
-    @torch.no_grad()
-    def _scores_from_features(self, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores (N,) and map maxima (N,) of standardised features (N, C, h, w)."""
-        model = self._require_model()
-        scores, maxima = [], []
-        for i in range(0, len(features), 16):
-            out = model.score(features[i : i + 16].to(self.device))
-            scores.append(out.anomaly_score.cpu())
-            maxima.append(out.anomaly_map.flatten(1).amax(1).cpu())
-        if not scores:
-            return np.array([]), np.array([])
-        return torch.cat(scores).double().numpy(), torch.cat(maxima).double().numpy()
-
-    def _calibrate(self, val: torch.Tensor, train: torch.Tensor, real_anomalies: torch.Tensor | None) -> Thresholds:
-        scores, maxima = self._scores_from_features(val if len(val) else train)
-        if not len(val):
-            log.warning("fewer than 5 good images: thresholds come from the training images and run low")
-        if real_anomalies is not None and len(real_anomalies):
-            anomalous, _ = self._scores_from_features(real_anomalies)
-            return f1_optimal(scores, anomalous, maxima, self.config.train.false_alarm_rate)
-        return from_good_scores(scores, maxima, self.config.train.false_alarm_rate)
+    @property
+    def info_(self) -> dict[str, Any]:
+        """The record as one flat dict (the layout before RunRecord): prefer `record_`."""
+        r = self.record_
+        return {**r.provenance, "score_stats": r.score_stats, "thresholds": r.thresholds.to_dict(),
+                "history": r.history}  # fmt: skip
 
     # -- inference --------------------------------------------------------------------
     def _require_model(self) -> ADTR:
@@ -339,7 +275,7 @@ class ADTRDetector:
             from adtr.render import display_range
             from adtr.report import write_report
 
-            vrange = display_range(self.info_.get("score_stats", {}))
+            vrange = display_range(self.record_.score_stats)
             result["report"] = str(
                 write_report(report_dir, result, samples, preds.scores, preds.maps, self.thresholds_, vrange)
             )
@@ -358,47 +294,16 @@ class ADTRDetector:
 
     # -- persistence ------------------------------------------------------------------
     def save(self, run_dir: str | Path) -> None:
-        save_run(run_dir, self._require_model(), self.config, self.info_)
+        """Write the run folder (checkpoint.save_run): weights, then config.json."""
+        save_run(run_dir, self._require_model(), self.record_)
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> ADTRDetector:
-        model, config, doc = load_run(run_dir, device)
-        det = cls(config.model, config.score, config.train, device=device, progress=progress)
-        det.model_ = model
-        det.history_ = doc.get("history", [])
-        try:
-            det.thresholds_ = Thresholds.from_dict(doc["thresholds"])
-        except (KeyError, TypeError) as e:
-            raise RunFolderError(f"{Path(run_dir) / 'config.json'}: missing or invalid thresholds ({e})") from None
-        det.info_ = {k: v for k, v in doc.items() if k not in ("format", "schema_version", "model", "score", "train")}
+        """A fitted detector from a run folder (either config.json layout); RunFolderError otherwise."""
+        model, record = load_record(run_dir, device)
+        det = cls(record.config.model, record.config.score, record.config.train, device=device, progress=progress)
+        det.model_, det.record_, det.thresholds_, det.history_ = model, record, record.thresholds, record.history
         return det
-
-
-def _build_model(cfg: RunConfig, device: torch.device) -> ADTR:
-    """A fresh ADTR for the settings; settings it cannot be built from raise SettingsError."""
-    try:
-        model = ADTR(cfg.model, cfg.score)
-    except ValueError as e:  # e.g. an image size the backbone cannot take, an unknown backbone
-        raise SettingsError(str(e)) from None
-    return model.to(device)
-
-
-def _score_stats(scores: np.ndarray) -> dict[str, Any]:
-    """Statistics of the held-out good images' scores (the basis for thresholds)."""
-    if scores.size == 0:
-        return {"n": 0}
-    q = np.quantile(scores, [0.5, 0.9, 0.95, 0.99])
-    return {
-        "n": int(scores.size),
-        "mean": float(scores.mean()),
-        "std": float(scores.std()),
-        "min": float(scores.min()),
-        "max": float(scores.max()),
-        "q50": float(q[0]),
-        "q90": float(q[1]),
-        "q95": float(q[2]),
-        "q99": float(q[3]),
-    }
 
 
 def _check_finite(samples: Sequence[Sample], scores: np.ndarray, maps: Sequence[np.ndarray]) -> None:

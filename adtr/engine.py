@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adtr.anomalies import Generator
+from adtr.anomalies import AnomalyGenerator
 from adtr.config import TrainConfig
 from adtr.data.images import DataError, read_image, read_mask
 from adtr.data.samples import Sample
@@ -103,6 +103,9 @@ def extract_features(
     return torch.cat(out)
 
 
+ANOMALY_KINDS = ("real", "external", "synthetic")  # labelled defects, unrelated images, made here
+
+
 @dataclass
 class AnomalyPool:
     """Standardised features of anomalous samples with their labels on the token grid."""
@@ -110,9 +113,26 @@ class AnomalyPool:
     features: torch.Tensor  # (M, C, h, w)
     token_labels: torch.Tensor  # (M, h, w) share of anomalous pixels per token; 0 where unknown
     pixel_level: torch.Tensor  # (M,) bool: token_labels hold this sample's labels (else L_img)
+    kinds: tuple[str, ...]  # (M,) each sample's origin, one of ANOMALY_KINDS
+
+    def __post_init__(self) -> None:
+        if len(self.kinds) != len(self.features) or not set(self.kinds) <= set(ANOMALY_KINDS):
+            raise ValueError(f"kinds must name one of {ANOMALY_KINDS} per sample ({len(self.features)})")
 
     def __len__(self) -> int:
         return len(self.features)
+
+    def of_kind(self, kind: str) -> AnomalyPool:
+        """The samples of one kind, in their order: e.g. the real defects for thresholds."""
+        keep = [i for i, k in enumerate(self.kinds) if k == kind]
+        return AnomalyPool(self.features[keep], self.token_labels[keep], self.pixel_level[keep],
+                           tuple(self.kinds[i] for i in keep))  # fmt: skip
+
+    @staticmethod
+    def cat(pools: Sequence[AnomalyPool]) -> AnomalyPool:
+        """One pool of several, in order."""
+        return AnomalyPool(torch.cat([p.features for p in pools]), torch.cat([p.token_labels for p in pools]),
+                           torch.cat([p.pixel_level for p in pools]), sum((p.kinds for p in pools), ()))  # fmt: skip
 
 
 @dataclass
@@ -121,7 +141,7 @@ class TrainingData:
 
     normal: torch.Tensor  # (N, C, h, w) standardised features of good images
     synthetic: list[AnomalyPool] | None = None  # copies aligned with `normal`: [c].features[i] from image i
-    anomalies: AnomalyPool | None = None  # real labelled anomalies and external images
+    anomalies: AnomalyPool | None = None  # real labelled anomalies and external images (pool.kinds)
 
     @property
     def supervised(self) -> bool:
@@ -139,9 +159,17 @@ def token_labels(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def anomaly_pool(
-    model: ADTR, samples: Sequence[Sample], device: torch.device, batch_size: int = 8, progress: bool = True
+    model: ADTR,
+    samples: Sequence[Sample],
+    device: torch.device,
+    batch_size: int = 8,
+    progress: bool = True,
+    kinds: Sequence[str] | None = None,
 ) -> AnomalyPool:
-    """Labelled anomalies: samples with a mask are pixel-level (L_px), others image-level (L_img)."""
+    """Labelled anomalies: samples with a mask are pixel-level (L_px), others image-level (L_img).
+
+    kinds: each sample's kind (ANOMALY_KINDS); default "real" for all.
+    """
     model.eval()
     feats, labels, pixel = [], [], []
     grid = model.cfg.grid_size
@@ -155,14 +183,15 @@ def anomaly_pool(
             else:
                 labels.append(torch.zeros(grid))
             pixel.append(s.mask_path is not None)
-    return AnomalyPool(torch.cat(feats), torch.stack(labels), torch.tensor(pixel, dtype=torch.bool))
+    kinds = tuple(kinds) if kinds is not None else ("real",) * len(samples)
+    return AnomalyPool(torch.cat(feats), torch.stack(labels), torch.tensor(pixel, dtype=torch.bool), kinds)
 
 
 @torch.no_grad()
 def synthetic_pools(
     model: ADTR,
     samples: Sequence[Sample],
-    generators: Sequence[Generator],
+    generators: Sequence[AnomalyGenerator],
     copies: int,
     seed: int,
     device: torch.device,
@@ -190,7 +219,8 @@ def synthetic_pools(
             feats[c].append(model.standardize(model.extract(torch.stack(images).to(device))).cpu())
             labels[c].append(token_labels(torch.stack(masks), grid))
     return [
-        AnomalyPool(torch.cat(feats[c]), torch.cat(labels[c]), torch.ones(len(samples), dtype=torch.bool))
+        AnomalyPool(torch.cat(feats[c]), torch.cat(labels[c]), torch.ones(len(samples), dtype=torch.bool),
+                    ("synthetic",) * len(samples))
         for c in range(copies)
     ]
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adtr.config import ModelConfig, ScoreConfig, TrainConfig
-from adtr.engine import AnomalyPool, TrainingData, fit_reconstructor
+from adtr.config import ModelConfig, RunConfig, ScoreConfig, TrainConfig
+from adtr.fit import fit_on_features
 from adtr.metrics import auroc
 from adtr.model import ADTR
 
@@ -79,22 +79,11 @@ def fit_class(
     external_raw: torch.Tensor | None = None,
     progress: bool = False,
 ) -> ADTR:
-    """Train a reconstructor on one class's raw features (N, C, h, w); external images
-    (raw features) become image-level anomalies (L_img)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(train_cfg.seed)
-        model = ADTR(model_cfg, score_cfg).to(device)
-        model.set_feature_stats(train_raw.to(device))
-        normal = model.standardize(train_raw.to(device)).cpu()
-        anomalies = None
-        if external_raw is not None and len(external_raw):
-            f = model.standardize(external_raw.to(device)).cpu()
-            n, _, h, w = f.shape
-            anomalies = AnomalyPool(f, torch.zeros(n, h, w), torch.zeros(n, dtype=torch.bool))
-        generator = torch.Generator().manual_seed(train_cfg.seed)
-        fit_reconstructor(model, TrainingData(normal, None, anomalies), None, train_cfg, device, generator,
-                          progress=progress)  # fmt: skip
-    return model.eval()
+    """Train a reconstructor on one class's raw features (N, C, h, w) with the fit pipeline
+    (fit.fit_on_features); external images' raw features (M, C, h, w) become image-level
+    anomalies (L_img). Returns the model in eval mode."""
+    config = RunConfig(model_cfg, score_cfg, train_cfg)
+    return fit_on_features(config, train_raw, device, external=external_raw, progress=progress).model
 
 
 @torch.no_grad()

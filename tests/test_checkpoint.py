@@ -67,3 +67,33 @@ def test_garbage_weights_file(tiny_run, tmp_path):
     (tmp_path / WEIGHTS_FILE).write_bytes(b"\x80\x04not a safetensors file")
     with pytest.raises(CheckpointError, match="unreadable"):
         ADTRDetector.load(tmp_path)
+
+
+def test_config_json_has_named_sections_and_no_file_lists(tiny_run):
+    _, run, _ = tiny_run
+    doc = json.loads((run / CONFIG_FILE).read_text())
+    assert {"calibration", "provenance", "history", "model", "score", "train"} <= set(doc)
+    assert set(doc["calibration"]) == {"thresholds", "score_stats"}
+    data = doc["provenance"]["data"]
+    assert data["train"]["n"] + data["val"]["n"] == 8 and len(data["train"]["sha256"]) == 64
+    assert "train_files" not in data
+
+
+def test_run_folder_of_the_flat_layout_still_loads(tiny_run, tmp_path):
+    """config.json as written before the named sections: thresholds, score_stats, ... at the top."""
+    det, run, files = tiny_run
+    doc = json.loads((run / CONFIG_FILE).read_text())
+    calibration, provenance = doc.pop("calibration"), doc.pop("provenance")
+    provenance["data"] = {"train_files": ["a.png"], "val_files": [], "anomaly_files": [], "n_pixel_labelled": 0,
+                          "synthetic": [], "init": None}  # fmt: skip
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**doc, **calibration, **provenance}))
+    (tmp_path / WEIGHTS_FILE).write_bytes((run / WEIGHTS_FILE).read_bytes())
+    old = ADTRDetector.load(tmp_path, progress=False)
+    assert old.thresholds_ == det.thresholds_ and old.record_.score_stats == det.record_.score_stats
+    assert old.history_ == json.loads(json.dumps(det.history_))
+    assert old.record_.provenance["data"]["train_files"] == ["a.png"]
+    assert old.predict(files[:1])[0].anomaly_score == det.predict(files[:1])[0].anomaly_score
+    del calibration["thresholds"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**doc, "calibration": calibration, "provenance": provenance}))
+    with pytest.raises(CheckpointError, match="missing or invalid thresholds"):
+        ADTRDetector.load(tmp_path)

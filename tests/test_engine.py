@@ -40,7 +40,8 @@ def test_batch_of_good_images_only():
 def test_batch_swaps_in_synthetic_copies_of_the_same_image():
     data = TrainingData(
         _features(6),
-        synthetic=[AnomalyPool(_features(6, offset=100), torch.ones(6, 2, 2) * 0.5, torch.ones(6, dtype=torch.bool))],
+        synthetic=[AnomalyPool(_features(6, offset=100), torch.ones(6, 2, 2) * 0.5, torch.ones(6, dtype=torch.bool),
+                               ("synthetic",) * 6)],
     )
     cfg = TrainConfig(synthetic_prob=1.0)
     f, labels, image_labels, pixel = _batch(data, torch.tensor([3, 5]), cfg, torch.Generator().manual_seed(0))
@@ -50,7 +51,8 @@ def test_batch_swaps_in_synthetic_copies_of_the_same_image():
 
 
 def test_batch_appends_labelled_anomalies():
-    anomalies = AnomalyPool(_features(2, offset=50), torch.zeros(2, 2, 2), torch.tensor([False, False]))
+    kinds = ("real", "external")
+    anomalies = AnomalyPool(_features(2, offset=50), torch.zeros(2, 2, 2), torch.tensor([False, False]), kinds)
     data = TrainingData(_features(8), anomalies=anomalies)
     cfg = TrainConfig(anomaly_ratio=0.5)
     f, labels, image_labels, pixel = _batch(data, torch.arange(4), cfg, torch.Generator().manual_seed(0))

@@ -1,0 +1,177 @@
+"""The fit sequence, written once: seed -> ADTR -> feature statistics -> standardise ->
+anomaly pools -> shuffling generator -> fit_reconstructor (You et al., ICONIP 2022, section 3).
+
+`ADTRDetector.fit` (image files), the one-class protocol (`oneclass.fit_class`, features of
+in-memory images) and, later, multi-process training all call `fit_on_features`, so a setting
+means the same thing on every path and a seed gives the same weights on each.
+
+The frozen backbone is part of the model, so image files are turned into features here, by
+the model being fitted; precomputed raw features (N, C, h, w) pass through unchanged. Feature
+extraction draws no random numbers, so where the features come from does not change the
+random streams: torch's global generator (weight initialisation, then dropout) is seeded once,
+before the model is built, and shuffling has its own `torch.Generator` with the same seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adtr.anomalies import AnomalyGenerator
+from adtr.checkpoint import load_train_state, save_train_state
+from adtr.config import RunConfig
+from adtr.data.samples import Sample
+from adtr.engine import (
+    AnomalyPool,
+    TrainingData,
+    anomaly_pool,
+    extract_features,
+    fit_reconstructor,
+    make_optimizer,
+    planned_epochs,
+    synthetic_pools,
+)
+from adtr.errors import SettingsError
+from adtr.model import ADTR
+
+log = logging.getLogger(__name__)
+
+Images = Sequence[Sample] | torch.Tensor  # image files, or their raw backbone features (N, C, h, w)
+
+
+@dataclass
+class FitResult:
+    """A fitted model and what calibration needs from the fit."""
+
+    model: ADTR  # in eval mode
+    history: list[dict]  # one record per epoch (engine.fit_reconstructor)
+    train: torch.Tensor  # (N_train, C, h, w) standardised features of the training images
+    val: torch.Tensor  # (N_val, C, h, w) standardised features of the held-out good images (may be empty)
+    anomalies: AnomalyPool | None  # standardised real and external anomalies (pool.kinds says which)
+    feature_seconds: float  # spent extracting features (0 for precomputed ones)
+
+
+def build_model(config: RunConfig, device: torch.device) -> ADTR:
+    """A fresh ADTR for the settings; settings it cannot be built from raise SettingsError."""
+    try:
+        model = ADTR(config.model, config.score)
+    except ValueError as e:  # e.g. an image size the backbone cannot take, an unknown backbone
+        raise SettingsError(str(e)) from None
+    return model.to(device)
+
+
+def fit_on_features(
+    config: RunConfig,
+    good: Images,
+    device: torch.device,
+    *,
+    val_idx: Sequence[int] = (),
+    anomalies: Images | None = None,
+    external: Images | None = None,
+    generators: Sequence[AnomalyGenerator] = (),
+    init: ADTR | None = None,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    """Fit ADTR's reconstructor on good images, optionally with anomalies.
+
+    good: good images (samples) or their raw features (N, C, h, w); positions in val_idx are
+        held out (validation loss, thresholds), the others train.
+    anomalies: labelled real anomalies (samples: a mask gives pixel labels, L_px; else L_img)
+        or raw features (image-level). external: unrelated images used as image-level anomalies.
+    generators: synthetic anomaly generators applied to the training images (samples only);
+        config.train.synthetic_copies versions of each.
+    init: a fitted model to continue from (its feature statistics are kept); else a fresh one
+        is built from config under config.train.seed.
+    state_dir: save a resumable training state there after every epoch; resume: continue from
+        it (the result equals an uninterrupted fit with the same seed).
+    Raises SettingsError for settings the model cannot be built from or synthetic anomalies
+    without image files; DataError for unreadable files.
+    """
+    if generators and isinstance(good, torch.Tensor):
+        raise SettingsError("synthetic anomalies are made from images: pass image samples, not features")
+    if resume and state_dir is None:
+        raise SettingsError("resume needs the state_dir of the interrupted fit")
+    cfg = config.train
+    held = set(val_idx)
+    train_idx = [i for i in range(len(good)) if i not in held]
+    val_idx = sorted(held)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # weight init and dropout; shuffling has its own generator
+        model = init if init is not None else build_model(config, device)
+        t0 = time.perf_counter()
+        raw = _raw_features(model, good, device, progress)
+        if init is None:
+            model.set_feature_stats(raw[train_idx].to(device))
+        features = model.standardize(raw.to(device)).cpu()
+        synthetic = None
+        if generators:
+            train_samples = [good[i] for i in train_idx]
+            synthetic = synthetic_pools(model, train_samples, generators, cfg.synthetic_copies, cfg.seed, device,
+                                        progress=progress)  # fmt: skip
+        pool = _anomaly_pool(model, anomalies, external, device, progress)
+        feature_seconds = time.perf_counter() - t0 if not isinstance(good, torch.Tensor) else 0.0
+        data = TrainingData(features[train_idx], synthetic, pool)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        optimizer = make_optimizer(model, cfg, device)
+        start_epoch, history = 0, []
+        if resume:
+            start_epoch, history = load_train_state(state_dir, model, optimizer, generator, config)
+            log.info("resuming after epoch %d of %d", start_epoch, planned_epochs(len(train_idx), cfg))
+
+        def on_epoch_end(epoch: int, opt: torch.optim.Optimizer, record: dict) -> None:
+            history.append(record)
+            if state_dir is not None:
+                save_train_state(state_dir, model, opt, generator, epoch + 1, history, config)
+
+        fit_reconstructor(model, data, features[val_idx] if val_idx else None, cfg, device, generator,
+                          progress=progress, start_epoch=start_epoch, optimizer=optimizer,
+                          on_epoch_end=on_epoch_end)  # fmt: skip
+    model.eval()
+    return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds)
+
+
+def _raw_features(model: ADTR, images: Images, device: torch.device, progress: bool) -> torch.Tensor:
+    """Raw aligned features (N, C, h, w) on the CPU: extracted from files, or passed through."""
+    if isinstance(images, torch.Tensor):
+        return images
+    return extract_features(model, images, device, progress=progress)
+
+
+def _anomaly_pool(
+    model: ADTR, real: Images | None, external: Images | None, device: torch.device, progress: bool
+) -> AnomalyPool | None:
+    """Standardised real anomalies, then external images, each sample marked with its kind.
+
+    Files of both sources are read in one pass (batches cross from one to the other), features
+    are standardised as they come.
+    """
+    pools: list[AnomalyPool] = []
+    files: list[Sample] = []
+    kinds: list[str] = []
+
+    def flush() -> None:
+        if files:
+            pools.append(anomaly_pool(model, files, device, progress=progress, kinds=kinds))
+
+    for source, kind in ((real, "real"), (external, "external")):
+        if source is None or len(source) == 0:
+            continue
+        if isinstance(source, torch.Tensor):
+            flush()
+            files, kinds = [], []
+            f = model.standardize(source.to(device)).cpu()
+            n, _, h, w = f.shape
+            pools.append(AnomalyPool(f, torch.zeros(n, h, w), torch.zeros(n, dtype=torch.bool), (kind,) * n))
+        else:
+            files, kinds = files + list(source), kinds + [kind] * len(source)
+    flush()
+    if not pools:
+        return None
+    return pools[0] if len(pools) == 1 else AnomalyPool.cat(pools)
