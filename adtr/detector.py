@@ -30,7 +30,7 @@ from adtr.calibration import calibrate, feature_scores, score_stats
 from adtr.checkpoint import RunRecord, file_list_summary, load_record, load_run, save_run
 from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig, TrainConfig
 from adtr.data.folder import anomaly_samples, has_masks, image_folder
-from adtr.data.images import image_size, read_image, read_mask
+from adtr.data.images import decode_for_model, image_size, read_image, read_mask, to_rgb_uint8
 from adtr.data.mvtec import test_samples, train_samples
 from adtr.data.samples import Sample
 from adtr.data.splits import split_validation
@@ -185,14 +185,19 @@ class ADTRDetector:
         engine = self._engine().eval()
         size = self.config.model.image_size
 
-        def decode(path: Path) -> tuple[np.ndarray, torch.Tensor] | DataError:
+        def decode(path: Path) -> tuple[np.ndarray | tuple[int, int], torch.Tensor] | DataError:
+            # Without keep_images only the model-size tensor and the (H, W) survive decoding,
+            # so a batch of huge files never holds their full-size pixels.
             try:
-                image = read_image(path)
+                if keep_images:
+                    image = read_image(path)
+                    return image, resize_image(image, size)
+                tensor, original = decode_for_model(path, size)
+                return original, tensor
             except DataError as e:
                 if on_error is None:
                     raise
                 return e
-            return image, resize_image(image, size)
 
         files = [Path(p) for p in paths]
         bar = tqdm(total=len(files), desc="predict", unit="img", disable=not self.progress)
@@ -211,7 +216,8 @@ class ADTRDetector:
                     scores = out.anomaly_score.cpu().tolist()
                     maps = out.anomaly_map.cpu().numpy()  # (B, h, w) at the model's input size
                     for (path, image, _), score, small in zip(ok, scores, maps, strict=True):
-                        pred = self._prediction(str(path), float(score), resize_map(small, image.shape[:2]))
+                        original = image.shape[:2] if isinstance(image, np.ndarray) else image
+                        pred = self._prediction(str(path), float(score), resize_map(small, original))
                         if keep_images:
                             pred.image = image
                         bar.update(1)
@@ -228,8 +234,18 @@ class ADTRDetector:
         return Prediction(name, score, anomaly_map, float(thr.normalize(score)), thr.is_anomalous(score))
 
     @torch.no_grad()
-    def predict_image(self, image: np.ndarray, name: str = "<image>") -> Prediction:
-        """Score one decoded RGB uint8 image (H, W, 3), e.g. from a camera or an upload."""
+    def predict_image(
+        self, image: np.ndarray, name: str = "<image>", value_range: float | None = None, channel_order: str = "rgb"
+    ) -> Prediction:
+        """Score one image array, e.g. from a camera SDK, OpenCV or an upload.
+
+        image: (H, W) grey, (H, W, 1), (H, W, 3), (H, W, 4) with alpha, or channel-first
+            (1|3|4, H, W); uint8, uint16, or float with value_range (white = 1.0 or 255.0).
+        channel_order: "rgb", or "bgr" for OpenCV arrays. Converted exactly as files are
+            (data.images.to_rgb_uint8), so an array scores as its file does. Anything else
+            raises DataError (a ValueError) naming the accepted shapes and dtypes.
+        """
+        image = to_rgb_uint8(image, name, value_range, channel_order)
         out = self._engine()(resize_image(image, self.config.model.image_size)[None].to(self.device))
         anomaly_map = resize_map(out.anomaly_map[0].cpu().numpy(), image.shape[:2])
         return self._prediction(name, float(out.anomaly_score[0]), anomaly_map)
@@ -247,15 +263,21 @@ class ADTRDetector:
         preds = predict_samples(model, samples, self.device, batch_size, self.progress)
         wall = time.perf_counter() - t0
         labels = np.array([s.label for s in samples])
-        result: dict[str, Any] = {"n_images": len(samples), "n_anomalous": int(labels.sum())}
-        if 0 < labels.sum() < len(labels):
+        n_bad = int(labels.sum())
+        result: dict[str, Any] = {"n_images": len(samples), "n_anomalous": n_bad, "skipped_metrics": {}}
+        if 0 < n_bad < len(labels):
             result.update(image_metrics(preds.scores, labels))
+        else:
+            n_good = len(labels) - n_bad
+            why = f"it needs both good and anomalous images; the test data has {n_good} good and {n_bad} anomalous"
+            _skip_metrics(result, ["image_auroc", "image_f1_max"], why)
         _check_finite(samples, preds.scores, preds.maps)
         if has_masks(samples):
             masks = [
                 read_mask(s.mask_path, size) if s.mask_path else np.zeros(size, dtype=bool)
                 for s, size in zip(samples, preds.original_sizes, strict=True)
             ]
+            _note_empty_masks(result, samples, masks)
             if not any(m.any() for m in masks) or all(m.all() for m in masks):
                 _skip_pixel_metrics(result, "the masks hold no anomalous pixels, or no normal ones")
             else:
@@ -263,12 +285,20 @@ class ADTRDetector:
                 result.update(pixel_metrics(_Resized(preds.maps, preds.original_sizes), masks))
         elif any(s.mask_path is not None for s in samples):
             _skip_pixel_metrics(result, "only some anomalous images have masks")
+        elif n_bad == 0:
+            _skip_pixel_metrics(result, "there are no anomalous images, so no defect pixels to find")
+        else:
+            _skip_pixel_metrics(result, "no masks found (expected ground_truth/<defect>/<name>_mask.png)")
         flagged = np.array([self.thresholds_.is_anomalous(v) for v in preds.scores])
         result["threshold"] = self.thresholds_.image
         if (labels == 0).any():
             result["false_alarm_rate_at_threshold"] = float(flagged[labels == 0].mean())
+        else:
+            _skip_metrics(result, ["false_alarm_rate_at_threshold"], "there are no good images")
         if (labels == 1).any():
             result["detection_rate_at_threshold"] = float(flagged[labels == 1].mean())
+        else:
+            _skip_metrics(result, ["detection_rate_at_threshold"], "there are no anomalous images")
         result["images_per_second"] = len(samples) / max(preds.model_seconds, 1e-9)
         result["images_per_second_with_decoding"] = len(samples) / max(wall, 1e-9)
         if report_dir is not None:
@@ -319,10 +349,41 @@ def _check_finite(samples: Sequence[Sample], scores: np.ndarray, maps: Sequence[
             )
 
 
+METRIC_NAMES = {
+    "image_auroc": "image AUROC",
+    "image_f1_max": "image F1-max",
+    "pixel_auroc": "pixel AUROC",
+    "aupro": "AUPRO",
+    "false_alarm_rate_at_threshold": "good flagged at threshold",
+    "detection_rate_at_threshold": "anomalous flagged at threshold",
+}
+
+
+def _skip_metrics(result: dict[str, Any], metrics: Sequence[str], reason: str) -> None:
+    """Record why each metric is missing in result["skipped_metrics"], and log one line per metric."""
+    for key in metrics:
+        result["skipped_metrics"][key] = reason
+        log.warning("%s not computed: %s", METRIC_NAMES[key], reason)
+
+
 def _skip_pixel_metrics(result: dict[str, Any], reason: str) -> None:
     """Say in the result and the log why pixel AUROC and AUPRO are missing."""
     result["pixel_metrics_skipped"] = reason
-    log.warning("pixel AUROC and AUPRO not computed: %s", reason)
+    _skip_metrics(result, ["pixel_auroc", "aupro"], reason)
+
+
+def _note_empty_masks(result: dict[str, Any], samples: Sequence[Sample], masks: Sequence[np.ndarray]) -> None:
+    """Warn about each anomalous image whose mask is all black: its pixels count as normal."""
+    empty = [str(s.path) for s, m in zip(samples, masks, strict=True) if s.label == 1 and not m.any()]
+    if not empty:
+        return
+    for path in empty:
+        log.warning("%s: anomalous image with an empty (all black) mask: its pixels count as normal", path)
+    result["empty_masks"] = empty
+    result["pixel_metrics_note"] = (
+        f"{len(empty)} of {int(sum(s.label for s in samples))} anomalous images have empty masks; "
+        "their pixels count as normal in pixel AUROC and AUPRO"
+    )
 
 
 class _Resized(Sequence):
