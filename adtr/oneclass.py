@@ -13,6 +13,7 @@ misplacement moves the score; averaging views steadies it (measured in docs/desi
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from adtr.config import ModelConfig, RunConfig, ScoreConfig, TrainConfig
+from adtr.data.samples import Sample
+from adtr.engine import iter_image_batches
 from adtr.fit import fit_on_features
 from adtr.metrics import auroc
 from adtr.model import ADTR
@@ -68,6 +71,14 @@ def array_features(
         x = F.interpolate(x, size=model.cfg.image_size, mode="bilinear", align_corners=False)
         out.append(model.extract(x).cpu())
     return torch.cat(out)
+
+
+def read_small_images(samples: Sequence[Sample], size: tuple[int, int] = (32, 32)) -> np.ndarray:
+    """Image files as uint8 arrays (N, h, w, 3) at size (h, w), resized as every file is
+    (data.transforms.resize_image): e.g. external anomalies at CIFAR-10's 32x32."""
+    out = [batch.images.permute(0, 2, 3, 1).round().to(torch.uint8).numpy()
+           for batch in iter_image_batches(samples, size, batch_size=64)]  # fmt: skip
+    return np.concatenate(out) if out else np.zeros((0, *size, 3), np.uint8)
 
 
 def fit_class(

@@ -31,19 +31,17 @@ from common import DEFAULT_DATA, REPO, machine, md_table, write_results  # noqa:
 from adtr.config import ModelConfig, ScoreConfig, TrainConfig, parse_image_size  # noqa: E402
 from adtr.data.cifar10 import CLASSES, load_cifar10  # noqa: E402
 from adtr.data.folder import image_folder  # noqa: E402
-from adtr.data.images import read_image  # noqa: E402
+from adtr.data.splits import split_per_class  # noqa: E402
 from adtr.model import ADTR  # noqa: E402
-from adtr.oneclass import VIEW_SETS, array_features, pooled, run_class, scoring_views  # noqa: E402
+from adtr.oneclass import (  # noqa: E402
+    VIEW_SETS,
+    array_features,
+    pooled,
+    read_small_images,
+    run_class,
+    scoring_views,
+)
 from adtr.runtime import configure_cpu  # noqa: E402
-
-
-def validation_split(images: np.ndarray, labels: np.ndarray, fraction: float = 0.1):
-    """Last `fraction` of each class's training images become the (labelled) validation set."""
-    held = np.zeros(len(labels), bool)
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        held[idx[int(len(idx) * (1 - fraction)) :]] = True
-    return images[~held], labels[~held], images[held], labels[held]
 
 
 def main() -> None:
@@ -75,7 +73,9 @@ def main() -> None:
     t_start = time.perf_counter()
     train_images, train_labels = load_cifar10(args.root, "train")
     if args.validate:
-        train_images, train_labels, test_images, test_labels = validation_split(train_images, train_labels)
+        kept, held = split_per_class(train_labels)
+        test_images, test_labels = train_images[held], train_labels[held]
+        train_images, train_labels = train_images[kept], train_labels[kept]
     else:
         test_images, test_labels = load_cifar10(args.root, "test")
     load_s = time.perf_counter() - t_start
@@ -110,7 +110,7 @@ def main() -> None:
     external_raw = None
     if args.external is not None:
         files = image_folder(args.external, label=1)[: args.max_external]
-        ext = np.stack([np.asarray(_resize32(read_image(s.path))) for s in files])
+        ext = read_small_images(files, (32, 32))
         external_raw = array_features(extractor, ext, dev)
     feature_s = time.perf_counter() - t0
 
@@ -149,12 +149,6 @@ def main() -> None:
            "knn_mean_auroc_views": means["knn_auroc_views"],
            "feature_seconds": feature_s, "load_seconds": load_s, "wall_seconds": wall, "results": results}  # fmt: skip
     write_results(args.json.with_suffix(""), doc, md)
-
-
-def _resize32(image: np.ndarray) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR))
 
 
 if __name__ == "__main__":

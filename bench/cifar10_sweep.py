@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import validation_split  # noqa: E402
 from common import DEFAULT_DATA, REPO, machine, md_table, write_results  # noqa: E402
 
 from adtr.config import ModelConfig, ScoreConfig, TrainConfig  # noqa: E402
 from adtr.data.cifar10 import CLASSES, load_cifar10  # noqa: E402
+from adtr.data.splits import split_per_class  # noqa: E402
 from adtr.metrics import auroc  # noqa: E402
 from adtr.model import ADTR  # noqa: E402
 from adtr.oneclass import array_features, fit_class, knn_scores, one_class_split, pooled, score_features  # noqa: E402
@@ -60,7 +60,9 @@ def main() -> None:
     size = (args.image_size, args.image_size)
 
     t_start = time.perf_counter()
-    train_images, train_labels, val_images, val_labels = validation_split(*load_cifar10(args.root, "train"))
+    images, labels = load_cifar10(args.root, "train")
+    kept, held = split_per_class(labels)
+    train_images, train_labels, val_images, val_labels = images[kept], labels[kept], images[held], labels[held]
     idx = np.concatenate([np.flatnonzero(train_labels == c)[: args.max_train] for c in classes])
     train_images, train_labels = train_images[idx], train_labels[idx]
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +25,32 @@ DEFAULT_DATA = Path(os.environ.get("ADTR_DATA", REPO.parent / "shared" / "data")
 def adtr_command() -> list[str]:
     """The CLI as a user runs it, from the same interpreter (and PYTHONPATH) as the bench."""
     return [sys.executable, "-m", "adtr.cli"]
+
+
+@contextmanager
+def running_service(run: Path, threads: int = 2, timeout: float = 60.0) -> Iterator[str]:
+    """`adtr serve RUN` as a user starts it, on a free loopback port; yields its URL once
+    /health answers, and stops it on exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(adtr_command() + ["serve", str(run), "--port", str(port), "--threads", str(threads)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"adtr serve {run} did not start (exit status {proc.poll()})") from None
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float, str]:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -27,10 +25,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, REPO, adtr_command, machine, md_table, write_results  # noqa: E402
+from common import DEFAULT_DATA, REPO, machine, md_table, running_service, write_results  # noqa: E402
 
 from adtr import ADTRDetector  # noqa: E402
-from adtr.export import OnnxModel, export_onnx  # noqa: E402
+from adtr.data.folder import find_images  # noqa: E402
+from adtr.export import OnnxModel, export_run  # noqa: E402
 from adtr.runtime import configure_cpu  # noqa: E402
 from adtr.serve import encode_multipart  # noqa: E402
 
@@ -48,19 +47,7 @@ def throughput(engine, size: tuple[int, int], batch: int = 8, repeats: int = 5) 
 
 
 def load_test(run: Path, images: list[Path], clients: int, requests: int, seconds: float) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(adtr_command() + ["serve", str(run), "--port", str(port), "--threads", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.3)
+    with running_service(run) as url:
         bodies = [encode_multipart(p.name, p.read_bytes()) for p in images]
         deadline = time.perf_counter() + seconds
         counter = iter(range(requests))
@@ -86,9 +73,6 @@ def load_test(run: Path, images: list[Path], clients: int, requests: int, second
         with ThreadPoolExecutor(clients) as pool:
             results = [r for part in pool.map(client, range(clients)) for r in part]
         wall = time.perf_counter() - t0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     latency = np.array([t for t, _ in results]) * 1000
     errors = sum(code != 200 for _, code in results)
     return {
@@ -113,11 +97,11 @@ def main() -> None:
     configure_cpu(2)
     det = ADTRDetector.load(args.run, progress=False)
     onnx_path = args.run / "model.onnx"
-    diff = export_onnx(det.model_, onnx_path)
+    diff = export_run(det, onnx_path)
     size = det.config.model.image_size
     torch_ips = throughput(det.model_, size)
     onnx_ips = throughput(OnnxModel(onnx_path, det.config.model, threads=2), size)
-    images = sorted(args.images.rglob("*.png"))[:40]
+    images = find_images(args.images)[:40]
     load = load_test(args.run, images, args.clients, args.requests, args.seconds)
     results = {"torch_images_per_second": torch_ips, "onnx_images_per_second": onnx_ips,
                "onnx_max_score_difference": diff, "load_test": load}  # fmt: skip

@@ -8,7 +8,8 @@ import pytest
 
 from adtr.data.cifar10 import CLASSES, load_cifar10, read_batch
 from adtr.data.images import DataError
-from adtr.oneclass import one_class_split
+from adtr.data.splits import split_per_class
+from adtr.oneclass import one_class_split, read_small_images
 
 
 def _batch(n: int, seed: int) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -85,6 +86,26 @@ def test_one_class_split():
     idx, targets = one_class_split(train, test, normal_class=1)
     assert idx.tolist() == [1, 3, 4] and (train[idx] == 1).all()
     assert targets.tolist() == [0, 1, 0, 1]
+
+
+def test_per_class_hold_out_takes_the_last_share_of_each_class():
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 2])
+    kept, held = split_per_class(labels, fraction=0.4)
+    assert held.tolist() == [6, 7, 8, 9, 11] and kept.tolist() == [0, 1, 2, 3, 4, 5, 10]
+
+
+def test_small_images_are_files_resized_as_the_model_input_is(tmp_path):
+    from conftest import write_png
+
+    from adtr.data.images import read_image
+    from adtr.data.samples import Sample
+    from adtr.data.transforms import resize_image
+
+    rng = np.random.default_rng(0)
+    paths = [write_png(tmp_path / f"{i}.png", rng.integers(0, 256, (50, 70, 3), np.uint8)) for i in range(3)]
+    small = read_small_images([Sample(p, 1) for p in paths], (32, 32))
+    assert small.shape == (3, 32, 32, 3) and small.dtype == np.uint8
+    assert (small[1] == resize_image(read_image(paths[1]), (32, 32)).permute(1, 2, 0).numpy()).all()
 
 
 @pytest.mark.slow

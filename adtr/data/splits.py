@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from adtr.data.samples import Sample
@@ -45,3 +46,14 @@ def kshot_split(
         held |= {s.path for s in pool}
     remaining = [s for s in test if s.path not in held]
     return train, remaining
+
+
+def split_per_class(labels: np.ndarray, fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) indices: the last `fraction` of each class's images (labels (N,)) are
+    held out, in their order; e.g. a labelled validation set out of CIFAR-10's training images,
+    so that settings are chosen without the test set."""
+    held = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        held[idx[int(len(idx) * (1 - fraction)) :]] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
