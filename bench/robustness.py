@@ -78,6 +78,40 @@ def memory_rows(run_dir: Path, tmp: Path, megapixels: list[int], baseline: Path 
     return rows
 
 
+SERVICE_PROBE = """
+import sys, resource
+from adtr.runtime import configure_cpu
+from adtr.detector import ADTRDetector
+from adtr import serve
+configure_cpu()  # what `adtr serve` does: glibc keeps freed blocks for reuse
+det = ADTRDetector.load(sys.argv[1], progress=False)
+data = open(sys.argv[2], "rb").read()
+def rss():
+    return int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmRSS")).split()[1]) / 1024
+before = rss()
+serve.score_upload(det, "big.png", data, max_pixels=10**9, heatmap=True)
+after = rss()
+serve.release_memory()
+print(round(before), round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), round(after), round(rss()))
+"""
+
+
+def service_memory_rows(run_dir: Path, tmp: Path, megapixels: list[int]) -> list[list]:
+    """Resident memory of the service code around one upload with a heatmap: before, peak, after, after trim."""
+    rows = []
+    for mp in megapixels:
+        side = int((mp * 1e6) ** 0.5)
+        image = tmp / f"flat_{mp}mp.png"
+        Image.new("RGB", (side, side), (128, 120, 110)).save(image, compress_level=1)
+        r = subprocess.run([sys.executable, "-c", SERVICE_PROBE, str(run_dir), str(image)], capture_output=True,
+                           text=True, env=dict(os.environ, ADTR_MALLOC=""))  # fmt: skip
+        values = r.stdout.split() if r.returncode == 0 else ["failed: " + r.stderr[-150:]] + [""] * 3
+        rows.append([f"{side}x{side} ({mp} MP)", *values])
+        print(rows[-1], flush=True)
+        image.unlink()
+    return rows
+
+
 def array_rows(run_dir: Path, image_file: Path, tmp: Path) -> list[list]:
     """predict_image with the arrays cameras and OpenCV hand over, next to the file's score."""
     from adtr import ADTRDetector
@@ -266,6 +300,12 @@ def main() -> None:
                f"--memory {args.memory}`; one flat RGB PNG per run, peak RSS of the child process "
                "(model at 128x128; Python, torch and the model take about 0.4 GiB alone).\n\n"
                + md_table(["image", "code", "heatmap", "peak RSS MiB", "seconds", "exit code"], mem) + "\n")
+        service = service_memory_rows(run_dir, tmp, [int(v) for v in args.memory.split(",")])
+        result["service_memory"] = service
+        md += ("\n## Service: resident memory around one upload (heatmap on), MiB\n\nserve.score_upload in a "
+               "child process with the allocator settings of `adtr serve`; after it returns, the service calls "
+               "release_memory() (malloc_trim) for images of 4 MP or more.\n\n"
+               + md_table(["image", "before", "peak", "after the request", "after release_memory"], service) + "\n")
     write_results(args.out, result, md)
     shutil.rmtree(tmp, ignore_errors=True)
 
