@@ -56,7 +56,7 @@ class ScoreConfig:
     # "max_pool": max of the average-pooled map; "mean": its mean; "top_mean": mean of its top
     # top_fraction values; "pooled_residual": norm of
     # the image-averaged feature residual (for semantic anomalies, e.g. CIFAR-10 one-class)
-    image_score: str = "max_pool"
+    image_score: str = "top_mean"
     pool_size: int = 16  # average-pool window in input pixels (about one token)
     top_fraction: float = 0.01  # "top_mean": the mean of this share of the map's highest values
 
@@ -65,7 +65,7 @@ class ScoreConfig:
 class TrainConfig:
     # The budget: `steps` optimisation steps, rounded up to whole epochs, so that a small and
     # a large category both get a converged fit in about the same time; `epochs` overrides.
-    steps: int = 600
+    steps: int = 200
     epochs: int | None = None
     batch_size: int = 16
     lr: float = 4e-4
