@@ -179,14 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-heatmaps", action="store_true", help="write scores only")
     p.add_argument(
-        "--engine",
+        "--backend",
+        "--engine",  # the name before 0.2; kept so that existing scripts run
+        dest="backend",
         choices=["torch", "onnx"],
         default=None,
-        help="inference engine: PyTorch, or onnxruntime with an exported model (default: torch, or onnx "
+        help="inference backend: PyTorch, or onnxruntime with an exported model (default: torch, or onnx "
         "with --onnx)",
     )
     p.add_argument(
-        "--onnx", type=Path, default=None, help="ONNX file to run (implies --engine onnx; default: RUN/model.onnx)"
+        "--onnx", type=Path, default=None, help="ONNX file to run (implies --backend onnx; default: RUN/model.onnx)"
     )
     p.add_argument("--batch-size", type=int, default=8, help="inference batch size (default: 8)")
     p.add_argument(
@@ -207,10 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted request in MiB (default: 20)")
     p.add_argument(
-        "--engine",
+        "--backend",
+        "--engine",  # the name before 0.2
+        dest="backend",
         choices=["torch", "onnx"],
         default="torch",
-        help="PyTorch, or onnxruntime with RUN/model.onnx from adtr export (default: torch)",
+        help="inference backend: PyTorch, or onnxruntime with RUN/model.onnx from adtr export (default: torch)",
     )
     _add_common(p)
     return parser
@@ -299,14 +303,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from adtr.detector import ADTRDetector
     from adtr.outputs import collect_images, predict_to_folder
 
-    if args.onnx is not None and args.engine == "torch":
-        raise SettingsError("--onnx FILE runs the ONNX engine: drop --engine torch, or drop --onnx")
-    _check_onnx_device("onnx" if args.onnx is not None else args.engine, args.device)
+    if args.onnx is not None and args.backend == "torch":
+        raise SettingsError("--onnx FILE runs the ONNX backend: drop --backend torch, or drop --onnx")
+    _check_onnx_device("onnx" if args.onnx is not None else args.backend, args.device)
     files = collect_images(args.paths)
     if not files:
         raise DataError("no images to score among: " + ", ".join(map(str, args.paths)))
     det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet)
-    if args.engine == "onnx" or args.onnx is not None:
+    if args.backend == "onnx" or args.onnx is not None:
         det.use_onnx(args.onnx or args.run / "model.onnx")
     summary = predict_to_folder(det, files, args.out, heatmaps=not args.no_heatmaps, resume=args.resume,
                                 batch_size=args.batch_size, run_dir=args.run)  # fmt: skip
@@ -332,15 +336,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from adtr.serve import serve
 
-    _check_onnx_device(args.engine, args.device)
-    serve(args.run, args.host, args.port, int(args.max_upload_mb * 1024 * 1024), args.engine, args.device,
+    _check_onnx_device(args.backend, args.device)
+    serve(args.run, args.host, args.port, int(args.max_upload_mb * 1024 * 1024), args.backend, args.device,
           quiet=args.quiet, max_pixels=args.max_pixels)  # fmt: skip
     return 0
 
 
-def _check_onnx_device(engine: str | None, device: str) -> None:
-    if engine == "onnx" and device != "cpu":
-        raise SettingsError(f"--device {device}: the ONNX engine runs on the CPU only; drop --device or use torch")
+def _check_onnx_device(backend: str | None, device: str) -> None:
+    if backend == "onnx" and device != "cpu":
+        raise SettingsError(f"--device {device}: the ONNX backend runs on the CPU only; drop --device or use torch")
 
 
 COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve}

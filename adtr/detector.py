@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,21 +23,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adtr import __version__
-from adtr.anomalies import get_generator
-from adtr.calibration import calibrate, feature_scores, score_stats
-from adtr.checkpoint import RunRecord, file_list_summary, load_record, load_run, save_run
+from adtr.checkpoint import RunRecord, load_record, save_run
 from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig, TrainConfig
-from adtr.data.folder import anomaly_samples, has_masks, image_folder
-from adtr.data.images import decode_for_model, image_size, read_image, read_mask, to_rgb_uint8
-from adtr.data.mvtec import test_samples, train_samples
+from adtr.data.images import decode_for_model, read_image, to_rgb_uint8
+from adtr.data.mvtec import test_samples
 from adtr.data.samples import Sample
-from adtr.data.splits import split_validation
-from adtr.data.transforms import input_size_for, resize_image, resize_map
+from adtr.data.transforms import resize_image, resize_map
 from adtr.engine import predict_samples
-from adtr.errors import DataError, SettingsError
-from adtr.fit import fit_on_features
-from adtr.metrics import image_metrics, pixel_metrics
+from adtr.errors import DataError
+from adtr.evaluate import evaluate, score_rows
+from adtr.fit import fit_run
 from adtr.model import ADTR
 
 log = logging.getLogger(__name__)
@@ -96,49 +90,14 @@ class ADTRDetector:
         resume: continue from the state in checkpoint_dir (same data and settings); the
             result equals an uninterrupted fit with the same seed.
         """
-        samples = train_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
-        if any(s.label != 0 for s in samples):
-            raise DataError("the training data must be good images only (label 0); pass anomalies separately")
-        labelled = anomaly_samples(Path(anomalies)) if isinstance(anomalies, (str, Path)) else list(anomalies or [])
-        external_samples = image_folder(Path(external), label=1) if external is not None else []
-        try:
-            generators = [get_generator(name) for name in synthetic]
-        except ValueError as e:
-            raise SettingsError(str(e)) from None
-        base = None
-        if init is not None:
-            base, base_config, _ = load_run(init, self.device)
-            self.config.model, self.config.score = base_config.model, base_config.score
-        if self.config.model.image_size is None:
-            size = input_size_for([image_size(s.path) for s in samples])
-            self.config.model = dataclasses.replace(self.config.model, image_size=size)
-            log.info("input size %dx%d (height x width), from the training images' aspect ratio", *size)
-        cfg = self.config
-        t0 = time.perf_counter()
-        train_idx, val_idx = split_validation(len(samples), cfg.train.val_fraction, cfg.train.seed)
-        fitted = fit_on_features(cfg, samples, self.device, val_idx=val_idx, anomalies=labelled,
-                                 external=external_samples, generators=generators, init=base,
-                                 state_dir=checkpoint_dir, resume=resume, progress=self.progress)  # fmt: skip
-        self.model_, self.history_ = fitted.model, fitted.history
-        real = fitted.anomalies.of_kind("real").features if fitted.anomalies is not None else None
-        self.thresholds_ = calibrate(fitted.model, fitted.val, fitted.train, real, cfg.train.false_alarm_rate,
-                                     self.device)  # fmt: skip
-        provenance = {
-            "adtr_version": __version__,
-            "data": {
-                "train": file_list_summary([samples[i].path for i in train_idx]),
-                "val": file_list_summary([samples[i].path for i in val_idx]),
-                "anomaly_files": [str(s.path) for s in labelled + external_samples],
-                "n_external": len(external_samples),
-                "n_pixel_labelled": sum(s.mask_path is not None for s in labelled),
-                "synthetic": list(synthetic),
-                "init": str(init) if init is not None else None,
-            },
-            "fit_seconds": time.perf_counter() - t0,
-            "feature_seconds": fitted.feature_seconds,
-        }
-        stats = score_stats(feature_scores(fitted.model, fitted.val, self.device)[0])
-        self.record_ = RunRecord(cfg, self.thresholds_, stats, provenance, self.history_)
+        fitted = fit_run(self.config, data, self.device, anomalies=anomalies, synthetic=synthetic, external=external,
+                         init=init, state_dir=checkpoint_dir, resume=resume, progress=self.progress)  # fmt: skip
+        return self._adopt(*fitted)
+
+    def _adopt(self, model: ADTR, record: RunRecord) -> ADTRDetector:
+        """Take a fitted model and its record (from fit_run or a run folder) as learned state."""
+        self.model_, self.record_ = model, record
+        self.config, self.thresholds_, self.history_ = record.config, record.thresholds, record.history
         return self
 
     @property
@@ -182,7 +141,7 @@ class ADTRDetector:
         with keep_images, `image` holds the decoded RGB uint8 (H, W, 3), e.g. for an overlay.
         Errors as in predict(): DataError, or on_error(path, error) and the file is left out.
         """
-        engine = self._engine().eval()
+        backend = self._backend().eval()
         size = self.config.model.image_size
 
         def decode(path: Path) -> tuple[np.ndarray | tuple[int, int], torch.Tensor] | DataError:
@@ -212,7 +171,7 @@ class ADTRDetector:
                         ok.append((path, *item))
                 if ok:
                     with torch.no_grad():
-                        out = engine(torch.stack([t for _, _, t in ok]).to(self.device))
+                        out = backend(torch.stack([t for _, _, t in ok]).to(self.device))
                     scores = out.anomaly_score.cpu().tolist()
                     maps = out.anomaly_map.cpu().numpy()  # (B, h, w) at the model's input size
                     for (path, image, _), score, small in zip(ok, scores, maps, strict=True):
@@ -225,9 +184,9 @@ class ADTRDetector:
                 bar.update(len(chunk) - len(ok))
         bar.close()
 
-    def _engine(self):
-        """The ONNX engine when use_onnx() was called, else the PyTorch model."""
-        return getattr(self, "engine_", None) or self._require_model()
+    def _backend(self):
+        """What predict runs: the onnxruntime session after use_onnx(), else the PyTorch model."""
+        return getattr(self, "backend_", None) or self._require_model()
 
     def _prediction(self, name: str, score: float, anomaly_map: np.ndarray) -> Prediction:
         thr = self.thresholds_
@@ -246,7 +205,7 @@ class ADTRDetector:
             raises DataError (a ValueError) naming the accepted shapes and dtypes.
         """
         image = to_rgb_uint8(image, name, value_range, channel_order)
-        out = self._engine()(resize_image(image, self.config.model.image_size)[None].to(self.device))
+        out = self._backend()(resize_image(image, self.config.model.image_size)[None].to(self.device))
         anomaly_map = resize_map(out.anomaly_map[0].cpu().numpy(), image.shape[:2])
         return self._prediction(name, float(out.anomaly_score[0]), anomaly_map)
 
@@ -258,49 +217,9 @@ class ADTRDetector:
         With report_dir, also writes report_dir/index.html (report.py).
         """
         samples = test_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
-        model = self._require_model()
         t0 = time.perf_counter()
-        preds = predict_samples(model, samples, self.device, batch_size, self.progress)
-        wall = time.perf_counter() - t0
-        labels = np.array([s.label for s in samples])
-        n_bad = int(labels.sum())
-        result: dict[str, Any] = {"n_images": len(samples), "n_anomalous": n_bad, "skipped_metrics": {}}
-        if 0 < n_bad < len(labels):
-            result.update(image_metrics(preds.scores, labels))
-        else:
-            n_good = len(labels) - n_bad
-            why = f"it needs both good and anomalous images; the test data has {n_good} good and {n_bad} anomalous"
-            _skip_metrics(result, ["image_auroc", "image_f1_max"], why)
-        _check_finite(samples, preds.scores, preds.maps)
-        if has_masks(samples):
-            masks = [
-                read_mask(s.mask_path, size) if s.mask_path else np.zeros(size, dtype=bool)
-                for s, size in zip(samples, preds.original_sizes, strict=True)
-            ]
-            _note_empty_masks(result, samples, masks)
-            if not any(m.any() for m in masks) or all(m.all() for m in masks):
-                _skip_pixel_metrics(result, "the masks hold no anomalous pixels, or no normal ones")
-            else:
-                # Maps are upsampled to each image's original size one at a time, as the metric reads them.
-                result.update(pixel_metrics(_Resized(preds.maps, preds.original_sizes), masks))
-        elif any(s.mask_path is not None for s in samples):
-            _skip_pixel_metrics(result, "only some anomalous images have masks")
-        elif n_bad == 0:
-            _skip_pixel_metrics(result, "there are no anomalous images, so no defect pixels to find")
-        else:
-            _skip_pixel_metrics(result, "no masks found (expected ground_truth/<defect>/<name>_mask.png)")
-        flagged = np.array([self.thresholds_.is_anomalous(v) for v in preds.scores])
-        result["threshold"] = self.thresholds_.image
-        if (labels == 0).any():
-            result["false_alarm_rate_at_threshold"] = float(flagged[labels == 0].mean())
-        else:
-            _skip_metrics(result, ["false_alarm_rate_at_threshold"], "there are no good images")
-        if (labels == 1).any():
-            result["detection_rate_at_threshold"] = float(flagged[labels == 1].mean())
-        else:
-            _skip_metrics(result, ["detection_rate_at_threshold"], "there are no anomalous images")
-        result["images_per_second"] = len(samples) / max(preds.model_seconds, 1e-9)
-        result["images_per_second_with_decoding"] = len(samples) / max(wall, 1e-9)
+        preds = predict_samples(self._require_model(), samples, self.device, batch_size, self.progress)
+        result = evaluate(samples, preds, self.thresholds_, wall_seconds=time.perf_counter() - t0)
         if report_dir is not None:
             from adtr.render import display_range
             from adtr.report import write_report
@@ -309,17 +228,14 @@ class ADTRDetector:
             result["report"] = str(
                 write_report(report_dir, result, samples, preds.scores, preds.maps, self.thresholds_, vrange)
             )
-        result["scores"] = [
-            {"path": str(s.path), "label": s.label, "defect": s.defect, "score": float(v)}
-            for s, v in zip(samples, preds.scores, strict=True)
-        ]
+        result["scores"] = score_rows(samples, preds.scores)
         return result
 
     def use_onnx(self, path: str | Path) -> ADTRDetector:
         """Run predict() through onnxruntime with an exported model (adtr export)."""
         from adtr.export import OnnxModel
 
-        self.engine_ = OnnxModel(path, self.config.model)
+        self.backend_ = OnnxModel(path, self.config.model)
         return self
 
     # -- persistence ------------------------------------------------------------------
@@ -332,68 +248,4 @@ class ADTRDetector:
         """A fitted detector from a run folder (either config.json layout); RunFolderError otherwise."""
         model, record = load_record(run_dir, device)
         det = cls(record.config.model, record.config.score, record.config.train, device=device, progress=progress)
-        det.model_, det.record_, det.thresholds_, det.history_ = model, record, record.thresholds, record.history
-        return det
-
-
-def _check_finite(samples: Sequence[Sample], scores: np.ndarray, maps: Sequence[np.ndarray]) -> None:
-    """Raise FloatingPointError naming the first image whose score or map is NaN or infinite.
-
-    Metrics over such values mean nothing; the model, not the data, is at fault (a bug or a
-    diverged fit), so this is not a user error.
-    """
-    for s, score, m in zip(samples, scores, maps, strict=True):
-        if not np.isfinite(score) or not np.isfinite(m).all():
-            raise FloatingPointError(
-                f"{s.path}: the model's anomaly score or map is NaN or infinite; no metric can be computed"
-            )
-
-
-METRIC_NAMES = {
-    "image_auroc": "image AUROC",
-    "image_f1_max": "image F1-max",
-    "pixel_auroc": "pixel AUROC",
-    "aupro": "AUPRO",
-    "false_alarm_rate_at_threshold": "good flagged at threshold",
-    "detection_rate_at_threshold": "anomalous flagged at threshold",
-}
-
-
-def _skip_metrics(result: dict[str, Any], metrics: Sequence[str], reason: str) -> None:
-    """Record why each metric is missing in result["skipped_metrics"], and log one line per metric."""
-    for key in metrics:
-        result["skipped_metrics"][key] = reason
-        log.warning("%s not computed: %s", METRIC_NAMES[key], reason)
-
-
-def _skip_pixel_metrics(result: dict[str, Any], reason: str) -> None:
-    """Say in the result and the log why pixel AUROC and AUPRO are missing."""
-    result["pixel_metrics_skipped"] = reason
-    _skip_metrics(result, ["pixel_auroc", "aupro"], reason)
-
-
-def _note_empty_masks(result: dict[str, Any], samples: Sequence[Sample], masks: Sequence[np.ndarray]) -> None:
-    """Warn about each anomalous image whose mask is all black: its pixels count as normal."""
-    empty = [str(s.path) for s, m in zip(samples, masks, strict=True) if s.label == 1 and not m.any()]
-    if not empty:
-        return
-    for path in empty:
-        log.warning("%s: anomalous image with an empty (all black) mask: its pixels count as normal", path)
-    result["empty_masks"] = empty
-    result["pixel_metrics_note"] = (
-        f"{len(empty)} of {int(sum(s.label for s in samples))} anomalous images have empty masks; "
-        "their pixels count as normal in pixel AUROC and AUPRO"
-    )
-
-
-class _Resized(Sequence):
-    """maps[i] upsampled to sizes[i] on access: full-resolution maps never all in memory."""
-
-    def __init__(self, maps: list[np.ndarray], sizes: list[tuple[int, int]]):
-        self.maps, self.sizes = maps, sizes
-
-    def __len__(self) -> int:
-        return len(self.maps)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return resize_map(self.maps[i], self.sizes[i])
+        return det._adopt(model, record)

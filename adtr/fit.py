@@ -1,7 +1,8 @@
 """The fit sequence, written once: seed -> ADTR -> feature statistics -> standardise ->
 anomaly pools -> shuffling generator -> fit_reconstructor (You et al., ICONIP 2022, section 3).
 
-`ADTRDetector.fit` (image files), the one-class protocol (`oneclass.fit_class`, features of
+`fit_run` (ADTRDetector.fit, `adtr fit`: folders -> samples -> validation split -> fit ->
+calibration -> the run's record), the one-class protocol (`oneclass.fit_class`, features of
 in-memory images) and, later, multi-process training all call `fit_on_features`, so a setting
 means the same thing on every path and a seed gives the same weights on each.
 
@@ -14,6 +15,7 @@ before the model is built, and shuffling has its own `torch.Generator` with the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -22,10 +24,17 @@ from pathlib import Path
 
 import torch
 
-from adtr.anomalies import AnomalyGenerator
-from adtr.checkpoint import load_train_state, save_train_state
+from adtr import __version__
+from adtr.anomalies import AnomalyGenerator, get_generator
+from adtr.calibration import calibrate, feature_scores, score_stats
+from adtr.checkpoint import RunRecord, file_list_summary, load_run, load_train_state, save_train_state
 from adtr.config import RunConfig
+from adtr.data.folder import anomaly_samples, image_folder
+from adtr.data.images import image_size
+from adtr.data.mvtec import train_samples
 from adtr.data.samples import Sample
+from adtr.data.splits import split_validation
+from adtr.data.transforms import input_size_for
 from adtr.engine import (
     AnomalyPool,
     TrainingData,
@@ -36,7 +45,7 @@ from adtr.engine import (
     planned_epochs,
     synthetic_pools,
 )
-from adtr.errors import SettingsError
+from adtr.errors import DataError, SettingsError
 from adtr.model import ADTR
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,66 @@ class FitResult:
     val: torch.Tensor  # (N_val, C, h, w) standardised features of the held-out good images (may be empty)
     anomalies: AnomalyPool | None  # standardised real and external anomalies (pool.kinds says which)
     feature_seconds: float  # spent extracting features (0 for precomputed ones)
+
+
+def fit_run(
+    config: RunConfig,
+    data: str | Path | Sequence[Sample],
+    device: torch.device,
+    *,
+    anomalies: str | Path | Sequence[Sample] | None = None,
+    synthetic: Sequence[str] = (),
+    external: str | Path | None = None,
+    init: str | Path | None = None,
+    state_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[ADTR, RunRecord]:
+    """A run from folders or samples: (fitted model, its record: settings, calibration,
+    provenance, history). The arguments are ADTRDetector.fit's; the record's config has the
+    input size filled in (from the training images' aspect ratio when unset) and, with init,
+    that run's model and score settings. DataError / SettingsError / RunFolderError for bad input.
+    """
+    samples = train_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
+    if any(s.label != 0 for s in samples):
+        raise DataError("the training data must be good images only (label 0); pass anomalies separately")
+    labelled = anomaly_samples(Path(anomalies)) if isinstance(anomalies, (str, Path)) else list(anomalies or [])
+    external_samples = image_folder(Path(external), label=1) if external is not None else []
+    try:
+        generators = [get_generator(name) for name in synthetic]
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
+    base = None
+    if init is not None:
+        base, base_config, _ = load_run(init, device)
+        config = dataclasses.replace(config, model=base_config.model, score=base_config.score)
+    if config.model.image_size is None:
+        size = input_size_for([image_size(s.path) for s in samples])
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, image_size=size))
+        log.info("input size %dx%d (height x width), from the training images' aspect ratio", *size)
+    t0 = time.perf_counter()
+    train_idx, val_idx = split_validation(len(samples), config.train.val_fraction, config.train.seed)
+    fitted = fit_on_features(config, samples, device, val_idx=val_idx, anomalies=labelled, external=external_samples,
+                             generators=generators, init=base, state_dir=state_dir, resume=resume,
+                             progress=progress)  # fmt: skip
+    real = fitted.anomalies.of_kind("real").features if fitted.anomalies is not None else None
+    thresholds = calibrate(fitted.model, fitted.val, fitted.train, real, config.train.false_alarm_rate, device)
+    provenance = {
+        "adtr_version": __version__,
+        "data": {
+            "train": file_list_summary([samples[i].path for i in train_idx]),
+            "val": file_list_summary([samples[i].path for i in val_idx]),
+            "anomaly_files": [str(s.path) for s in labelled + external_samples],
+            "n_external": len(external_samples),
+            "n_pixel_labelled": sum(s.mask_path is not None for s in labelled),
+            "synthetic": list(synthetic),
+            "init": str(init) if init is not None else None,
+        },
+        "fit_seconds": time.perf_counter() - t0,
+        "feature_seconds": fitted.feature_seconds,
+    }
+    stats = score_stats(feature_scores(fitted.model, fitted.val, device)[0])
+    return fitted.model, RunRecord(config, thresholds, stats, provenance, fitted.history)
 
 
 def build_model(config: RunConfig, device: torch.device) -> ADTR:

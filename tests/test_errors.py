@@ -127,7 +127,7 @@ def test_every_option_is_honoured_or_refused(run_cli, tiny_run, tmp_path):
     with pytest.raises(SystemExit) as e:  # export traces on the CPU: no --device option
         run_cli("export", run, "--device", "cuda")
     assert e.value.code == 2
-    code, _, err = run_cli("predict", run, files[0], "--out", tmp_path, "--engine", "onnx", "--device", "cuda")
-    assert code == 2 and "the ONNX engine runs on the CPU only" in err
-    code, _, err = run_cli("serve", run, "--engine", "onnx", "--device", "cuda")
-    assert code == 2 and "the ONNX engine runs on the CPU only" in err
+    code, _, err = run_cli("predict", run, files[0], "--out", tmp_path, "--backend", "onnx", "--device", "cuda")
+    assert code == 2 and "the ONNX backend runs on the CPU only" in err
+    code, _, err = run_cli("serve", run, "--engine", "onnx", "--device", "cuda")  # the old flag name
+    assert code == 2 and "the ONNX backend runs on the CPU only" in err

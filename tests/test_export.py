@@ -53,16 +53,17 @@ def test_cli_export_and_onnx_predict(tiny_run, tmp_path, run_cli):
     assert code == 0
     assert "max image-score difference" in out and onnx_path.is_file()
     outs = {}
-    for engine in ("torch", "onnx"):
-        d = tmp_path / engine
-        extra = ["--onnx", onnx_path] if engine == "onnx" else []
-        code, _, _ = run_cli("predict", run, *files, "--out", d, "--engine", engine, *extra, "--quiet", "--no-heatmaps")
+    for backend in ("torch", "onnx"):
+        d = tmp_path / backend
+        extra = ["--onnx", onnx_path] if backend == "onnx" else []
+        flags = ["--backend", backend, *extra, "--quiet", "--no-heatmaps"]
+        code, _, _ = run_cli("predict", run, *files, "--out", d, *flags)
         assert code == 0
-        outs[engine] = json.loads((d / "scores.json").read_text())["predictions"]
+        outs[backend] = json.loads((d / "scores.json").read_text())["predictions"]
     threshold = tiny_run[0].thresholds_.image
     for a, b in zip(outs["torch"], outs["onnx"], strict=True):
         assert abs(a["anomaly_score"] - b["anomaly_score"]) < 1e-4
-        # each engine decides by its own score; they may differ only within the score tolerance of the
+        # each backend decides by its own score; they may differ only within the score tolerance of the
         # threshold (the threshold is itself a validation score)
         for row in (a, b):
             assert row["is_anomalous"] == (row["anomaly_score"] >= threshold)

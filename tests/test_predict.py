@@ -112,9 +112,9 @@ def test_cli_predict_resume_and_failures(tiny_run, tmp_path, run_cli, caplog):
     assert code == 0 and f"{len(files)} already done" in stdout
 
 
-def test_cli_onnx_with_torch_engine_is_refused(tiny_run, tmp_path, run_cli):
+def test_cli_onnx_with_torch_backend_is_refused(tiny_run, tmp_path, run_cli):
     _, run, files = tiny_run
-    code, _, err = run_cli("predict", run, files[0], "--out", tmp_path, "--engine", "torch", "--onnx", "m.onnx")
+    code, _, err = run_cli("predict", run, files[0], "--out", tmp_path, "--backend", "torch", "--onnx", "m.onnx")
     assert code == 2 and "--onnx" in err
     code, _, err = run_cli("predict", run, files[0], "--out", tmp_path, "--onnx", tmp_path / "none.onnx", "--quiet")
     assert code == 2 and "none.onnx: ONNX model not found" in err
