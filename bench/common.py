@@ -19,6 +19,13 @@ import torch
 from adtr.fileio import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
+# The development sets (issue 13): name -> folder under the data root.
+DEV_SETS = {
+    "bottle": "mvtec/bottle",
+    "transistor": "mvtec/transistor",
+    "metal_plate": "mpdd/metal_plate",
+    "bsdata": "bsdata",
+}
 DEFAULT_DATA = Path(os.environ.get("ADTR_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -1,0 +1,134 @@
+"""Recipe screening on cached features: many reconstructor variants, each trained on the same
+backbone features of the development sets, several image scores per fit.
+
+    python bench/screen.py --sets metal_plate,transistor \
+        --variants '[{"steps": 200}, {"steps": 200, "align": "area"}]' [--out results/screen]
+
+Cheaper than bench/suite.py for ablations: each set's features are extracted once per (input
+size, strides, alignment) and kept in memory; a variant then costs only its training. A
+variant sets any field of ModelConfig, ScoreConfig or TrainConfig (config.with_overrides),
+applied to the library's defaults (so `{}` is today's default) — `align`, `strides` and
+`image_size` change the features. Training uses the held-out good images only for the
+validation loss; test images are only scored. Per fit: validation loss, image AUROC with the
+configured score and with the top-1% mean and the map maximum of the same maps, pixel AUROC
+and AUPRO (sets with masks). Writes OUT.json and OUT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_DATA, DEV_SETS, REPO, machine, md_table, write_results  # noqa: E402
+
+from adtr import ADTRDetector  # noqa: E402
+from adtr.config import RunConfig, with_overrides  # noqa: E402
+from adtr.data.images import image_size, read_mask  # noqa: E402
+from adtr.data.mvtec import test_samples, train_samples  # noqa: E402
+from adtr.data.splits import split_validation  # noqa: E402
+from adtr.data.transforms import input_size_for, resize_map  # noqa: E402
+from adtr.engine import TrainingData, extract_features, fit_reconstructor  # noqa: E402
+from adtr.metrics import image_metrics, pixel_metrics  # noqa: E402
+from adtr.model import ADTR  # noqa: E402
+from adtr.runtime import configure_cpu  # noqa: E402
+
+_features: dict[tuple, dict] = {}
+
+
+def features(name: str, root: Path, cfg: RunConfig) -> dict:
+    """Raw aligned features of a set's training and test images, cached per feature setting."""
+    key = (name, cfg.model.image_size, cfg.model.strides, cfg.model.align, cfg.model.backbone)
+    if key not in _features:
+        train, test = train_samples(root), test_samples(root)
+        model = ADTR(cfg.model)
+        cpu = torch.device("cpu")
+        _features[key] = {
+            "train": extract_features(model, train, cpu, progress=False),
+            "test": extract_features(model, test, cpu, progress=False),
+            "labels": np.array([s.label for s in test]),
+            "masks": [s.mask_path for s in test],
+            "sizes": [image_size(s.path) for s in test],
+        }
+    return _features[key]
+
+
+class _Resized:
+    def __init__(self, maps: list[np.ndarray], sizes: list[tuple[int, int]]):
+        self.maps, self.sizes = maps, sizes
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return resize_map(self.maps[i], self.sizes[i])
+
+
+def run(name: str, root: Path, variant: dict) -> dict:
+    cfg = with_overrides(RunConfig(model=ADTRDetector().config.model), variant)
+    if cfg.model.image_size is None:
+        cfg = with_overrides(cfg, {"image_size": input_size_for([image_size(s.path) for s in train_samples(root)])})
+    d = features(name, root, cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = ADTR(cfg.model, cfg.score)
+        train_idx, val_idx = split_validation(len(d["train"]), cfg.train.val_fraction, cfg.train.seed)
+        model.set_feature_stats(d["train"][train_idx])
+        f = model.standardize(d["train"])
+        t0 = time.perf_counter()
+        history = fit_reconstructor(model, TrainingData(f[train_idx]), f[val_idx], cfg.train, torch.device("cpu"),
+                                    torch.Generator().manual_seed(cfg.train.seed), progress=False)  # fmt: skip
+        fit_seconds = time.perf_counter() - t0
+    model.eval()
+    with torch.no_grad():
+        test = model.standardize(d["test"])
+        outs = [model.score(test[i : i + 16]) for i in range(0, len(test), 16)]
+    scores = torch.cat([o.anomaly_score for o in outs]).double().numpy()
+    maps = [m for o in outs for m in o.anomaly_map.numpy()]
+    flat = torch.from_numpy(np.stack(maps)).flatten(1)
+    labels = d["labels"]
+    res = {"set": name, "variant": variant, "fit_seconds": round(fit_seconds, 1), "epochs": len(history),
+           "val_loss": history[-1].get("val_loss"),
+           "image_auroc": image_metrics(scores, labels)["image_auroc"],
+           "image_auroc_top1": image_metrics(flat.topk(max(1, round(0.01 * flat.shape[1])), 1).values.mean(1)
+                                             .double().numpy(), labels)["image_auroc"],
+           "image_auroc_max": image_metrics(flat.amax(1).double().numpy(), labels)["image_auroc"]}  # fmt: skip
+    if labels.any() and all(m is not None for m, y in zip(d["masks"], labels, strict=True) if y == 1):
+        masks = [read_mask(m, s) if m else np.zeros(s, bool) for m, s in zip(d["masks"], d["sizes"], strict=True)]
+        res.update(pixel_metrics(_Resized(maps, d["sizes"]), masks))
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--sets", default="metal_plate,transistor")
+    p.add_argument("--variants", default="[{}]", help="JSON list of settings objects")
+    p.add_argument("--out", type=Path, default=REPO / "results" / "screen")
+    args = p.parse_args()
+    configure_cpu(2)
+    variants = json.loads(args.variants)
+    results = []
+    for v in variants:
+        for name in args.sets.split(","):
+            results.append(run(name, args.data / DEV_SETS[name], v))
+            print(json.dumps(results[-1]), flush=True)
+    keys = ["image_auroc", "image_auroc_top1", "image_auroc_max", "pixel_auroc", "aupro", "val_loss", "fit_seconds"]
+    rows = [[r["set"], json.dumps(r["variant"]), *(r.get(k, "-") for k in keys)] for r in results]
+    md = (
+        f"# Recipe screening\n\nCommand: `python bench/screen.py {' '.join(sys.argv[1:])}`\n\n"
+        + md_table(["set", "variant", "image AUROC", "image AUROC (top 1%)", "image AUROC (max)", "pixel AUROC",
+                    "AUPRO", "val loss", "fit s"], rows)  # fmt: skip
+        + "\n"
+    )
+    write_results(args.out, {"machine": machine(), "command": sys.argv, "results": results}, md)
+
+
+if __name__ == "__main__":
+    main()
