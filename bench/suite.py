@@ -24,14 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, REPO, machine, md_table, run_measured, write_results  # noqa: E402
+from common import DEFAULT_DATA, DEV_SETS, REPO, machine, md_table, run_measured, write_results  # noqa: E402
 
-SETS = {  # name -> folder under the data root
-    "bottle": "mvtec/bottle",
-    "transistor": "mvtec/transistor",
-    "metal_plate": "mpdd/metal_plate",
-    "bsdata": "bsdata",
-}
+SETS = DEV_SETS
 METHODS = ("adtr", "patchcore", "padim")
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
