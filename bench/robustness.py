@@ -47,15 +47,19 @@ def run(args: list[str], grep: str | None = None) -> tuple[int, str, float]:
     return r.returncode, said.strip()[:220], time.perf_counter() - t0
 
 
-def peak_predict_memory(run_dir: Path, image: Path, out: Path, heatmaps: bool, pythonpath: Path | None) -> tuple:
-    """(peak RSS MiB, seconds, exit code) of `adtr predict RUN IMAGE` in a child process."""
+def peak_predict_memory(run_dir: Path, images: list[Path], out: Path, heatmaps: bool, pythonpath: Path | None) -> tuple:
+    """(peak RSS MiB, seconds, exit code) of `adtr predict RUN IMAGES` in a child process.
+
+    The child runs in out's parent folder: `python -m` puts the working folder first on
+    sys.path, which would otherwise shadow the --baseline package.
+    """
     env = dict(os.environ, ADTR_MAX_PIXELS="200000000")
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
-    cmd = adtr_command() + ["predict", str(run_dir), str(image), "--out", str(out), "--quiet"]
+    cmd = adtr_command() + ["predict", str(run_dir), *map(str, images), "--out", str(out), "--quiet"]
     cmd += [] if heatmaps else ["--no-heatmaps"]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=out.parent)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not all children's
     shutil.rmtree(out, ignore_errors=True)
     return usage.ru_maxrss / 1024.0, time.perf_counter() - t0, os.waitstatus_to_exitcode(status)
@@ -70,11 +74,20 @@ def memory_rows(run_dir: Path, tmp: Path, megapixels: list[int], baseline: Path 
         Image.new("RGB", (side, side), (128, 120, 110)).save(image, compress_level=1)
         for label, path in [("this adtr", None)] + ([("baseline", baseline)] if baseline else []):
             for heatmaps in (False, True):
-                peak, seconds, code = peak_predict_memory(run_dir, image, tmp / "mem_out", heatmaps, path)
+                peak, seconds, code = peak_predict_memory(run_dir, [image], tmp / "mem_out", heatmaps, path)
                 rows.append([f"{side}x{side} ({mp} MP)", label, "yes" if heatmaps else "no",
                              round(peak), round(seconds, 1), code])  # fmt: skip
                 print(rows[-1], flush=True)
         image.unlink()
+    # A batch of large files: the decoded full-size images of one batch were all held at once.
+    images = []
+    for i in range(4):
+        images.append(tmp / f"flat_25mp_{i}.png")
+        Image.new("RGB", (5000, 5000), (128, 120, 110 + i)).save(images[-1], compress_level=1)
+    for label, path in [("this adtr", None)] + ([("baseline", baseline)] if baseline else []):
+        peak, seconds, code = peak_predict_memory(run_dir, images, tmp / "mem_out", False, path)
+        rows.append(["4 files of 5000x5000 (25 MP), one batch", label, "no", round(peak), round(seconds, 1), code])
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -104,7 +117,7 @@ def service_memory_rows(run_dir: Path, tmp: Path, megapixels: list[int]) -> list
         image = tmp / f"flat_{mp}mp.png"
         Image.new("RGB", (side, side), (128, 120, 110)).save(image, compress_level=1)
         r = subprocess.run([sys.executable, "-c", SERVICE_PROBE, str(run_dir), str(image)], capture_output=True,
-                           text=True, env=dict(os.environ, ADTR_MALLOC=""))  # fmt: skip
+                           text=True, env=dict(os.environ, ADTR_MALLOC=""), cwd=tmp)  # fmt: skip
         values = r.stdout.split() if r.returncode == 0 else ["failed: " + r.stderr[-150:]] + [""] * 3
         rows.append([f"{side}x{side} ({mp} MP)", *values])
         print(rows[-1], flush=True)
