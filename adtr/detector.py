@@ -14,38 +14,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from adtr.checkpoint import RunRecord, load_record, save_run
 from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig, TrainConfig
-from adtr.data.images import decode_for_model, read_image, to_rgb_uint8
+from adtr.data.images import to_rgb_uint8
 from adtr.data.mvtec import test_samples
 from adtr.data.samples import Sample
-from adtr.data.transforms import resize_image, resize_map
 from adtr.engine import predict_samples
 from adtr.errors import DataError
 from adtr.evaluate import evaluate, score_rows
 from adtr.fit import fit_run
 from adtr.model import ADTR
+from adtr.predict import Prediction, iter_predictions, predict_array
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Prediction:
-    path: str
-    anomaly_score: float  # higher = more anomalous
-    anomaly_map: np.ndarray  # (H, W) at the image's original size
-    normalized_score: float  # 0..1, 0.5 = the run's threshold
-    is_anomalous: bool  # anomaly_score >= the image threshold
-    image: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) uint8 when asked for (keep_images)
 
 
 class ADTRDetector:
@@ -141,58 +128,13 @@ class ADTRDetector:
         with keep_images, `image` holds the decoded RGB uint8 (H, W, 3), e.g. for an overlay.
         Errors as in predict(): DataError, or on_error(path, error) and the file is left out.
         """
-        backend = self._backend().eval()
-        size = self.config.model.image_size
-
-        def decode(path: Path) -> tuple[np.ndarray | tuple[int, int], torch.Tensor] | DataError:
-            # Without keep_images only the model-size tensor and the (H, W) survive decoding,
-            # so a batch of huge files never holds their full-size pixels.
-            try:
-                if keep_images:
-                    image = read_image(path)
-                    return image, resize_image(image, size)
-                tensor, original = decode_for_model(path, size)
-                return original, tensor
-            except DataError as e:
-                if on_error is None:
-                    raise
-                return e
-
-        files = [Path(p) for p in paths]
-        bar = tqdm(total=len(files), desc="predict", unit="img", disable=not self.progress)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            for start in range(0, len(files), batch_size):
-                chunk = files[start : start + batch_size]
-                ok = []
-                for path, item in zip(chunk, pool.map(decode, chunk), strict=True):
-                    if isinstance(item, DataError):
-                        on_error(path, item)  # type: ignore[misc]
-                    else:
-                        ok.append((path, *item))
-                if ok:
-                    with torch.no_grad():
-                        out = backend(torch.stack([t for _, _, t in ok]).to(self.device))
-                    scores = out.anomaly_score.cpu().tolist()
-                    maps = out.anomaly_map.cpu().numpy()  # (B, h, w) at the model's input size
-                    for (path, image, _), score, small in zip(ok, scores, maps, strict=True):
-                        original = image.shape[:2] if isinstance(image, np.ndarray) else image
-                        pred = self._prediction(str(path), float(score), resize_map(small, original))
-                        if keep_images:
-                            pred.image = image
-                        bar.update(1)
-                        yield pred
-                bar.update(len(chunk) - len(ok))
-        bar.close()
+        return iter_predictions(self._backend().eval(), paths, self.config.model.image_size, self.device,
+                                self.thresholds_, batch_size, on_error, keep_images, self.progress)  # fmt: skip
 
     def _backend(self):
         """What predict runs: the onnxruntime session after use_onnx(), else the PyTorch model."""
         return getattr(self, "backend_", None) or self._require_model()
 
-    def _prediction(self, name: str, score: float, anomaly_map: np.ndarray) -> Prediction:
-        thr = self.thresholds_
-        return Prediction(name, score, anomaly_map, float(thr.normalize(score)), thr.is_anomalous(score))
-
-    @torch.no_grad()
     def predict_image(
         self, image: np.ndarray, name: str = "<image>", value_range: float | None = None, channel_order: str = "rgb"
     ) -> Prediction:
@@ -205,9 +147,7 @@ class ADTRDetector:
             raises DataError (a ValueError) naming the accepted shapes and dtypes.
         """
         image = to_rgb_uint8(image, name, value_range, channel_order)
-        out = self._backend()(resize_image(image, self.config.model.image_size)[None].to(self.device))
-        anomaly_map = resize_map(out.anomaly_map[0].cpu().numpy(), image.shape[:2])
-        return self._prediction(name, float(out.anomaly_score[0]), anomaly_map)
+        return predict_array(self._backend(), image, self.config.model.image_size, self.device, self.thresholds_, name)
 
     def test(
         self, data: str | Path | Sequence[Sample], batch_size: int = 8, report_dir: str | Path | None = None
