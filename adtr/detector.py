@@ -36,7 +36,12 @@ log = logging.getLogger(__name__)
 
 
 class ADTRDetector:
-    """ADTR anomaly detector. Learned state ends in `_` and exists after fit or load."""
+    """ADTR anomaly detector: a facade over fit.py, predict.py, evaluate.py and checkpoint.py.
+
+    Learned state ends in `_` and exists after fit or load: model_ (ADTR), record_ (the run's
+    checkpoint.RunRecord: settings, calibration, provenance, history), and from it
+    thresholds_ and history_.
+    """
 
     def __init__(
         self,
@@ -86,13 +91,6 @@ class ADTRDetector:
         self.model_, self.record_ = model, record
         self.config, self.thresholds_, self.history_ = record.config, record.thresholds, record.history
         return self
-
-    @property
-    def info_(self) -> dict[str, Any]:
-        """The record as one flat dict (the layout before RunRecord): prefer `record_`."""
-        r = self.record_
-        return {**r.provenance, "score_stats": r.score_stats, "thresholds": r.thresholds.to_dict(),
-                "history": r.history}  # fmt: skip
 
     # -- inference --------------------------------------------------------------------
     def _require_model(self) -> ADTR:

@@ -136,7 +136,7 @@ def predict_to_folder(
     if summary.skipped:
         log.info("%d images already scored in %s: skipped", summary.skipped, out_dir)
     names = dict(zip(map(str, files), output_names(files), strict=True))
-    vrange = display_range(detector.info_.get("score_stats", {}))
+    vrange = display_range(detector.record_.score_stats)
 
     def failed(path: Path, error: DataError) -> None:
         log.error("%s", error)

@@ -70,7 +70,7 @@ def score_upload(
         "defect_boxes": defect_boxes(thr, pred.anomaly_map, pred.is_anomalous),
     }
     if heatmap:
-        png = heatmap_png(image, pred.anomaly_map, vrange or display_range(det.info_.get("score_stats", {})))
+        png = heatmap_png(image, pred.anomaly_map, vrange or display_range(det.record_.score_stats))
         answer["heatmap_png_base64"] = base64.b64encode(png).decode("ascii")
     return answer
 
@@ -103,9 +103,9 @@ def create_app(
     det = ADTRDetector.load(run_dir, device=device, progress=False)
     if engine == "onnx":
         det.use_onnx(Path(run_dir) / "model.onnx")
-    vrange = display_range(det.info_.get("score_stats", {}))
+    vrange = display_range(det.record_.score_stats)
     lock = threading.Lock()
-    app = FastAPI(title="adtr inspection service", version=det.info_.get("adtr_version", "?"))
+    app = FastAPI(title="adtr inspection service", version=det.record_.provenance.get("adtr_version", "?"))
 
     @app.get("/health")
     def health() -> dict:

@@ -17,7 +17,7 @@ def test_round_trip_gives_identical_scores_and_maps(tiny_run):
     a, b = det.predict(files), again.predict(files)
     assert [p.anomaly_score for p in a] == [p.anomaly_score for p in b]
     assert all(np.array_equal(p.anomaly_map, q.anomaly_map) for p, q in zip(a, b, strict=True))
-    assert again.info_["score_stats"] == det.info_["score_stats"]
+    assert again.record_.score_stats == det.record_.score_stats
 
 
 def test_run_folder_is_safetensors_plus_json(tiny_run):

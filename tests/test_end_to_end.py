@@ -153,8 +153,8 @@ def test_anomaly_available_fit_from_init(bottle, tmp_path):
     det = ADTRDetector(train=TrainConfig(epochs=2, batch_size=8, lr=1e-3, synthetic_copies=1), progress=False)
     det.fit(train[:32], anomalies=anomalies, synthetic=["confetti", "cutpaste"], init=tmp_path / "base")
     assert det.config.model == FAST  # model settings come from the init run
-    assert det.info_["data"]["n_pixel_labelled"] == 3
+    assert det.record_.provenance["data"]["n_pixel_labelled"] == 3
     assert all(np.isfinite(h["loss"]) for h in det.history_)
     test = [s for s in remaining if s.defect in ("good", "broken_large")]
-    assert {str(s.path) for s in test}.isdisjoint(det.info_["data"]["anomaly_files"])
+    assert {str(s.path) for s in test}.isdisjoint(det.record_.provenance["data"]["anomaly_files"])
     assert det.test(test)["image_auroc"] > 0.9
