@@ -89,7 +89,7 @@ def find_mask(image: Path, mask_dir: Path) -> Path | None:
         return others[0]
     near = sorted(p.name for p in mask_dir.iterdir() if p.is_file() and p.stem.lower().startswith(image.stem.lower()))
     hint = f"; found {', '.join(near[:3])}; expected {expected.name}" if near else ""
-    raise DataError(f"{image}: no mask at {expected} although {mask_dir} holds masks for this defect{hint}")
+    raise DataError(f"{image}: no mask at {expected}{hint} (although {mask_dir} holds masks for this defect)")
 
 
 def _warn_mask_folders(folders: list[Path], masks_root: Path, found_masks: bool) -> None:
