@@ -129,7 +129,8 @@ class RunConfig:
         return cls(
             model=model,
             score=_build(ScoreConfig, data.get("score", {})),
-            train=_build(TrainConfig, data.get("train", {})),
+            # Runs saved before the step budget trained with the warm-up + x0.1 schedule.
+            train=_build(TrainConfig, {"schedule": "step", **data.get("train", {})}),
         )
 
 
