@@ -24,7 +24,7 @@ from adtr.anomalies import AnomalyGenerator
 from adtr.config import TrainConfig
 from adtr.data.images import DataError, read_image, read_mask
 from adtr.data.samples import Sample
-from adtr.data.transforms import resize_image
+from adtr.data.transforms import resize_batch, resize_image
 from adtr.losses import mixed_loss, mse_loss, reconstruction_loss
 from adtr.model import ADTR
 
@@ -90,16 +90,23 @@ def _batches(
 @torch.no_grad()
 def extract_features(
     model: ADTR,
-    samples: Sequence[Sample],
+    samples: Sequence[Sample] | np.ndarray,
     device: torch.device,
     batch_size: int = 8,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Raw aligned backbone features of all samples: (N, C, h, w) float32 on the CPU."""
+    """Raw aligned backbone features (N, C, h, w), float32 on the CPU, of image files (samples:
+    decoded once, resized by data.transforms.resize_image) or of in-memory uint8 images
+    (N, H, W, 3) (resized by data.transforms.resize_batch). DataError for an unreadable file."""
     model.eval()
     out = []
-    for batch in _batches(model, samples, batch_size, "features", progress):
-        out.append(model.extract(batch.images.to(device)).cpu())
+    if isinstance(samples, np.ndarray):
+        starts = range(0, len(samples), batch_size)
+        for i in tqdm(starts, desc="features", disable=not progress):
+            out.append(model.extract(resize_batch(samples[i : i + batch_size], model.cfg.image_size, device)).cpu())
+    else:
+        for batch in _batches(model, samples, batch_size, "features", progress):
+            out.append(model.extract(batch.images.to(device)).cpu())
     return torch.cat(out)
 
 
@@ -219,8 +226,12 @@ def synthetic_pools(
             feats[c].append(model.standardize(model.extract(torch.stack(images).to(device))).cpu())
             labels[c].append(token_labels(torch.stack(masks), grid))
     return [
-        AnomalyPool(torch.cat(feats[c]), torch.cat(labels[c]), torch.ones(len(samples), dtype=torch.bool),
-                    ("synthetic",) * len(samples))
+        AnomalyPool(
+            torch.cat(feats[c]),
+            torch.cat(labels[c]),
+            torch.ones(len(samples), dtype=torch.bool),
+            ("synthetic",) * len(samples),
+        )
         for c in range(copies)
     ]
 

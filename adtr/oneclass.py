@@ -18,11 +18,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from adtr.config import ModelConfig, RunConfig, ScoreConfig, TrainConfig
 from adtr.data.samples import Sample
-from adtr.engine import iter_image_batches
+from adtr.engine import extract_features, iter_image_batches
 from adtr.fit import fit_on_features
 from adtr.metrics import auroc
 from adtr.model import ADTR
@@ -58,19 +57,12 @@ def scoring_views(images: np.ndarray, views: str = "flip-shift", shift: int = 2)
     return out
 
 
-@torch.no_grad()
 def array_features(
     model: ADTR, images: np.ndarray, device: torch.device, batch_size: int = 64, progress: bool = True
 ) -> torch.Tensor:
-    """Raw aligned features of uint8 images (N, h, w, 3), upscaled bilinearly to the model
-    size: (N, C, gh, gw) float32 on the CPU."""
-    model.eval()
-    out = []
-    for i in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress):
-        x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float().to(device)
-        x = F.interpolate(x, size=model.cfg.image_size, mode="bilinear", align_corners=False)
-        out.append(model.extract(x).cpu())
-    return torch.cat(out)
+    """Raw aligned features of uint8 images (N, h, w, 3), upscaled bilinearly to the model size:
+    (N, C, gh, gw) float32 on the CPU (engine.extract_features, the one feature path)."""
+    return extract_features(model, images, device, batch_size, progress)
 
 
 def read_small_images(samples: Sequence[Sample], size: tuple[int, int] = (32, 32)) -> np.ndarray:

@@ -48,3 +48,17 @@ def test_features_path_marks_external_images_and_matches_the_one_class_fit(raw):
 def test_synthetic_anomalies_need_images(raw):
     with pytest.raises(SettingsError, match="synthetic anomalies are made from images"):
         fit_on_features(RunConfig(TINY), raw, torch.device("cpu"), generators=[lambda im, rng: (im, im[..., 0] > 0)])
+
+
+def test_in_memory_images_take_the_one_feature_path():
+    import numpy as np
+
+    from adtr.data.transforms import resize_batch
+    from adtr.engine import extract_features
+
+    torch.manual_seed(0)
+    model = ADTR(TINY)
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    f = extract_features(model, images, torch.device("cpu"), batch_size=2, progress=False)
+    assert f.shape[0] == 5 and torch.equal(f[:2], model.extract(resize_batch(images[:2], (64, 64))))
+    assert resize_batch(images, (64, 64)).shape == (5, 3, 64, 64)

@@ -42,3 +42,14 @@ def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
     t = torch.nn.functional.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
     return t[0, 0].numpy()
+
+
+def resize_batch(images: np.ndarray, size: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 images (N, h, w, 3) in memory -> float (N, 3, H, W), values 0..255, size = (H, W).
+
+    Bilinear in float on `device` (torch, align_corners=False): for small images upscaled to the
+    model size (CIFAR-10's 32x32), where resize_image's uint8 result would round every value.
+    For upscaling the two agree up to that rounding.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().to(device)
+    return torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
