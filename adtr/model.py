@@ -185,8 +185,9 @@ class ADTR(nn.Module):
         elif self.score_cfg.image_score == "mean":
             score = m.mean(dim=(1, 2, 3))
         elif self.score_cfg.image_score == "top_mean":
-            flat = m.flatten(1)
-            score = flat.topk(max(1, round(self.score_cfg.top_fraction * flat.shape[1])), dim=1).values.mean(1)
+            h, w = self.cfg.image_size  # python ints, so that the ONNX graph holds a constant k
+            k = max(1, round(self.score_cfg.top_fraction * h * w))
+            score = m.flatten(1).topk(k, dim=1).values.mean(1)
         elif self.score_cfg.image_score == "max_pool":
             k = self.score_cfg.pool_size
             score = F.avg_pool2d(m, k, stride=1).amax(dim=(1, 2, 3)) if k > 1 else m.amax(dim=(1, 2, 3))
