@@ -85,6 +85,18 @@ class TrainConfig:
     loss: str = "mse"
     hard_quantile: float = 0.9
     easy_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+            (0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
     val_fraction: float = 0.1  # good training images held out for monitoring and thresholds
     false_alarm_rate: float = 0.01  # accepted share of good images flagged (thresholds.py)
     seed: int = 0

@@ -38,7 +38,10 @@ def align_features(maps: list[torch.Tensor], grid: tuple[int, int], mode: str = 
         if m.shape[-2:] == grid:
             return m
         if mode == "area" and m.shape[-2] >= grid[0] and m.shape[-1] >= grid[1]:
-            return F.adaptive_avg_pool2d(m, grid)
+            # Input sizes are multiples of 32, so each cell is a whole k x k block: a plain
+            # average pool, which (unlike adaptive pooling) the ONNX exporter supports.
+            k = (int(m.shape[-2]) // grid[0], int(m.shape[-1]) // grid[1])
+            return F.avg_pool2d(m, k, stride=k)
         if mode not in ("area", "bilinear"):
             raise ValueError(f"unknown feature alignment {mode!r}; choose 'bilinear' or 'area'")
         return F.interpolate(m, size=grid, mode="bilinear", align_corners=False)

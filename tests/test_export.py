@@ -68,3 +68,16 @@ def test_cli_export_and_onnx_predict(tiny_run, tmp_path, run_cli):
         for row in (a, b):
             assert row["is_anomalous"] == (row["anomaly_score"] >= threshold)
         assert a["is_anomalous"] == b["is_anomalous"] or abs(a["anomaly_score"] - threshold) < 1e-4
+
+
+@pytest.mark.parametrize("align", ["area", "bilinear"])
+def test_export_every_feature_alignment(align, tmp_path):
+    """The cpu preset's area alignment must export like the bilinear one (an untrained model
+    is enough: parity is about the graph, not the weights)."""
+    from adtr.config import ModelConfig
+    from adtr.model import ADTR
+
+    cfg = ModelConfig(image_size=(64, 96), align=align, hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1,
+                      num_heads=4, ffn_dim=64)  # fmt: skip
+    diff = export_onnx(ADTR(cfg).eval(), tmp_path / "m.onnx")
+    assert diff < 1e-4
