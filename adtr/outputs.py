@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
     file that is not an image is kept, so that scoring reports it as a failure.
     """
     files: list[Path] = []
+    seen: set[Path] = set()
     for p in map(Path, paths):
         if p.is_dir():
             found = find_images(p)
@@ -59,7 +61,13 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
             files.append(p)
         else:
             raise DataError(f"{p}: file not found")
-    return files
+    unique = []
+    for f in files:  # a file named twice (or inside a named folder too) is scored once
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
 
 
 def output_names(files: Sequence[Path]) -> list[str]:
@@ -67,7 +75,13 @@ def output_names(files: Sequence[Path]) -> list[str]:
     resolved = [Path(f).resolve() for f in files]
     parents = [str(r.parent) for r in resolved]
     common = Path(os.path.commonpath(parents)) if parents else Path(".")
-    return ["__".join(r.relative_to(common).with_suffix("").parts) for r in resolved]
+    names = ["__".join(r.relative_to(common).with_suffix("").parts) for r in resolved]
+    counts = Counter(names)
+    # Files that differ only by extension (x.png, x.jpg) keep it, so no heatmap overwrites another.
+    return [
+        n if counts[n] == 1 else "__".join(r.relative_to(common).parts).replace(".", "_")
+        for n, r in zip(names, resolved, strict=True)
+    ]
 
 
 @dataclass

@@ -129,3 +129,16 @@ def test_folders_follow_the_data_layout_rules(tmp_path):
     files = collect_images([tmp_path])
     assert [f.relative_to(tmp_path).as_posix() for f in files] == ["a/1.png", "a/b/2.png"]
     assert output_names(files) == ["1", "b__2"]
+
+
+def test_heatmap_names_stay_unique_and_files_are_scored_once(tmp_path):
+    from adtr.outputs import collect_images, output_names
+
+    a = tmp_path / "imgs" / "a"
+    a.mkdir(parents=True)
+    for name in ("x.png", "x.jpg", "y.png"):
+        (a / name).write_bytes(b"not decoded here")
+    files = collect_images([a, a / "x.png"])
+    assert sorted(f.name for f in files) == ["x.jpg", "x.png", "y.png"]  # x.png named twice, kept once
+    names = output_names(files)
+    assert len(set(names)) == 3 and "y" in names
