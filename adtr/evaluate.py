@@ -65,7 +65,7 @@ def evaluate(
             _skip_pixel_metrics(result, "the masks hold no anomalous pixels, or no normal ones")
         else:
             # Maps are upsampled to each image's original size one at a time, as the metric reads them.
-            result.update(pixel_metrics(_Resized(preds.maps, preds.original_sizes), masks))
+            result.update(pixel_metrics(ResizedMaps(preds.maps, preds.original_sizes), masks))
     elif any(s.mask_path is not None for s in samples):
         _skip_pixel_metrics(result, "only some anomalous images have masks")
     elif n_bad == 0:
@@ -136,7 +136,7 @@ def _note_empty_masks(result: dict[str, Any], samples: Sequence[Sample], masks: 
     )
 
 
-class _Resized(Sequence):
+class ResizedMaps(Sequence):
     """maps[i] upsampled to sizes[i] on access: full-resolution maps never all in memory."""
 
     def __init__(self, maps: list[np.ndarray], sizes: list[tuple[int, int]]):

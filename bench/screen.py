@@ -33,8 +33,9 @@ from adtr.config import RunConfig, with_overrides  # noqa: E402
 from adtr.data.images import image_size, read_mask  # noqa: E402
 from adtr.data.mvtec import test_samples, train_samples  # noqa: E402
 from adtr.data.splits import split_validation  # noqa: E402
-from adtr.data.transforms import input_size_for, resize_map  # noqa: E402
+from adtr.data.transforms import input_size_for  # noqa: E402
 from adtr.engine import TrainingData, extract_features, fit_reconstructor  # noqa: E402
+from adtr.evaluate import ResizedMaps  # noqa: E402
 from adtr.metrics import image_metrics, pixel_metrics  # noqa: E402
 from adtr.model import ADTR  # noqa: E402
 from adtr.runtime import configure_cpu  # noqa: E402
@@ -57,17 +58,6 @@ def features(name: str, root: Path, cfg: RunConfig) -> dict:
             "sizes": [image_size(s.path) for s in test],
         }
     return _features[key]
-
-
-class _Resized:
-    def __init__(self, maps: list[np.ndarray], sizes: list[tuple[int, int]]):
-        self.maps, self.sizes = maps, sizes
-
-    def __len__(self) -> int:
-        return len(self.maps)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return resize_map(self.maps[i], self.sizes[i])
 
 
 def run(name: str, root: Path, variant: dict) -> dict:
@@ -101,7 +91,7 @@ def run(name: str, root: Path, variant: dict) -> dict:
            "image_auroc_max": image_metrics(flat.amax(1).double().numpy(), labels)["image_auroc"]}  # fmt: skip
     if labels.any() and all(m is not None for m, y in zip(d["masks"], labels, strict=True) if y == 1):
         masks = [read_mask(m, s) if m else np.zeros(s, bool) for m, s in zip(d["masks"], d["sizes"], strict=True)]
-        res.update(pixel_metrics(_Resized(maps, d["sizes"]), masks))
+        res.update(pixel_metrics(ResizedMaps(maps, d["sizes"]), masks))
     return res
 
 
