@@ -20,13 +20,18 @@ BOTTLE = DATA / "mvtec" / "bottle"
 torch.set_num_threads(2)
 
 
+def require_category(root: Path) -> Path:
+    """root, an MVTec-layout category of the real data; skipped where absent, failed in CI."""
+    if not (root / "train" / "good").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{root.name} not found at {root}: CI must run the real-data tests")
+        pytest.skip(f"{root.name} not found at {root} (set ADTR_DATA)")
+    return root
+
+
 @pytest.fixture(scope="session")
 def bottle() -> Path:
-    if not (BOTTLE / "train" / "good").is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"MVTec bottle not found at {BOTTLE}: CI must run the real-data tests")
-        pytest.skip(f"MVTec bottle not found at {BOTTLE} (set ADTR_DATA)")
-    return BOTTLE
+    return require_category(BOTTLE)
 
 
 def write_png(path: Path, array: np.ndarray) -> Path:

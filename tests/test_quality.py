@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from conftest import DATA, require_category
 
 from adtr import ADTRDetector
 from adtr.config import MODEL_PRESETS, TrainConfig
@@ -18,11 +17,7 @@ TRANSISTOR = DATA / "mvtec" / "transistor"
 
 @pytest.fixture(scope="module")
 def transistor() -> Path:
-    if not (TRANSISTOR / "train" / "good").is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"MVTec transistor not found at {TRANSISTOR}: CI must run the real-data tests")
-        pytest.skip(f"MVTec transistor not found at {TRANSISTOR} (set ADTR_DATA)")
-    return TRANSISTOR
+    return require_category(TRANSISTOR)
 
 
 @pytest.mark.slow
