@@ -75,9 +75,12 @@ def greedy_coreset(x: torch.Tensor, n: int, seed: int = 0, projection_dim: int =
     chosen = torch.empty(n, dtype=torch.long)
     chosen[0] = int(torch.randint(len(x), (1,), generator=g))
     dist = sq - 2 * (x @ x[chosen[0]]) + sq[chosen[0]]  # squared distances to the chosen set
+    step = torch.empty_like(dist)  # reused: no allocation per step (memory bandwidth bound)
     for i in range(1, n):
-        chosen[i] = int(dist.argmax())
-        torch.minimum(dist, sq - 2 * (x @ x[chosen[i]]) + sq[chosen[i]], out=dist)
+        c = int(dist.argmax())
+        chosen[i] = c
+        torch.addmv(sq, x, x[c], alpha=-2, out=step).add_(sq[c])
+        torch.minimum(dist, step, out=dist)
     return chosen
 
 

@@ -79,6 +79,7 @@ def run(name: str, root: Path, variant: dict) -> dict:
     with torch.no_grad():
         test = model.standardize(d["test"])
         outs = [model.score(test[i : i + 16]) for i in range(0, len(test), 16)]
+        extra = _residual_scores(model, f[train_idx], test, d)
     scores = torch.cat([o.anomaly_score for o in outs]).double().numpy()
     maps = [m for o in outs for m in o.anomaly_map.numpy()]
     flat = torch.from_numpy(np.stack(maps)).flatten(1)
@@ -89,10 +90,48 @@ def run(name: str, root: Path, variant: dict) -> dict:
            "image_auroc_top1": image_metrics(flat.topk(max(1, round(0.01 * flat.shape[1])), 1).values.mean(1)
                                              .double().numpy(), labels)["image_auroc"],
            "image_auroc_max": image_metrics(flat.amax(1).double().numpy(), labels)["image_auroc"]}  # fmt: skip
-    if labels.any() and all(m is not None for m, y in zip(d["masks"], labels, strict=True) if y == 1):
+    has_masks = labels.any() and all(m is not None for m, y in zip(d["masks"], labels, strict=True) if y == 1)
+    masks = None
+    if has_masks:
         masks = [read_mask(m, s) if m else np.zeros(s, bool) for m, s in zip(d["masks"], d["sizes"], strict=True)]
         res.update(pixel_metrics(ResizedMaps(maps, d["sizes"]), masks))
+    for name_, (score_, maps_) in extra.items():
+        res[f"image_auroc_{name_}"] = image_metrics(score_, labels)["image_auroc"]
+        if masks is not None and maps_ is not None:
+            pm = pixel_metrics(ResizedMaps(maps_, d["sizes"]), masks)
+            res[f"pixel_auroc_{name_}"], res[f"aupro_{name_}"] = pm["pixel_auroc"], pm["aupro"]
     return res
+
+
+def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: dict) -> dict:
+    """Alternative scores of the same fit, computed from the feature residual (screening only).
+
+    chan: residual divided by its per-channel RMS on the training images before the norm (no
+    channel group dominates by count or by unpredictable texture); pos: grid error standardised
+    per position with the training images' mean and std; pooled: the norm of the image-averaged
+    residual. Returns {name: (image scores (N,), maps list or None)}.
+    """
+
+    def residuals(f: torch.Tensor) -> torch.Tensor:
+        return torch.cat([f[i : i + 16] - model.reconstructor(f[i : i + 16]) for i in range(0, len(f), 16)])
+
+    r_train, r_test = residuals(train), residuals(test)
+    rms = r_train.pow(2).mean(dim=(0, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
+    out = {}
+    g = torch.linalg.vector_norm(r_test / rms, dim=1)
+    o = model.score_maps(g)
+    out["chan"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
+    e_train = torch.linalg.vector_norm(r_train, dim=1)
+    mu, sd = e_train.mean(0), e_train.std(0).clamp_min(1e-6)
+    g = ((torch.linalg.vector_norm(r_test, dim=1) - mu) / sd).clamp_min(0)
+    o = model.score_maps(g)
+    out["pos"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
+    out["pooled"] = (torch.linalg.vector_norm(r_test.mean(dim=(2, 3)), dim=1).double().numpy(), None)
+    return out
+
+
+def _fmt(v: object) -> object:
+    return round(v, 4) if isinstance(v, float) else v
 
 
 def main() -> None:
@@ -109,12 +148,15 @@ def main() -> None:
         for name in args.sets.split(","):
             results.append(run(name, args.data / DEV_SETS[name], v))
             print(json.dumps(results[-1]), flush=True)
-    keys = ["image_auroc", "image_auroc_top1", "image_auroc_max", "pixel_auroc", "aupro", "val_loss", "fit_seconds"]
-    rows = [[r["set"], json.dumps(r["variant"]), *(r.get(k, "-") for k in keys)] for r in results]
+    keys = ["image_auroc", "image_auroc_top1", "image_auroc_max", "pixel_auroc", "aupro", "image_auroc_chan",
+            "pixel_auroc_chan", "aupro_chan", "image_auroc_pos", "pixel_auroc_pos", "aupro_pos", "image_auroc_pooled",
+            "val_loss", "fit_seconds"]  # fmt: skip
+    rows = [[r["set"], json.dumps(r["variant"]), *(_fmt(r.get(k, "-")) for k in keys)] for r in results]
     md = (
         f"# Recipe screening\n\nCommand: `python bench/screen.py {' '.join(sys.argv[1:])}`\n\n"
         + md_table(["set", "variant", "image AUROC", "image AUROC (top 1%)", "image AUROC (max)", "pixel AUROC",
-                    "AUPRO", "val loss", "fit s"], rows)  # fmt: skip
+                    "AUPRO", "chan: image", "chan: pixel", "chan: AUPRO", "pos: image", "pos: pixel", "pos: AUPRO",
+                    "pooled: image", "val loss", "fit s"], rows)  # fmt: skip
         + "\n"
     )
     write_results(args.out, {"machine": machine(), "command": sys.argv, "results": results}, md)
