@@ -59,6 +59,14 @@ class ScoreConfig:
     image_score: str = "top_mean"
     pool_size: int = 16  # average-pool window in input pixels (about one token)
     top_fraction: float = 0.01  # "top_mean": the mean of this share of the map's highest values
+    # "channel": each channel's residual is divided by its RMS on the training images before
+    # the norm, so that channels the model cannot predict on good parts (texture) do not drown
+    # the others (docs/design.md, "Scores"); "none": the plain residual (runs before this key).
+    residual_norm: str = "channel"
+
+    def __post_init__(self) -> None:
+        if self.residual_norm not in ("channel", "none"):
+            raise ValueError(f"residual_norm must be 'channel' or 'none', got {self.residual_norm!r}")
 
 
 @dataclass
@@ -140,7 +148,7 @@ class RunConfig:
         model.strides = tuple(model.strides)
         return cls(
             model=model,
-            score=_build(ScoreConfig, data.get("score", {})),
+            score=_build(ScoreConfig, {"residual_norm": "none", **data.get("score", {})}),
             # Runs saved before the step budget trained with the warm-up + x0.1 schedule.
             train=_build(TrainConfig, {"schedule": "step", **data.get("train", {})}),
         )

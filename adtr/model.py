@@ -143,6 +143,11 @@ class ADTR(nn.Module):
         # Per-channel statistics of the training features (identity until fitted).
         self.register_buffer("feature_mean", torch.zeros(1, self.channels, 1, 1))
         self.register_buffer("feature_std", torch.ones(1, self.channels, 1, 1))
+        # Per-channel RMS of the training residual (set_residual_scale); stored only when the
+        # score uses it, so runs from before residual_norm load unchanged.
+        self.register_buffer(
+            "residual_scale", torch.ones(1, self.channels, 1, 1), persistent=self.score_cfg.residual_norm == "channel"
+        )
         sigma = self.score_cfg.smoothing_sigma
         self.register_buffer(
             "smooth_kernel", gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1), persistent=False
@@ -165,9 +170,25 @@ class ADTR(nn.Module):
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std)
 
+    @torch.no_grad()
+    def set_residual_scale(self, features: torch.Tensor, batch_size: int = 16) -> None:
+        """Set residual_scale (1, C, 1, 1) to the per-channel RMS of f - f_hat over standardised
+        training features (N, C, h, w), in the model's current mode (call it in eval mode).
+
+        Dividing by it before the norm weighs every channel by how well good parts are
+        reconstructed in it: a whitening of the residual (diagonal), the same idea as
+        normalising each stage's error by its training error (Dinomaly, CVPR 2025, sec. 3)."""
+        device = self.residual_scale.device
+        total = torch.zeros(self.channels, dtype=torch.float64, device=device)
+        for i in range(0, len(features), batch_size):
+            f = features[i : i + batch_size].to(device)
+            total += (f - self.reconstructor(f)).double().pow(2).sum(dim=(0, 2, 3))
+        count = len(features) * features.shape[2] * features.shape[3]
+        self.residual_scale.copy_((total / max(1, count)).sqrt().clamp_min(1e-6).float().view(1, -1, 1, 1))
+
     def score(self, f: torch.Tensor) -> AnomalyOutput:
         """Standardised features (B, C, h, w) -> map at input size and image score."""
-        residual = f - self.reconstructor(f)  # (B, C, h, w)
+        residual = (f - self.reconstructor(f)) / self.residual_scale  # (B, C, h, w)
         return self.score_maps(torch.linalg.vector_norm(residual, dim=1), residual)
 
     def score_maps(self, grid_map: torch.Tensor, residual: torch.Tensor | None = None) -> AnomalyOutput:

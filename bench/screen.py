@@ -76,6 +76,8 @@ def run(name: str, root: Path, variant: dict) -> dict:
                                     torch.Generator().manual_seed(cfg.train.seed), progress=False)  # fmt: skip
         fit_seconds = time.perf_counter() - t0
     model.eval()
+    if cfg.score.residual_norm == "channel":
+        model.set_residual_scale(f[train_idx])
     with torch.no_grad():
         test = model.standardize(d["test"])
         outs = [model.score(test[i : i + 16]) for i in range(0, len(test), 16)]
@@ -109,7 +111,8 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
     chan: residual divided by its per-channel RMS on the training images before the norm (no
     channel group dominates by count or by unpredictable texture); pos: grid error standardised
     per position with the training images' mean and std; pooled: the norm of the image-averaged
-    residual. Returns {name: (image scores (N,), maps list or None)}.
+    residual; pooled_chan: the same after the chan division.
+    Returns {name: (image scores (N,), maps list or None)}.
     """
 
     def residuals(f: torch.Tensor) -> torch.Tensor:
@@ -127,6 +130,7 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
     o = model.score_maps(g)
     out["pos"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
     out["pooled"] = (torch.linalg.vector_norm(r_test.mean(dim=(2, 3)), dim=1).double().numpy(), None)
+    out["pooled_chan"] = (torch.linalg.vector_norm((r_test / rms).mean(dim=(2, 3)), dim=1).double().numpy(), None)
     return out
 
 
@@ -150,13 +154,14 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     keys = ["image_auroc", "image_auroc_top1", "image_auroc_max", "pixel_auroc", "aupro", "image_auroc_chan",
             "pixel_auroc_chan", "aupro_chan", "image_auroc_pos", "pixel_auroc_pos", "aupro_pos", "image_auroc_pooled",
+            "image_auroc_pooled_chan",
             "val_loss", "fit_seconds"]  # fmt: skip
     rows = [[r["set"], json.dumps(r["variant"]), *(_fmt(r.get(k, "-")) for k in keys)] for r in results]
     md = (
         f"# Recipe screening\n\nCommand: `python bench/screen.py {' '.join(sys.argv[1:])}`\n\n"
         + md_table(["set", "variant", "image AUROC", "image AUROC (top 1%)", "image AUROC (max)", "pixel AUROC",
                     "AUPRO", "chan: image", "chan: pixel", "chan: AUPRO", "pos: image", "pos: pixel", "pos: AUPRO",
-                    "pooled: image", "val loss", "fit s"], rows)  # fmt: skip
+                    "pooled: image", "pooled chan: image", "val loss", "fit s"], rows)  # fmt: skip
         + "\n"
     )
     write_results(args.out, {"machine": machine(), "command": sys.argv, "results": results}, md)

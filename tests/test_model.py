@@ -106,3 +106,34 @@ def test_config_round_trip_and_unknown_keys():
     bad["model"]["hiden_dim"] = 3
     with pytest.raises(ValueError, match="hiden_dim"):
         RunConfig.from_dict(bad)
+
+
+class _ZeroReconstructor(torch.nn.Module):
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(f)
+
+
+def test_residual_scale_is_the_per_channel_rms_of_the_training_residual():
+    m = ADTR(SMALL, ScoreConfig(smoothing_sigma=0)).eval()
+    m.reconstructor = _ZeroReconstructor()  # residual = f, so the scale is each channel's RMS
+    c, (h, w) = m.channels, SMALL.grid_size
+    f = torch.randn(5, c, h, w, generator=torch.Generator().manual_seed(0))
+    f *= torch.arange(1, c + 1, dtype=torch.float32).view(1, c, 1, 1)  # channel k has RMS about k + 1
+    m.set_residual_scale(f, batch_size=2)  # batches must add up to the whole-set RMS
+    torch.testing.assert_close(m.residual_scale.flatten(), f.pow(2).mean(dim=(0, 2, 3)).sqrt())
+    # After the division every channel weighs the same: the map of the training features is about 1.
+    grid = torch.linalg.vector_norm(f / m.residual_scale, dim=1).pow(2).mean() / c
+    assert float(grid) == pytest.approx(1.0, rel=1e-4)
+    assert "residual_scale" in m.state_dict()
+
+
+def test_runs_without_residual_norm_keep_the_plain_residual():
+    old = RunConfig(model=SMALL).to_dict()
+    del old["score"]["residual_norm"]  # a config.json written before the key existed
+    cfg = RunConfig.from_dict(old)
+    assert cfg.score.residual_norm == "none"
+    m = ADTR(cfg.model, cfg.score)
+    assert "residual_scale" not in m.state_dict()  # so its weights file still matches
+    assert bool((m.residual_scale == 1).all())
+    with pytest.raises(ValueError, match="residual_norm"):
+        ScoreConfig(residual_norm="stage")
