@@ -108,10 +108,11 @@ def run(name: str, root: Path, variant: dict) -> dict:
 def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: dict) -> dict:
     """Alternative scores of the same fit, computed from the feature residual (screening only).
 
-    chan: residual divided by its per-channel RMS on the training images before the norm (no
+    plain: the residual as it is (residual_norm "none"); chan: residual divided by its
+    per-channel RMS on the training images before the norm (no
     channel group dominates by count or by unpredictable texture); pos: grid error standardised
     per position with the training images' mean and std; pooled: the norm of the image-averaged
-    residual; pooled_chan: the same after the chan division.
+    residual; pooled_chan: the same after the chan division; combo: see below.
     Returns {name: (image scores (N,), maps list or None)}.
     """
 
@@ -121,16 +122,35 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
     r_train, r_test = residuals(train), residuals(test)
     rms = r_train.pow(2).mean(dim=(0, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
     out = {}
+    o = model.score_maps(torch.linalg.vector_norm(r_test, dim=1))
+    out["plain"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
     g = torch.linalg.vector_norm(r_test / rms, dim=1)
     o = model.score_maps(g)
     out["chan"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
+    o = model.score_maps(torch.linalg.vector_norm(r_test / rms.sqrt(), dim=1))  # half way: sqrt of the RMS
+    out["chan_sqrt"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
     e_train = torch.linalg.vector_norm(r_train, dim=1)
     mu, sd = e_train.mean(0), e_train.std(0).clamp_min(1e-6)
     g = ((torch.linalg.vector_norm(r_test, dim=1) - mu) / sd).clamp_min(0)
     o = model.score_maps(g)
     out["pos"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
+    # pos_chan / pos_chan_half: the chan grid error standardised per position, with the
+    # per-position mean and variance used as they are, or averaged half and half with the
+    # whole-grid ones (shrinkage: unaligned parts get less of the per-position estimate's noise).
+    c_train, c_test = torch.linalg.vector_norm(r_train / rms, dim=1), torch.linalg.vector_norm(r_test / rms, dim=1)
+    for name_, w in (("pos_chan", 1.0), ("pos_chan_half", 0.5)):
+        mu = w * c_train.mean(0) + (1 - w) * c_train.mean()
+        var = w * c_train.var(0) + (1 - w) * c_train.var()
+        o = model.score_maps(((c_test - mu) / var.sqrt().clamp_min(1e-6)).clamp_min(0))
+        out[name_] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
     out["pooled"] = (torch.linalg.vector_norm(r_test.mean(dim=(2, 3)), dim=1).double().numpy(), None)
     out["pooled_chan"] = (torch.linalg.vector_norm((r_test / rms).mean(dim=(2, 3)), dim=1).double().numpy(), None)
+    # combo: the chan map's top-1% mean and pooled_chan, each standardised by its mean and std
+    # over the training images, summed (local defects and whole-image departures both count).
+    top_train = model.score_maps(torch.linalg.vector_norm(r_train / rms, dim=1)).anomaly_score.double().numpy()
+    pooled_train = torch.linalg.vector_norm((r_train / rms).mean(dim=(2, 3)), dim=1).double().numpy()
+    z = lambda v, ref: (v - ref.mean()) / max(ref.std(), 1e-9)  # noqa: E731
+    out["combo"] = (z(out["chan"][0], top_train) + z(out["pooled_chan"][0], pooled_train), None)
     return out
 
 
@@ -152,16 +172,23 @@ def main() -> None:
         for name in args.sets.split(","):
             results.append(run(name, args.data / DEV_SETS[name], v))
             print(json.dumps(results[-1]), flush=True)
-    keys = ["image_auroc", "image_auroc_top1", "image_auroc_max", "pixel_auroc", "aupro", "image_auroc_chan",
-            "pixel_auroc_chan", "aupro_chan", "image_auroc_pos", "pixel_auroc_pos", "aupro_pos", "image_auroc_pooled",
-            "image_auroc_pooled_chan",
+    keys = ["image_auroc", "image_auroc_top1", "image_auroc_max", "pixel_auroc", "aupro", "image_auroc_plain",
+            "pixel_auroc_plain", "aupro_plain", "image_auroc_chan_sqrt", "pixel_auroc_chan_sqrt", "aupro_chan_sqrt",
+            "image_auroc_chan",
+            "pixel_auroc_chan", "aupro_chan", "image_auroc_pos", "pixel_auroc_pos", "aupro_pos",
+            "image_auroc_pos_chan", "pixel_auroc_pos_chan", "aupro_pos_chan", "image_auroc_pos_chan_half",
+            "pixel_auroc_pos_chan_half", "aupro_pos_chan_half", "image_auroc_pooled",
+            "image_auroc_pooled_chan", "image_auroc_combo",
             "val_loss", "fit_seconds"]  # fmt: skip
     rows = [[r["set"], json.dumps(r["variant"]), *(_fmt(r.get(k, "-")) for k in keys)] for r in results]
     md = (
         f"# Recipe screening\n\nCommand: `python bench/screen.py {' '.join(sys.argv[1:])}`\n\n"
         + md_table(["set", "variant", "image AUROC", "image AUROC (top 1%)", "image AUROC (max)", "pixel AUROC",
-                    "AUPRO", "chan: image", "chan: pixel", "chan: AUPRO", "pos: image", "pos: pixel", "pos: AUPRO",
-                    "pooled: image", "pooled chan: image", "val loss", "fit s"], rows)  # fmt: skip
+                    "AUPRO", "plain: image", "plain: pixel", "plain: AUPRO", "chan sqrt: image", "chan sqrt: pixel",
+                    "chan sqrt: AUPRO", "chan: image", "chan: pixel",
+                    "chan: AUPRO", "pos: image", "pos: pixel", "pos: AUPRO", "pos chan: image", "pos chan: pixel",
+                    "pos chan: AUPRO", "pos chan half: image", "pos chan half: pixel", "pos chan half: AUPRO",
+                    "pooled: image", "pooled chan: image", "combo: image", "val loss", "fit s"], rows)  # fmt: skip
         + "\n"
     )
     write_results(args.out, {"machine": machine(), "command": sys.argv, "results": results}, md)
