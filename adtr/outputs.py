@@ -112,12 +112,18 @@ def finished_rows(out_dir: Path, heatmaps: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def csv_text(rows: list[dict[str, Any]], fieldnames: list[str]) -> str:
+def _csv_text(rows: list[dict[str, Any]], fieldnames: list[str]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=fieldnames, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
+
+
+def write_rows(folder: Path, rows: list[dict[str, Any]], heatmaps: bool) -> None:
+    """folder/scores.csv and scores.jsonl holding exactly rows, each written atomically."""
+    atomic_write_text(Path(folder) / SCORES_CSV, _csv_text(rows, FIELDS if heatmaps else FIELDS[:-1]))
+    atomic_write_text(Path(folder) / SCORES_JSONL, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def predict_to_folder(
@@ -148,8 +154,7 @@ def predict_to_folder(
     wanted = set(map(str, files))
     rows = [r for r in finished_rows(scores_dir, heatmaps) if r["path"] in wanted] if resume else []
     # Start both append files from the finished rows alone: consistent, and no cut-short line.
-    atomic_write_text(scores_dir / SCORES_CSV, csv_text(rows, fieldnames))
-    atomic_write_text(scores_dir / SCORES_JSONL, "".join(json.dumps(r) + "\n" for r in rows))
+    write_rows(scores_dir, rows, heatmaps)
     done = {r["path"] for r in rows}
     todo = [Path(f) for f in files if str(f) not in done]
     summary = PredictSummary(rows, skipped=len(files) - len(todo))

@@ -28,18 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adtr import distributed
-from adtr.fileio import atomic_write_json, atomic_write_text
-from adtr.outputs import (
-    FIELDS,
-    SCORES_CSV,
-    SCORES_JSON,
-    SCORES_JSONL,
-    PredictSummary,
-    csv_text,
-    finished_rows,
-    output_names,
-    predict_to_folder,
-)
+from adtr.fileio import atomic_write_json
+from adtr.outputs import SCORES_JSON, PredictSummary, finished_rows, output_names, predict_to_folder, write_rows
 
 if TYPE_CHECKING:
     from adtr.detector import ADTRDetector
@@ -72,12 +62,6 @@ def collect(out_dir: Path, files: Sequence[Path], heatmaps: bool) -> tuple[list[
     return sorted(rows.values(), key=lambda r: order[r["path"]]), sorted(still_failed, key=lambda r: order[r["path"]])
 
 
-def write_merged(out_dir: Path, rows: list[dict[str, Any]], heatmaps: bool) -> None:
-    """OUT/scores.csv and scores.jsonl holding rows, each written atomically."""
-    atomic_write_text(Path(out_dir) / SCORES_CSV, csv_text(rows, FIELDS if heatmaps else FIELDS[:-1]))
-    atomic_write_text(Path(out_dir) / SCORES_JSONL, "".join(json.dumps(r) + "\n" for r in rows))
-
-
 def predict_sharded(
     detector: ADTRDetector,
     files: Sequence[Path],
@@ -96,7 +80,7 @@ def predict_sharded(
     out_dir = Path(out_dir)
     if distributed.is_main():  # before any rank starts: one consistent OUT/scores.jsonl, no parts
         rows = collect(out_dir, files, heatmaps)[0] if resume else []
-        write_merged(out_dir, rows, heatmaps)
+        write_rows(out_dir, rows, heatmaps)
         shutil.rmtree(out_dir / PARTS, ignore_errors=True)
     distributed.barrier()
     done = {r["path"] for r in finished_rows(out_dir, heatmaps)} if resume else set()
@@ -109,7 +93,7 @@ def predict_sharded(
     rows, failed = collect(out_dir, files, heatmaps)
     distributed.barrier()  # every rank has read the parts before rank 0 removes them
     if distributed.is_main():
-        write_merged(out_dir, rows, heatmaps)
+        write_rows(out_dir, rows, heatmaps)
         atomic_write_json(out_dir / SCORES_JSON, {"run": str(run_dir), "predictions": rows, "failed": failed})
         shutil.rmtree(out_dir / PARTS, ignore_errors=True)
     distributed.barrier()
