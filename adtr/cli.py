@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from adtr import distributed
 from adtr.anomalies import GENERATORS
 from adtr.checkpoint import check_fit_target
 from adtr.config import MODEL_PRESETS, ScoreConfig, TrainConfig, parse_image_size
@@ -45,6 +46,16 @@ def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
         default=None,
         help="largest accepted image (width x height, e.g. 50000000 or 5e7), checked from the header before "
         "decoding (default: $ADTR_MAX_PIXELS, else 100000000; serve: 50000000)",
+    )
+
+
+def _add_nproc(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes on this machine, through torchrun (default: 1); for several machines run "
+        "`torchrun --nnodes ... -m adtr` (README)",
     )
 
 
@@ -151,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue an interrupted fit in --out from its last finished epoch (same data and options)",
     )
+    _add_nproc(p)
     _add_common(p)
 
     p = sub.add_parser("test", help="metrics on labelled test data", description="Evaluate a run on test data.")
@@ -196,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the finished results in --out and score only the other images (after an interrupted run)",
     )
+    _add_nproc(p)
     _add_common(p)
 
     p = sub.add_parser("export", help="export a run to ONNX", description="Export the whole pipeline to ONNX.")
@@ -231,12 +244,22 @@ def _setup(args: argparse.Namespace) -> None:
     if args.max_pixels is not None:  # read by data.images.pixel_limit wherever images are decoded
         os.environ[PIXEL_LIMIT_ENV] = str(args.max_pixels)
     configure_cpu(args.threads)
+    if getattr(args, "nproc", 1) < 1:
+        raise SettingsError(f"--nproc {args.nproc}: need at least 1 process")
+    if distributed.launched():  # one rank of several, started by torchrun
+        if args.command not in ("fit", "predict"):
+            raise SettingsError(f"adtr {args.command} runs in one process; torchrun is for fit and predict")
+        args.device = str(distributed.init_from_env(args.device))
+        if not distributed.is_main():  # rank 0 reports; the others only warn
+            logging.getLogger().setLevel(logging.WARNING)
+            args.quiet = True
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from adtr.detector import ADTRDetector
 
-    check_fit_target(args.out, resume=args.resume, force=args.force)
+    if distributed.is_main():  # the rank that writes the run folder
+        check_fit_target(args.out, resume=args.resume, force=args.force)
     image_size = _image_size(args.image_size)
     try:
         model = dataclasses.replace(MODEL_PRESETS[args.preset], backbone=args.backbone, image_size=image_size)
@@ -255,6 +278,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     synthetic = [name.strip() for name in args.synthetic.split(",") if name.strip()]
     det.fit(args.data, anomalies=args.anomalies, synthetic=synthetic, external=args.external, init=args.init,
             checkpoint_dir=args.out, resume=args.resume)  # fmt: skip
+    if not distributed.is_main():
+        return 0
     det.save(args.out)
     last = det.history_[-1] if det.history_ else {}
     print(
@@ -312,8 +337,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet)
     if args.backend == "onnx" or args.onnx is not None:
         det.use_onnx(args.onnx or args.run / "model.onnx")
-    summary = predict_to_folder(det, files, args.out, heatmaps=not args.no_heatmaps, resume=args.resume,
-                                batch_size=args.batch_size, run_dir=args.run)  # fmt: skip
+    if distributed.active():
+        from adtr.sharding import predict_sharded
+
+        summary = predict_sharded(det, files, args.out, heatmaps=not args.no_heatmaps, resume=args.resume,
+                                  batch_size=args.batch_size, run_dir=args.run)  # fmt: skip
+    else:
+        summary = predict_to_folder(det, files, args.out, heatmaps=not args.no_heatmaps, resume=args.resume,
+                                    batch_size=args.batch_size, run_dir=args.run)  # fmt: skip
+    if not distributed.is_main():
+        return 1 if summary.failed else 0
     skipped = f", {summary.skipped} already done" if summary.skipped else ""
     print(
         f"scored {len(summary.rows)} images ({summary.n_anomalous} anomalous){skipped}, "
@@ -357,9 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     status 2. Any other exception is a bug and propagates with its traceback (status 1).
     """
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", 1) > 1 and not distributed.launched():
+        return distributed.launch(sys.argv[1:] if argv is None else argv, args.nproc)
     try:
         _setup(args)
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        distributed.shutdown()  # after success only: a failed rank exits, and torchrun stops the others
+        return status
     except ADTRError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from adtr.data.samples import Sample
 from adtr.data.transforms import resize_batch, resize_image
 from adtr.losses import mixed_loss, mse_loss, reconstruction_loss
 from adtr.model import ADTR
+
+if TYPE_CHECKING:
+    from adtr.distributed import DataParallel
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +208,14 @@ def synthetic_pools(
     device: torch.device,
     batch_size: int = 8,
     progress: bool = True,
+    first: int = 0,
 ) -> list[AnomalyPool]:
     """`copies` synthetic versions of every good image, made at the model's input size.
 
-    Image i's copy c comes from numpy's Generator seeded with (seed, c, i), so the set is
-    the same whatever the batch size; each image picks one of the generators at random.
+    Image i's copy c comes from numpy's Generator seeded with (seed, c, first + i), so the set
+    is the same whatever the batch size, and a block of the images starting at position
+    `first` (one rank's, distributed.block) gets its part of the whole set; each image picks
+    one of the generators at random.
     """
     model.eval()
     grid = model.cfg.grid_size
@@ -219,7 +226,7 @@ def synthetic_pools(
         for c in range(copies):
             images, masks = [], []
             for i, image in zip(batch.indices, originals, strict=True):
-                rng = np.random.default_rng([seed, c, i])
+                rng = np.random.default_rng([seed, c, first + i])
                 changed, mask = generators[int(rng.integers(len(generators)))](image, rng)
                 images.append(torch.from_numpy(changed).permute(2, 0, 1).float())
                 masks.append(torch.from_numpy(mask))
@@ -339,14 +346,19 @@ def fit_reconstructor(
     start_epoch: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
     on_epoch_end: Callable[[int, torch.optim.Optimizer, dict], None] | None = None,
+    parallel: DataParallel | None = None,
 ) -> list[dict]:
     """Train model.reconstructor on standardised features.
 
     Normal-only data: MSE. With synthetic or labelled anomalies: L_px / L_img (losses.py).
     Returns one dict per epoch (loss, val_loss, lr, seconds). `on_epoch_end` is called after
     each epoch with (epoch, optimizer, record), e.g. to save a resumable checkpoint.
+    parallel (distributed.DataParallel): train as one rank of several, each on its rows of the
+    same global batches, gradients averaged by DistributedDataParallel; losses in the records
+    are the global batches'.
     """
     rec = model.reconstructor
+    net = rec if parallel is None else parallel.wrap(rec)
     if optimizer is None:
         optimizer = make_optimizer(model, cfg, device)
     history = []
@@ -358,30 +370,39 @@ def fit_reconstructor(
                disable=not progress)  # fmt: skip
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        rec.train()
+        if parallel is not None:
+            parallel.start_epoch(epoch)
+        net.train()
         perm = torch.randperm(n, generator=generator)
         total = 0.0
         for j, i in enumerate(range(0, n, cfg.batch_size)):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(epoch * per_epoch + j, per_epoch, epochs, cfg)
             f, token_labels, image_labels, pixel_level = _batch(data, perm[i : i + cfg.batch_size], cfg, generator)
+            rows, share = len(f), 1.0
+            if parallel is not None:  # this rank's rows of the global batch every rank drew
+                keep, share = parallel.rows(rows)
+                f, token_labels, image_labels, pixel_level = (
+                    t[keep] for t in (f, token_labels, image_labels, pixel_level)
+                )
             f = f.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                f_hat = rec(f)
+                f_hat = net(f)
             f_hat = f_hat.float()  # the loss in fp32
             if data.supervised:
                 loss = mixed_loss(f, f_hat, token_labels.to(device), image_labels.to(device),
                                   pixel_level.to(device), cfg.top_k, cfg.alpha)  # fmt: skip
             else:
                 loss = reconstruction_loss(f, f_hat, cfg.loss, cfg.hard_quantile, cfg.easy_weight)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}")
+            batch_loss = loss.item() if parallel is None else parallel.batch_mean(loss, share)
+            if not math.isfinite(batch_loss):  # every rank sees the global value, so all stop together
+                raise FloatingPointError(f"training loss became {batch_loss} at epoch {epoch + 1}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if parallel is None else parallel.scale(loss, share)).backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(rec.parameters(), cfg.grad_clip)
             optimizer.step()
-            total += loss.item() * len(f)
+            total += batch_loss * rows
             bar.update(1)
         record = {
             "epoch": epoch + 1,

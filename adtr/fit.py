@@ -3,8 +3,9 @@ anomaly pools -> shuffling generator -> fit_reconstructor (You et al., ICONIP 20
 
 `fit_run` (ADTRDetector.fit, `adtr fit`: folders -> samples -> validation split -> fit ->
 calibration -> the run's record), the one-class protocol (`oneclass.fit_class`, features of
-in-memory images) and, later, multi-process training all call `fit_on_features`, so a setting
-means the same thing on every path and a seed gives the same weights on each.
+in-memory images) and multi-process training (adtr/distributed.py: each rank runs this same
+sequence on its block of the images) all call `fit_on_features`, so a setting means the same
+thing on every path and a seed gives the same weights on each.
 
 The frozen backbone is part of the model, so image files are turned into features here, by
 the model being fitted; precomputed raw features (N, C, h, w) pass through unchanged. Feature
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from adtr import __version__
+from adtr import __version__, distributed
 from adtr.anomalies import AnomalyGenerator, get_generator
 from adtr.calibration import calibrate, feature_scores, score_stats
 from adtr.checkpoint import RunRecord, file_list_summary, load_run, load_train_state, save_train_state
@@ -120,6 +121,7 @@ def fit_run(
         },
         "fit_seconds": time.perf_counter() - t0,
         "feature_seconds": fitted.feature_seconds,
+        "processes": distributed.world_size(),
     }
     stats = score_stats(feature_scores(fitted.model, fitted.val, device)[0])
     return fitted.model, RunRecord(config, thresholds, stats, provenance, fitted.history)
@@ -160,8 +162,10 @@ def fit_on_features(
         is built from config under config.train.seed.
     state_dir: save a resumable training state there after every epoch; resume: continue from
         it (the result equals an uninterrupted fit with the same seed).
-    Raises SettingsError for settings the model cannot be built from or synthetic anomalies
-    without image files; DataError for unreadable files.
+    Run by every rank of a process group (adtr/distributed.py), each extracts the features of
+    its block of the images and trains on its rows of each batch; rank 0 alone saves state_dir.
+    Raises SettingsError for settings the model cannot be built from, synthetic anomalies
+    without image files, or fewer training images than processes; DataError for unreadable files.
     """
     if generators and isinstance(good, torch.Tensor):
         raise SettingsError("synthetic anomalies are made from images: pass image samples, not features")
@@ -171,19 +175,24 @@ def fit_on_features(
     held = set(val_idx)
     train_idx = [i for i in range(len(good)) if i not in held]
     val_idx = sorted(held)
+    if distributed.world_size() > len(train_idx):  # each rank needs images of its own
+        raise SettingsError(f"{len(train_idx)} training images for {distributed.world_size()} processes: use fewer")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # weight init and dropout; shuffling has its own generator
         model = init if init is not None else build_model(config, device)
         t0 = time.perf_counter()
-        raw = _raw_features(model, good, device, progress)
+        mine = distributed.block(len(good))  # this rank's images (all of them in one process)
+        raw = _raw_features(model, good[mine.start : mine.stop], device, progress)
         if init is None:
-            model.set_feature_stats(raw[train_idx].to(device))
-        features = model.standardize(raw.to(device)).cpu()
+            distributed.set_feature_stats(model, raw[[i - mine.start for i in train_idx if i in mine]])
+        features = distributed.gather_rows(model.standardize(raw.to(device)).cpu())
         synthetic = None
         if generators:
             train_samples = [good[i] for i in train_idx]
-            synthetic = synthetic_pools(model, train_samples, generators, cfg.synthetic_copies, cfg.seed, device,
-                                        progress=progress)  # fmt: skip
+            part = distributed.block(len(train_samples))
+            synthetic = synthetic_pools(model, train_samples[part.start : part.stop], generators, cfg.synthetic_copies,
+                                        cfg.seed, device, progress=progress, first=part.start)  # fmt: skip
+            synthetic = [distributed.gather_pool(pool) for pool in synthetic]
         pool = _anomaly_pool(model, anomalies, external, device, progress)
         feature_seconds = time.perf_counter() - t0 if not isinstance(good, torch.Tensor) else 0.0
         data = TrainingData(features[train_idx], synthetic, pool)
@@ -191,17 +200,18 @@ def fit_on_features(
         optimizer = make_optimizer(model, cfg, device)
         start_epoch, history = 0, []
         if resume:
-            start_epoch, history = load_train_state(state_dir, model, optimizer, generator, config)
+            with distributed.train_state_from_main(state_dir) as folder:  # rank 0's state on every rank
+                start_epoch, history = load_train_state(folder, model, optimizer, generator, config)
             log.info("resuming after epoch %d of %d", start_epoch, planned_epochs(len(train_idx), cfg))
 
         def on_epoch_end(epoch: int, opt: torch.optim.Optimizer, record: dict) -> None:
             history.append(record)
-            if state_dir is not None:
+            if state_dir is not None and distributed.is_main():
                 save_train_state(state_dir, model, opt, generator, epoch + 1, history, config)
 
         fit_reconstructor(model, data, features[val_idx] if val_idx else None, cfg, device, generator,
                           progress=progress, start_epoch=start_epoch, optimizer=optimizer,
-                          on_epoch_end=on_epoch_end)  # fmt: skip
+                          on_epoch_end=on_epoch_end, parallel=distributed.data_parallel(cfg.seed, device))  # fmt: skip
     model.eval()
     if config.score.residual_norm == "channel":
         model.set_residual_scale(features[train_idx])

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,6 +120,12 @@ def _csv_text(rows: list[dict[str, Any]], fieldnames: list[str]) -> str:
     return out.getvalue()
 
 
+def write_rows(folder: Path, rows: list[dict[str, Any]], heatmaps: bool) -> None:
+    """folder/scores.csv and scores.jsonl holding exactly rows, each written atomically."""
+    atomic_write_text(Path(folder) / SCORES_CSV, _csv_text(rows, FIELDS if heatmaps else FIELDS[:-1]))
+    atomic_write_text(Path(folder) / SCORES_JSONL, "".join(json.dumps(r) + "\n" for r in rows))
+
+
 def predict_to_folder(
     detector: ADTRDetector,
     files: Sequence[Path],
@@ -129,6 +135,8 @@ def predict_to_folder(
     batch_size: int = 8,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     run_dir: Path | None = None,
+    names: Mapping[str, str] | None = None,
+    scores_dir: Path | None = None,
 ) -> PredictSummary:
     """Score files with detector.iter_predict and write each result as it finishes (layout above).
 
@@ -136,20 +144,24 @@ def predict_to_folder(
     dropped); otherwise earlier scores files are replaced. on_result(row) is called after
     each row is on disk. run_dir is named in scores.json. Unreadable files are logged and
     listed in the summary's `failed`; memory stays flat in the number of files.
+    One rank of a sharded predict (adtr/sharding.py) passes the heatmap names of all files
+    (names: path -> name, default output_names(files)) and its own scores_dir for the scores
+    files (default out_dir); heatmaps always go to out_dir/heatmaps.
     """
     out_dir = Path(out_dir)
+    scores_dir = out_dir if scores_dir is None else Path(scores_dir)
     fieldnames = FIELDS if heatmaps else FIELDS[:-1]
     wanted = set(map(str, files))
-    rows = [r for r in finished_rows(out_dir, heatmaps) if r["path"] in wanted] if resume else []
+    rows = [r for r in finished_rows(scores_dir, heatmaps) if r["path"] in wanted] if resume else []
     # Start both append files from the finished rows alone: consistent, and no cut-short line.
-    atomic_write_text(out_dir / SCORES_CSV, _csv_text(rows, fieldnames))
-    atomic_write_text(out_dir / SCORES_JSONL, "".join(json.dumps(r) + "\n" for r in rows))
+    write_rows(scores_dir, rows, heatmaps)
     done = {r["path"] for r in rows}
     todo = [Path(f) for f in files if str(f) not in done]
     summary = PredictSummary(rows, skipped=len(files) - len(todo))
     if summary.skipped:
         log.info("%d images already scored in %s: skipped", summary.skipped, out_dir)
-    names = dict(zip(map(str, files), output_names(files), strict=True))
+    if names is None:
+        names = dict(zip(map(str, files), output_names(files), strict=True))
     vrange = display_range(detector.record_.score_stats)
 
     def failed(path: Path, error: DataError) -> None:
@@ -157,8 +169,8 @@ def predict_to_folder(
         summary.failed.append({"path": str(path), "error": str(error)})
 
     with (
-        open(out_dir / SCORES_CSV, "a", newline="", encoding="utf-8") as csv_file,
-        open(out_dir / SCORES_JSONL, "a", encoding="utf-8") as jsonl_file,
+        open(scores_dir / SCORES_CSV, "a", newline="", encoding="utf-8") as csv_file,
+        open(scores_dir / SCORES_JSONL, "a", encoding="utf-8") as jsonl_file,
     ):
         writer = csv.DictWriter(csv_file, fieldnames=fieldnames, extrasaction="ignore")
         for pred in detector.iter_predict(todo, batch_size, on_error=failed, keep_images=heatmaps):
@@ -180,5 +192,5 @@ def predict_to_folder(
             rows.append(row)
             if on_result is not None:
                 on_result(row)
-    atomic_write_json(out_dir / SCORES_JSON, {"run": str(run_dir), "predictions": rows, "failed": summary.failed})
+    atomic_write_json(scores_dir / SCORES_JSON, {"run": str(run_dir), "predictions": rows, "failed": summary.failed})
     return summary
