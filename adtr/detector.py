@@ -131,8 +131,8 @@ class ADTRDetector:
     ) -> Iterator[Prediction]:
         """Score image files one batch at a time, yielding one Prediction per file in order.
 
-        Each file is decoded once (in 2 threads); only the current batch is in memory, so
-        memory stays flat in the number of files. `anomaly_map` is (H, W) at the file's size;
+        Each file is decoded once, in 2 threads, one batch ahead of the model; at most two
+        batches are in memory, so memory stays flat in the number of files. `anomaly_map` is (H, W) at the file's size;
         with keep_images, `image` holds the decoded RGB uint8 (H, W, 3), e.g. for an overlay.
         Errors as in predict(): DataError, or on_error(path, error) and the file is left out.
         """
