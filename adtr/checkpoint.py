@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,26 @@ def trainable_state(model: ADTR) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
 
 
-def backbone_fingerprint(model: ADTR) -> str:
+def _state_hash(state: dict[str, torch.Tensor], extra: bytes = b"") -> str:
+    """sha256 of a state dict's names and tensor bytes (sorted by name), then `extra`."""
     h = hashlib.sha256()
-    for k, v in sorted(model.backbone.state_dict().items()):
+    for k, v in sorted(state.items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    h.update(extra)
     return h.hexdigest()
+
+
+def backbone_fingerprint(model: ADTR) -> str:
+    return _state_hash(model.backbone.state_dict())
+
+
+def model_fingerprint(model: ADTR) -> str:
+    """sha256 of everything an exported graph is built from: every tensor of the model (frozen
+    backbone, reconstructor, feature statistics) and its model and score settings. A graph
+    stored with another fingerprint was built from other weights or settings (backend.py)."""
+    settings = json.dumps({"model": asdict(model.cfg), "score": asdict(model.score_cfg)}, sort_keys=True)
+    return _state_hash(model.state_dict(), settings.encode())
 
 
 @dataclass

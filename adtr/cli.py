@@ -17,6 +17,7 @@ import torch
 
 from adtr import distributed
 from adtr.anomalies import GENERATORS
+from adtr.backend import AUTO_HELP, CHOICES
 from adtr.checkpoint import check_fit_target
 from adtr.config import MODEL_PRESETS, ScoreConfig, TrainConfig, parse_image_size
 from adtr.data.images import PIXEL_LIMIT_ENV
@@ -32,6 +33,7 @@ METRIC_ROWS = [
     ("detection_rate_at_threshold", "anomalous flagged"),
     ("n_images", "test images"),
     ("images_per_second", "images/s (model only)"),
+    ("backend", "backend"),
 ]
 
 
@@ -56,6 +58,17 @@ def _add_nproc(p: argparse.ArgumentParser) -> None:
         default=1,
         help="processes on this machine, through torchrun (default: 1); for several machines run "
         "`torchrun --nnodes ... -m adtr` (README)",
+    )
+
+
+def _add_backend(p: argparse.ArgumentParser, extra: str = "") -> None:
+    p.add_argument(
+        "--backend",
+        "--engine",  # the name before 0.2; kept so that existing scripts run
+        dest="backend",
+        choices=CHOICES,
+        default="auto",
+        help=f"inference backend (default: auto): {AUTO_HELP}{extra}",
     )
 
 
@@ -176,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a self-contained HTML report (curves, histograms, heatmap grids) to DIR/index.html",
     )
     p.add_argument("--batch-size", type=int, default=8, help="inference batch size (default: 8)")
+    _add_backend(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -190,17 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, required=True, help="output folder for scores.csv, scores.jsonl, scores.json, heatmaps/"
     )
     p.add_argument("--no-heatmaps", action="store_true", help="write scores only")
+    _add_backend(p, "; --onnx FILE runs that graph")
     p.add_argument(
-        "--backend",
-        "--engine",  # the name before 0.2; kept so that existing scripts run
-        dest="backend",
-        choices=["torch", "onnx"],
-        default=None,
-        help="inference backend: PyTorch, or onnxruntime with an exported model (default: torch, or onnx "
-        "with --onnx)",
-    )
-    p.add_argument(
-        "--onnx", type=Path, default=None, help="ONNX file to run (implies --backend onnx; default: RUN/model.onnx)"
+        "--onnx", type=Path, default=None, help="ONNX file to run as it is (from adtr export; default: RUN/model.onnx)"
     )
     p.add_argument("--batch-size", type=int, default=8, help="inference batch size (default: 8)")
     p.add_argument(
@@ -221,14 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted request in MiB (default: 20)")
-    p.add_argument(
-        "--backend",
-        "--engine",  # the name before 0.2
-        dest="backend",
-        choices=["torch", "onnx"],
-        default="torch",
-        help="inference backend: PyTorch, or onnxruntime with RUN/model.onnx from adtr export (default: torch)",
-    )
+    _add_backend(p)
     _add_common(p)
     return parser
 
@@ -280,11 +279,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
             checkpoint_dir=args.out, resume=args.resume)  # fmt: skip
     if not distributed.is_main():
         return 0
-    det.save(args.out)
+    det.save(args.out)  # also writes and checks RUN/model.onnx for the default backend
     last = det.history_[-1] if det.history_ else {}
+    chosen = det.selected_backend()
     print(
         f"fitted in {det.record_.provenance['fit_seconds']:.0f} s; final loss {last.get('loss', float('nan')):.4f}, "
-        f"validation loss {last.get('val_loss', float('nan')):.4f}; run saved to {args.out}"
+        f"validation loss {last.get('val_loss', float('nan')):.4f}; run saved to {args.out}\n"
+        f"backend for predict / test / serve: {chosen.name} ({chosen.reason})"
     )
     return 0
 
@@ -310,7 +311,7 @@ def format_metrics(metrics: dict) -> str:
 def cmd_test(args: argparse.Namespace) -> int:
     from adtr.detector import ADTRDetector
 
-    det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet)
+    det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet, backend=args.backend)
     metrics = det.test(args.data, batch_size=args.batch_size, report_dir=args.report)
     metrics = {"run": str(args.run), "data": str(args.data), **metrics}
     print(format_metrics(metrics))
@@ -334,9 +335,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = collect_images(args.paths)
     if not files:
         raise DataError("no images to score among: " + ", ".join(map(str, args.paths)))
-    det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet)
-    if args.backend == "onnx" or args.onnx is not None:
-        det.use_onnx(args.onnx or args.run / "model.onnx")
+    det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet, backend=args.backend)
+    if args.onnx is not None:
+        det.use_onnx(args.onnx)
+    det.selected_backend()  # before any output: auto may export the graph, forced onnx may refuse
     if distributed.active():
         from adtr.sharding import predict_sharded
 
@@ -350,7 +352,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     skipped = f", {summary.skipped} already done" if summary.skipped else ""
     print(
         f"scored {len(summary.rows)} images ({summary.n_anomalous} anomalous){skipped}, "
-        f"{len(summary.failed)} failed; results in {args.out}"
+        f"{len(summary.failed)} failed, backend {summary.backend}; results in {args.out}"
     )
     return 1 if summary.failed else 0
 

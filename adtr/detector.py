@@ -6,7 +6,8 @@
     preds = det.predict(["part.png"])               # score and map per image
     det.save("runs/bottle"); det = ADTRDetector.load("runs/bottle")
 
-`anomaly_score` and `anomaly_map`: higher means more anomalous.
+`anomaly_score` and `anomaly_map`: higher means more anomalous. Scoring runs the backend
+that `backend` names ("auto": ONNX Runtime where it agrees with PyTorch, backend.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adtr.backend import SelectedBackend, check_choice, select_backend
 from adtr.checkpoint import RunRecord, load_record, save_run
 from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig, TrainConfig
 from adtr.data.images import to_rgb_uint8
@@ -40,7 +42,11 @@ class ADTRDetector:
 
     Learned state ends in `_` and exists after fit or load: model_ (ADTR), record_ (the run's
     checkpoint.RunRecord: settings, calibration, provenance, history), and from it
-    thresholds_ and history_.
+    thresholds_ and history_; run_dir_ is the run folder it was saved to or loaded from (None
+    after fit), and backend_ the SelectedBackend, chosen on first use (selected_backend()).
+
+    backend: what scores images: "auto" (default: ONNX Runtime where its scores match PyTorch
+    fp32 within 1e-4, with the graph cached in the run folder; else PyTorch), "torch" or "onnx".
     """
 
     def __init__(
@@ -50,7 +56,9 @@ class ADTRDetector:
         train: TrainConfig | None = None,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        backend: str = "auto",
     ):
+        self.backend = check_choice(backend)
         self.config = RunConfig(
             model=model or MODEL_PRESETS["cpu"],
             score=score or ScoreConfig(),
@@ -84,12 +92,14 @@ class ADTRDetector:
         """
         fitted = fit_run(self.config, data, self.device, anomalies=anomalies, synthetic=synthetic, external=external,
                          init=init, state_dir=checkpoint_dir, resume=resume, progress=self.progress)  # fmt: skip
+        self.run_dir_ = None  # new weights: no run folder (and no cached graph) until save()
         return self._adopt(*fitted)
 
     def _adopt(self, model: ADTR, record: RunRecord) -> ADTRDetector:
         """Take a fitted model and its record (from fit_run or a run folder) as learned state."""
         self.model_, self.record_ = model, record
         self.config, self.thresholds_, self.history_ = record.config, record.thresholds, record.history
+        self.backend_: SelectedBackend | None = None  # chosen on first use, for these weights
         return self
 
     # -- inference --------------------------------------------------------------------
@@ -121,17 +131,25 @@ class ADTRDetector:
     ) -> Iterator[Prediction]:
         """Score image files one batch at a time, yielding one Prediction per file in order.
 
-        Each file is decoded once (in 2 threads); only the current batch is in memory, so
-        memory stays flat in the number of files. `anomaly_map` is (H, W) at the file's size;
+        Each file is decoded once, in 2 threads, one batch ahead of the model; at most two
+        batches are in memory, so memory stays flat in the number of files. `anomaly_map` is (H, W) at the file's size;
         with keep_images, `image` holds the decoded RGB uint8 (H, W, 3), e.g. for an overlay.
         Errors as in predict(): DataError, or on_error(path, error) and the file is left out.
         """
         return iter_predictions(self._backend().eval(), paths, self.config.model.image_size, self.device,
                                 self.thresholds_, batch_size, on_error, keep_images, self.progress)  # fmt: skip
 
+    def selected_backend(self) -> SelectedBackend:
+        """The backend predict / test run (name, callable, reason), chosen on the first call by
+        backend.select_backend from `backend`, or set by use_onnx(). With "auto" this may write
+        RUN/model.onnx; errors as select_backend (SettingsError, RunFolderError for "onnx")."""
+        if getattr(self, "backend_", None) is None:
+            self.backend_ = select_backend(self.backend, self._require_model(), self.thresholds_,
+                                           getattr(self, "run_dir_", None), self.device)  # fmt: skip
+        return self.backend_
+
     def _backend(self):
-        """What predict runs: the onnxruntime session after use_onnx(), else the PyTorch model."""
-        return getattr(self, "backend_", None) or self._require_model()
+        return self.selected_backend().run
 
     def predict_image(
         self, image: np.ndarray, name: str = "<image>", value_range: float | None = None, channel_order: str = "rgb"
@@ -156,8 +174,9 @@ class ADTRDetector:
         """
         samples = test_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
         t0 = time.perf_counter()
-        preds = predict_samples(self._require_model(), samples, self.device, batch_size, self.progress)
+        preds = predict_samples(self._backend(), samples, self.device, batch_size, self.progress)
         result = evaluate(samples, preds, self.thresholds_, wall_seconds=time.perf_counter() - t0)
+        result["backend"] = self.selected_backend().name
         if report_dir is not None:
             from adtr.render import display_range
             from adtr.report import write_report
@@ -170,20 +189,37 @@ class ADTRDetector:
         return result
 
     def use_onnx(self, path: str | Path) -> ADTRDetector:
-        """Run predict() through onnxruntime with an exported model (adtr export)."""
-        from adtr.export import OnnxModel
+        """Score through onnxruntime with this exported graph (adtr export); a graph whose scores
+        on the check images disagree with these weights' is used all the same, with a warning."""
+        from adtr.export import OnnxModel, check_parity
 
-        self.backend_ = OnnxModel(path, self.config.model)
+        engine = OnnxModel(path, self.config.model)
+        parity = check_parity(engine, self.thresholds_)
+        if not parity.agrees:
+            log.warning("%s: its scores differ from this run's PyTorch model (max difference %.1e on the check "
+                        "images): exported from other weights?", path, parity.max_difference)  # fmt: skip
+        self.backend_ = SelectedBackend("onnx", engine, f"{path} (--onnx)")
         return self
 
     # -- persistence ------------------------------------------------------------------
     def save(self, run_dir: str | Path) -> None:
-        """Write the run folder (checkpoint.save_run): weights, then config.json."""
+        """Write the run folder (checkpoint.save_run): weights, then config.json; then, unless
+        backend is "torch", the parity-checked ONNX graph the backend runs (RUN/model.onnx)."""
         save_run(run_dir, self._require_model(), self.record_)
+        self.run_dir_, self.backend_ = Path(run_dir), None
+        if self.backend != "torch":
+            self.selected_backend()
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> ADTRDetector:
-        """A fitted detector from a run folder (either config.json layout); RunFolderError otherwise."""
+    def load(
+        cls, run_dir: str | Path, device: str | torch.device = "cpu", progress: bool = True, backend: str = "auto"
+    ) -> ADTRDetector:
+        """A fitted detector from a run folder (either config.json layout); RunFolderError otherwise.
+
+        The backend is chosen on first use (selected_backend()), so loading stays cheap.
+        """
         model, record = load_record(run_dir, device)
-        det = cls(record.config.model, record.config.score, record.config.train, device=device, progress=progress)
-        return det._adopt(model, record)
+        det = cls(record.config.model, record.config.score, record.config.train, device, progress, backend)
+        det._adopt(model, record)
+        det.run_dir_ = Path(run_dir)
+        return det

@@ -12,7 +12,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from adtr.anomalies import AnomalyGenerator
 from adtr.config import TrainConfig
 from adtr.data.images import DataError, read_image, read_mask
+from adtr.data.prefetch import map_ahead
 from adtr.data.samples import Sample
 from adtr.data.transforms import resize_batch, resize_image
 from adtr.losses import mixed_loss, mse_loss, reconstruction_loss
@@ -49,7 +49,8 @@ def iter_image_batches(
     workers: int = 2,
     on_error: Callable[[int, DataError], None] | None = None,
 ) -> Iterator[ImageBatch]:
-    """Decode and resize images in threads (PIL releases the GIL), batch_size at a time.
+    """Decode and resize images in threads, batch_size at a time, one batch ahead of the caller
+    (data.prefetch.map_ahead: the next batch decodes while this one is used).
 
     A file that cannot be read raises DataError, or, with on_error, is reported as
     on_error(index, error) and left out of its batch.
@@ -64,18 +65,15 @@ def iter_image_batches(
             return e
         return resize_image(image, size), image.shape[:2]
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for start in range(0, len(samples), batch_size):
-            idx = list(range(start, min(start + batch_size, len(samples))))
-            loaded = list(pool.map(load, idx))
-            ok = []
-            for i, item in zip(idx, loaded, strict=True):
-                if isinstance(item, DataError):
-                    on_error(i, item)  # type: ignore[misc]
-                else:
-                    ok.append((i, item))
-            if ok:
-                yield ImageBatch(torch.stack([t for _, (t, _) in ok]), [s for _, (_, s) in ok], [i for i, _ in ok])
+    for chunk, loaded in map_ahead(load, range(len(samples)), batch_size, workers):
+        ok = []
+        for i, item in zip(chunk, loaded, strict=True):
+            if isinstance(item, DataError):
+                on_error(i, item)  # type: ignore[misc]
+            else:
+                ok.append((i, item))
+        if ok:
+            yield ImageBatch(torch.stack([t for _, (t, _) in ok]), [s for _, (_, s) in ok], [i for i, _ in ok])
 
 
 def _batches(

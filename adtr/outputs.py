@@ -4,7 +4,10 @@ are written one image at a time, so that an interrupted run keeps them:
     OUT/heatmaps/<name>.png   overlay of each image's anomaly map (render.py), written atomically
     OUT/scores.csv            one row per scored image, appended and flushed as it finishes
     OUT/scores.jsonl          the same rows as JSON lines, appended and flushed likewise
-    OUT/scores.json           every row plus the files that failed, written atomically at the end
+    OUT/scores.json           every row plus the files that failed and the backend, written
+                              atomically at the end
+
+Each row names the backend that scored it ("torch" or "onnx", backend.py).
 
 A row is written after its heatmap, so a row on disk means a finished image. With resume,
 images whose row (and heatmap, when heatmaps are wanted) exist are skipped; a row cut short
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCORES_CSV, SCORES_JSONL, SCORES_JSON, HEATMAPS = "scores.csv", "scores.jsonl", "scores.json", "heatmaps"
-FIELDS = ["path", "anomaly_score", "normalized_score", "is_anomalous", "defect_boxes", "heatmap"]
+FIELDS = ["path", "anomaly_score", "normalized_score", "is_anomalous", "defect_boxes", "backend", "heatmap"]
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
@@ -89,6 +92,7 @@ class PredictSummary:
     rows: list[dict[str, Any]]  # every finished row, resumed ones first
     failed: list[dict[str, str]] = field(default_factory=list)  # {path, error} of unreadable files
     skipped: int = 0  # images with finished outputs from an earlier run (resume)
+    backend: str = ""  # what scored this run's images: "torch" or "onnx"
 
     @property
     def n_anomalous(self) -> int:
@@ -157,7 +161,8 @@ def predict_to_folder(
     write_rows(scores_dir, rows, heatmaps)
     done = {r["path"] for r in rows}
     todo = [Path(f) for f in files if str(f) not in done]
-    summary = PredictSummary(rows, skipped=len(files) - len(todo))
+    backend = detector.selected_backend().name
+    summary = PredictSummary(rows, skipped=len(files) - len(todo), backend=backend)
     if summary.skipped:
         log.info("%d images already scored in %s: skipped", summary.skipped, out_dir)
     if names is None:
@@ -180,6 +185,7 @@ def predict_to_folder(
                 "normalized_score": pred.normalized_score,
                 "is_anomalous": pred.is_anomalous,
                 "defect_boxes": json.dumps(defect_boxes(detector.thresholds_, pred.anomaly_map, pred.is_anomalous)),
+                "backend": backend,
             }
             if heatmaps:
                 target = out_dir / HEATMAPS / f"{names[pred.path]}.png"
@@ -192,5 +198,6 @@ def predict_to_folder(
             rows.append(row)
             if on_result is not None:
                 on_result(row)
-    atomic_write_json(scores_dir / SCORES_JSON, {"run": str(run_dir), "predictions": rows, "failed": summary.failed})
+    doc = {"run": str(run_dir), "backend": backend, "predictions": rows, "failed": summary.failed}
+    atomic_write_json(scores_dir / SCORES_JSON, doc)
     return summary

@@ -8,7 +8,6 @@ scores mean more anomalous; the run's thresholds give the normalised score and d
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adtr.data.images import decode_for_model, read_image
+from adtr.data.prefetch import map_ahead
 from adtr.data.transforms import resize_image, resize_map
 from adtr.errors import DataError
 from adtr.model import AnomalyOutput
@@ -53,10 +53,11 @@ def iter_predictions(
 ) -> Iterator[Prediction]:
     """Score image files one batch at a time, yielding one Prediction per file in order.
 
-    Each file is decoded once (in 2 threads) and resized to size (h, w); only the current batch
-    is in memory. `anomaly_map` is (H, W) at the file's size; with keep_images, `image` holds the
-    decoded RGB uint8 (H, W, 3). An unreadable file raises DataError, or, with on_error, is
-    reported as on_error(path, error) and left out.
+    Each file is decoded once and resized to size (h, w) in 2 threads, one batch ahead of the
+    model (data.prefetch.map_ahead): the next batch decodes while this one is scored, and at
+    most two batches of decoded images are in memory. `anomaly_map` is (H, W) at the file's
+    size; with keep_images, `image` holds the decoded RGB uint8 (H, W, 3). An unreadable file
+    raises DataError, or, with on_error, is reported as on_error(path, error) and left out.
     """
 
     def decode(path: Path) -> tuple[np.ndarray | tuple[int, int], torch.Tensor] | DataError:
@@ -75,28 +76,28 @@ def iter_predictions(
 
     files = [Path(p) for p in paths]
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start : start + batch_size]
-            ok = []
-            for path, item in zip(chunk, pool.map(decode, chunk), strict=True):
-                if isinstance(item, DataError):
-                    on_error(path, item)  # type: ignore[misc]
-                else:
-                    ok.append((path, *item))
-            if ok:
-                with torch.no_grad():
-                    out = backend(torch.stack([t for _, _, t in ok]).to(device))
-                scores = out.anomaly_score.cpu().tolist()
-                maps = out.anomaly_map.cpu().numpy()  # (B, h, w) at the model's input size
-                for (path, image, _), score, small in zip(ok, scores, maps, strict=True):
-                    original = image.shape[:2] if isinstance(image, np.ndarray) else image
-                    pred = make_prediction(str(path), float(score), resize_map(small, original), thresholds)
-                    if keep_images:
-                        pred.image = image
-                    bar.update(1)
-                    yield pred
-            bar.update(len(chunk) - len(ok))
+    for chunk, decoded in map_ahead(decode, files, batch_size):
+        ok = []
+        for path, item in zip(chunk, decoded, strict=True):
+            if isinstance(item, DataError):
+                on_error(path, item)  # type: ignore[misc]
+                bar.update(1)
+            else:
+                ok.append((path, *item))
+        if ok:
+            with torch.no_grad():
+                out = backend(torch.stack([t for _, _, t in ok]).to(device))
+            scores = out.anomaly_score.cpu().tolist()
+            maps = out.anomaly_map.cpu().numpy()  # (B, h, w) at the model's input size
+            for (path, image, _), score, small in zip(ok, scores, maps, strict=True):
+                original = image.shape[:2] if isinstance(image, np.ndarray) else image
+                pred = make_prediction(str(path), float(score), resize_map(small, original), thresholds)
+                if keep_images:
+                    pred.image = image
+                bar.update(1)
+                yield pred
+        # This batch's pixels go before the next batch is awaited: at most two batches in memory.
+        ok = decoded = image = pred = None
     bar.close()
 
 

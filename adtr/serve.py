@@ -3,7 +3,7 @@
     POST /predict   multipart form with one image file in field `file`; `?heatmap=true`
                     adds the heatmap overlay as a base64 PNG. Returns score, normalised
                     score, decision and defect bounding boxes.
-    GET  /health    status and the run's settings.
+    GET  /health    status, the run's settings and the backend that scores (and why).
     GET  /docs      OpenAPI documentation.
 
 Every bad request gets a 4xx answer with a one-line reason: over the upload limit or the
@@ -91,18 +91,18 @@ def release_memory() -> bool:
 def create_app(
     run_dir: Path | str,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-    engine: str = "torch",
+    engine: str = "auto",
     device: str = "cpu",
     max_pixels: int | None = None,
 ) -> FastAPI:
-    """The service for a run folder; engine "torch" runs on `device`, "onnx" on the CPU.
+    """The service for a run folder; engine is the backend ("auto", "torch" on `device`, "onnx"
+    on the CPU; backend.select_backend), chosen here, before the first request.
 
     max_pixels: largest accepted width x height (default: service_pixel_limit()).
     """
     limit = service_pixel_limit(max_pixels)
-    det = ADTRDetector.load(run_dir, device=device, progress=False)
-    if engine == "onnx":
-        det.use_onnx(Path(run_dir) / "model.onnx")
+    det = ADTRDetector.load(run_dir, device=device, progress=False, backend=engine)
+    chosen = det.selected_backend()
     vrange = display_range(det.record_.score_stats)
     lock = threading.Lock()
     app = FastAPI(title="adtr inspection service", version=det.record_.provenance.get("adtr_version", "?"))
@@ -112,7 +112,9 @@ def create_app(
         return {
             "status": "ok",
             "run": str(run_dir),
-            "engine": engine,
+            "backend": chosen.name,
+            "engine": chosen.name,  # the key's name before 0.2
+            "backend_reason": chosen.reason,
             "device": str(det.device),
             "image_size": list(det.config.model.image_size),
             "threshold": det.thresholds_.image,
@@ -185,7 +187,7 @@ def serve(
     host: str,
     port: int,
     max_upload_bytes: int,
-    engine: str = "torch",
+    engine: str = "auto",
     device: str = "cpu",
     quiet: bool = False,
     max_pixels: int | None = None,

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adtr import ADTRDetector
+from adtr.backend import GRAPH_FILE
 from adtr.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
 
 
@@ -22,7 +23,7 @@ def test_round_trip_gives_identical_scores_and_maps(tiny_run):
 
 def test_run_folder_is_safetensors_plus_json(tiny_run):
     _, run, _ = tiny_run
-    assert sorted(p.name for p in run.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in run.iterdir()) == [CONFIG_FILE, GRAPH_FILE, WEIGHTS_FILE]  # the graph: backend.py
     doc = json.loads((run / CONFIG_FILE).read_text())
     assert doc["model"]["image_size"] == [64, 64] and doc["schema_version"] == 1
     assert not any(k.startswith("backbone.") for k in load_file(str(run / WEIGHTS_FILE)))
@@ -88,6 +89,7 @@ def test_run_folder_of_the_flat_layout_still_loads(tiny_run, tmp_path):
                           "synthetic": [], "init": None}  # fmt: skip
     (tmp_path / CONFIG_FILE).write_text(json.dumps({**doc, **calibration, **provenance}))
     (tmp_path / WEIGHTS_FILE).write_bytes((run / WEIGHTS_FILE).read_bytes())
+    (tmp_path / GRAPH_FILE).write_bytes((run / GRAPH_FILE).read_bytes())  # same weights: reused, not re-exported
     old = ADTRDetector.load(tmp_path, progress=False)
     assert old.thresholds_ == det.thresholds_ and old.record_.score_stats == det.record_.score_stats
     assert old.history_ == json.loads(json.dumps(det.history_))

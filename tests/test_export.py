@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from adtr import ADTRDetector
+from adtr.checkpoint import model_fingerprint
 from adtr.data import mvtec
-from adtr.export import OnnxModel, export_onnx
+from adtr.export import FINGERPRINT_KEY, REFERENCE_KEY, OnnxModel, check_images, check_parity, export_onnx
 
 
 def test_export_parity_dynamic_batch(tiny_run, tmp_path):
@@ -27,7 +28,12 @@ def test_export_parity_dynamic_batch(tiny_run, tmp_path):
     import onnx
 
     meta = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
-    assert meta == {"k": 1}
+    assert meta.keys() == {"k", FINGERPRINT_KEY, REFERENCE_KEY} and meta["k"] == 1
+    assert meta[FINGERPRINT_KEY] == model_fingerprint(det.model_)
+    with torch.no_grad():
+        expected = det.model_(check_images((64, 64))).anomaly_score.tolist()
+    assert meta[REFERENCE_KEY] == expected  # PyTorch's scores, stored for check_parity
+    assert check_parity(engine, det.thresholds_).agrees
 
 
 @pytest.mark.slow

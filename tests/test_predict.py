@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from adtr import ADTRDetector
+from adtr.data.prefetch import map_ahead
 from adtr.data.samples import Sample
 from adtr.engine import predict_samples
 from adtr.outputs import collect_images, output_names, predict_to_folder
@@ -37,7 +40,8 @@ def _csv_rows(out: Path) -> list[dict]:
 
 
 def test_iter_predict_matches_batched_inference(tiny_run):
-    det, _, files = tiny_run
+    _, run, files = tiny_run
+    det = ADTRDetector.load(run, progress=False, backend="torch")  # bit-equal to the batched PyTorch path
     ref = predict_samples(det.model_, [Sample(f, 0) for f in files], det.device, 3, progress=False)
     preds = list(det.iter_predict(files, batch_size=3))
     assert [p.path for p in preds] == [str(f) for f in files]
@@ -142,3 +146,66 @@ def test_heatmap_names_stay_unique_and_files_are_scored_once(tmp_path):
     assert sorted(f.name for f in files) == ["x.jpg", "x.png", "y.png"]  # x.png named twice, kept once
     names = output_names(files)
     assert len(set(names)) == 3 and "y" in names
+
+
+def test_map_ahead_keeps_order_and_works_one_chunk_ahead():
+    started: list[int] = []
+    second_chunk = threading.Event()
+
+    def square(x: int) -> int:
+        started.append(x)  # list.append is atomic under the GIL
+        if x == 3:
+            second_chunk.set()
+        return x * x
+
+    chunks = map_ahead(square, list(range(7)), chunk_size=3)
+    chunk, results = next(chunks)
+    assert list(chunk) == [0, 1, 2] and results == [0, 1, 4]
+    assert second_chunk.wait(10)  # while the caller holds chunk 0, chunk 1 is computed ...
+    assert max(started) <= 5  # ... and nothing beyond it: memory stays bounded
+    assert [(list(c), r) for c, r in chunks] == [([3, 4, 5], [9, 16, 25]), ([6], [36])]
+
+
+def test_map_ahead_raises_in_order_and_stops_early():
+    def fail_on_4(x: int) -> int:
+        if x == 4:
+            raise ValueError("item 4")
+        return x
+
+    chunks = map_ahead(fail_on_4, list(range(9)), chunk_size=2)
+    assert next(chunks)[1] == [0, 1] and next(chunks)[1] == [2, 3]
+    with pytest.raises(ValueError, match="item 4"):
+        next(chunks)
+    early = map_ahead(fail_on_4, list(range(100)), chunk_size=2)
+    assert next(early)[1] == [0, 1]
+    early.close()  # the caller stops: no hang, chunks not started are cancelled
+    with pytest.raises(ValueError, match="chunk_size"):
+        next(map_ahead(fail_on_4, [1], chunk_size=0))
+
+
+def test_next_batch_is_decoded_while_this_one_is_scored(tiny_run, monkeypatch):
+    import adtr.predict as predict
+
+    _, run, files = tiny_run
+    det = ADTRDetector.load(run, progress=False, backend="torch")
+    second_batch = threading.Event()
+    real_decode = predict.decode_for_model
+
+    def decode(path, *args, **kwargs):
+        if Path(path) in files[2:4]:
+            second_batch.set()
+        return real_decode(path, *args, **kwargs)
+
+    monkeypatch.setattr(predict, "decode_for_model", decode)
+    overlapped = []
+
+    def backend(images):  # the model: on its first batch, waits for the second batch's decoding to start
+        overlapped.append(second_batch.wait(10))
+        return det.model_(images)
+
+    preds = list(predict.iter_predictions(backend, files[:6], (64, 64), det.device, det.thresholds_, batch_size=2,
+                                          progress=False))  # fmt: skip
+    assert overlapped == [True, True, True]
+    assert [p.path for p in preds] == [str(f) for f in files[:6]]
+    ref = det.predict(files[:6], batch_size=2)
+    assert [p.anomaly_score for p in preds] == [p.anomaly_score for p in ref]

@@ -143,6 +143,16 @@ def test_app_honours_the_device(tiny_run):
     from adtr.serve import create_app
 
     _, run, _ = tiny_run
-    app = create_app(run, device="cpu")
+    app = create_app(run, engine="torch", device="cpu")
     health = next(r.endpoint for r in app.routes if getattr(r, "path", "") == "/health")()
     assert health["device"] == "cpu" and health["engine"] == "torch" and health["image_size"] == [64, 64]
+    assert health["backend"] == "torch" and "forced" in health["backend_reason"]
+
+
+def test_health_names_the_backend_auto_chose(tiny_run):
+    from adtr.serve import create_app
+
+    _, run, _ = tiny_run
+    app = create_app(run)  # the default: auto, with the graph fit wrote
+    health = next(r.endpoint for r in app.routes if getattr(r, "path", "") == "/health")()
+    assert health["backend"] == health["engine"] == "onnx" and "agrees with PyTorch" in health["backend_reason"]
