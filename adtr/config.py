@@ -50,6 +50,9 @@ class ModelConfig:
         return self.image_size[0] // s, self.image_size[1] // s
 
 
+RESIDUAL_NORMS = ("none", "channel", "channel_position")
+
+
 @dataclass
 class ScoreConfig:
     smoothing_sigma: float = 4.0  # Gaussian sigma in input pixels; 0 turns smoothing off
@@ -61,12 +64,14 @@ class ScoreConfig:
     top_fraction: float = 0.01  # "top_mean": the mean of this share of the map's highest values
     # "channel": each channel's residual is divided by its RMS on the training images before
     # the norm, so that channels the model cannot predict on good parts (texture) do not drown
-    # the others (docs/design.md, "Scores"); "none": the plain residual (runs before this key).
+    # the others; "channel_position": that map then standardised per token position with the
+    # training maps' mean and variance, each averaged half and half with the whole grid's
+    # (docs/design.md, "Scores"); "none": the plain residual (runs before this key).
     residual_norm: str = "channel"
 
     def __post_init__(self) -> None:
-        if self.residual_norm not in ("channel", "none"):
-            raise ValueError(f"residual_norm must be 'channel' or 'none', got {self.residual_norm!r}")
+        if self.residual_norm not in RESIDUAL_NORMS:
+            raise ValueError(f"residual_norm must be one of {RESIDUAL_NORMS}, got {self.residual_norm!r}")
 
 
 @dataclass

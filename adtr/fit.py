@@ -213,7 +213,7 @@ def fit_on_features(
                           progress=progress, start_epoch=start_epoch, optimizer=optimizer,
                           on_epoch_end=on_epoch_end, parallel=distributed.data_parallel(cfg.seed, device))  # fmt: skip
     model.eval()
-    if config.score.residual_norm == "channel":
+    if config.score.residual_norm != "none":
         model.set_residual_scale(features[train_idx])
     return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds)
 

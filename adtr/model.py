@@ -145,9 +145,12 @@ class ADTR(nn.Module):
         self.register_buffer("feature_std", torch.ones(1, self.channels, 1, 1))
         # Per-channel RMS of the training residual (set_residual_scale); stored only when the
         # score uses it, so runs from before residual_norm load unchanged.
-        self.register_buffer(
-            "residual_scale", torch.ones(1, self.channels, 1, 1), persistent=self.score_cfg.residual_norm == "channel"
-        )
+        norm = self.score_cfg.residual_norm
+        self.register_buffer("residual_scale", torch.ones(1, self.channels, 1, 1), persistent=norm != "none")
+        # Per-position mean and std of the training grid error ("channel_position"; identity else).
+        grid = cfg.grid_size
+        self.register_buffer("position_mean", torch.zeros(1, *grid), persistent=norm == "channel_position")
+        self.register_buffer("position_std", torch.ones(1, *grid), persistent=norm == "channel_position")
         sigma = self.score_cfg.smoothing_sigma
         self.register_buffer(
             "smooth_kernel", gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1), persistent=False
@@ -185,11 +188,27 @@ class ADTR(nn.Module):
             total += (f - self.reconstructor(f)).double().pow(2).sum(dim=(0, 2, 3))
         count = len(features) * features.shape[2] * features.shape[3]
         self.residual_scale.copy_((total / max(1, count)).sqrt().clamp_min(1e-6).float().view(1, -1, 1, 1))
+        if self.score_cfg.residual_norm == "channel_position":
+            grids = torch.cat([self.grid_error(features[i : i + batch_size].to(device))
+                               for i in range(0, len(features), batch_size)])  # fmt: skip
+            # Half per-position, half whole-grid: unaligned parts (a plate anywhere in the image)
+            # get less of the per-position estimate's noise (screened, docs/design.md).
+            mean = 0.5 * grids.mean(0) + 0.5 * grids.mean()
+            var = 0.5 * grids.var(0) + 0.5 * grids.var() if len(grids) > 1 else torch.ones_like(mean)
+            self.position_mean.copy_(mean.unsqueeze(0))
+            self.position_std.copy_(var.sqrt().clamp_min(1e-6).unsqueeze(0))
+
+    def grid_error(self, f: torch.Tensor) -> torch.Tensor:
+        """Standardised features (B, C, h, w) -> norm of the scaled residual per token (B, h, w)."""
+        return torch.linalg.vector_norm((f - self.reconstructor(f)) / self.residual_scale, dim=1)
 
     def score(self, f: torch.Tensor) -> AnomalyOutput:
         """Standardised features (B, C, h, w) -> map at input size and image score."""
         residual = (f - self.reconstructor(f)) / self.residual_scale  # (B, C, h, w)
-        return self.score_maps(torch.linalg.vector_norm(residual, dim=1), residual)
+        grid = torch.linalg.vector_norm(residual, dim=1)
+        if self.score_cfg.residual_norm == "channel_position":
+            grid = ((grid - self.position_mean) / self.position_std).clamp_min(0)
+        return self.score_maps(grid, residual)
 
     def score_maps(self, grid_map: torch.Tensor, residual: torch.Tensor | None = None) -> AnomalyOutput:
         """Grid error (B, h, w) -> map at input size (B, H, W) and image score (B,).

@@ -76,7 +76,7 @@ def run(name: str, root: Path, variant: dict) -> dict:
                                     torch.Generator().manual_seed(cfg.train.seed), progress=False)  # fmt: skip
         fit_seconds = time.perf_counter() - t0
     model.eval()
-    if cfg.score.residual_norm == "channel":
+    if cfg.score.residual_norm != "none":
         model.set_residual_scale(f[train_idx])
     with torch.no_grad():
         test = model.standardize(d["test"])

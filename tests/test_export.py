@@ -87,3 +87,19 @@ def test_export_every_feature_alignment(align, tmp_path):
                       num_heads=4, ffn_dim=64)  # fmt: skip
     diff = export_onnx(ADTR(cfg).eval(), tmp_path / "m.onnx")
     assert diff < 1e-4
+
+
+@pytest.mark.parametrize("norm", ["none", "channel", "channel_position"])
+def test_export_every_residual_norm(norm, tmp_path):
+    """The residual scale and the per-position statistics are part of the graph."""
+    from adtr.config import ModelConfig, ScoreConfig
+    from adtr.model import ADTR
+
+    cfg = ModelConfig(image_size=(64, 96), hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4,
+                      ffn_dim=64)  # fmt: skip
+    model = ADTR(cfg, ScoreConfig(residual_norm=norm)).eval()
+    images = torch.rand(4, 3, 64, 96, generator=torch.Generator().manual_seed(0)) * 255
+    model.set_residual_scale(model.standardize(model.extract(images)))
+    if norm == "channel_position":
+        assert float(model.position_std.std()) > 0  # statistics really set, not the identity
+    assert export_onnx(model, tmp_path / "m.onnx") < 1e-4

@@ -137,3 +137,23 @@ def test_runs_without_residual_norm_keep_the_plain_residual():
     assert bool((m.residual_scale == 1).all())
     with pytest.raises(ValueError, match="residual_norm"):
         ScoreConfig(residual_norm="stage")
+
+
+def test_channel_position_standardises_the_grid_error_per_position():
+    m = ADTR(SMALL, ScoreConfig(smoothing_sigma=0, residual_norm="channel_position")).eval()
+    m.reconstructor = _ZeroReconstructor()
+    c, (h, w) = m.channels, SMALL.grid_size
+    f = torch.randn(6, c, h, w, generator=torch.Generator().manual_seed(3))
+    f[:, :, 0, 0] *= 5  # one position errs much more on every good image
+    m.set_residual_scale(f, batch_size=4)
+    grids = torch.linalg.vector_norm(f / m.residual_scale, dim=1)  # (6, h, w)
+    mean = 0.5 * grids.mean(0) + 0.5 * grids.mean()
+    std = (0.5 * grids.var(0) + 0.5 * grids.var()).sqrt()
+    torch.testing.assert_close(m.position_mean[0], mean)
+    torch.testing.assert_close(m.position_std[0], std)
+    out = m.score(f)
+    # The map is the positive part of the standardised error, so position (0, 0) no longer
+    # dominates the training images' maps as it does in the plain grid error.
+    expected = ((grids - mean) / std).clamp_min(0)
+    torch.testing.assert_close(out.anomaly_map, m.score_maps(expected).anomaly_map)
+    assert {"residual_scale", "position_mean", "position_std"} <= set(m.state_dict())
