@@ -67,7 +67,7 @@ class ScoreConfig:
     # the others; "channel_position": that map then standardised per token position with the
     # training maps' mean and variance, each averaged half and half with the whole grid's
     # (docs/design.md, "Scores"); "none": the plain residual (runs before this key).
-    residual_norm: str = "channel"
+    residual_norm: str = "channel_position"
 
     def __post_init__(self) -> None:
         if self.residual_norm not in RESIDUAL_NORMS:
