@@ -347,10 +347,10 @@ def cmd_update(args: argparse.Namespace) -> int:
     new.save(args.out)
     update, seconds = new.record_.provenance["update"], new.record_.provenance["fit_seconds"]
     guard = update["forgetting_guard"]
-    print(
-        f"updated in {seconds:.0f} s ({update['steps']} steps); {args.run}'s validation good images flagged: "
-        f"{guard['false_alarm_rate']:.1%} (parent {guard['parent_false_alarm_rate']:.1%}); run saved to {args.out}"
-    )
+    flagged = (f"{guard['false_alarm_rate']:.1%} (parent {guard['parent_false_alarm_rate']:.1%})"
+               if guard["n"] else "not checked (no validation images)")  # fmt: skip
+    print(f"updated in {seconds:.0f} s ({update['steps']} steps); {args.run}'s validation good images flagged: "
+          f"{flagged}; run saved to {args.out}")  # fmt: skip
     return 0
 
 

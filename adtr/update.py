@@ -56,11 +56,11 @@ def forgetting_check(
     """The guard on the parent's validation good images' scores (N,) under the updated model.
 
     Returns {"n", "threshold", "false_alarm_rate" (share of scores >= threshold),
-    "parent_false_alarm_rate", "tolerance", "passed"}; passed is None without images.
+    "parent_false_alarm_rate", "tolerance", "passed"}; the rate and passed are None without images.
     """
     scores = np.asarray(scores, dtype=np.float64)
-    rate = float(np.mean(scores >= threshold)) if scores.size else float("nan")
-    passed = None if scores.size == 0 else bool(rate <= parent_rate + tolerance + 1e-12)
+    rate = float(np.mean(scores >= threshold)) if scores.size else None
+    passed = None if rate is None else bool(rate <= parent_rate + tolerance + 1e-12)
     return {"n": int(scores.size), "threshold": float(threshold), "false_alarm_rate": rate,
             "parent_false_alarm_rate": float(parent_rate), "tolerance": tolerance, "passed": passed}  # fmt: skip
 
@@ -123,8 +123,9 @@ def update_run(
     old_val = fitted.val[: len(replay.val)]  # the parent's validation images come first
     old_scores = feature_scores(fitted.model, old_val, device)[0]
     guard = forgetting_check(record.thresholds.false_alarm_rate, old_scores, thresholds.image)
-    guard["false_alarm_rate_at_parent_threshold"] = float(np.mean(old_scores >= record.thresholds.image)) \
-        if old_scores.size else float("nan")  # fmt: skip
+    guard["false_alarm_rate_at_parent_threshold"] = forgetting_check(
+        record.thresholds.false_alarm_rate, old_scores, record.thresholds.image
+    )["false_alarm_rate"]
     _apply_guard(guard, parent_dir, allow_forgetting)
     provenance = {
         "adtr_version": __version__,

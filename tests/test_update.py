@@ -160,7 +160,8 @@ def test_forgetting_check_against_the_parents_rate():
     worse = forgetting_check(0.1, scores, threshold=9.0)  # two of ten: +10 points
     assert worse["false_alarm_rate"] == 0.2 and worse["passed"] is False
     assert forgetting_check(0.19, scores, threshold=9.0)["passed"]  # within the 1-point tolerance
-    assert forgetting_check(0.1, np.array([]), threshold=1.0)["passed"] is None
+    empty = forgetting_check(0.1, np.array([]), threshold=1.0)
+    assert empty["passed"] is None and empty["false_alarm_rate"] is None and empty["n"] == 0
 
 
 def test_run_without_replay_features_is_refused_but_still_loads(parent, tmp_path, run_cli):
@@ -196,3 +197,16 @@ def test_replay_file_of_another_shape_is_refused(parent, tmp_path):
               dtype=torch.float16)}, str(tmp_path / REPLAY_FILE))  # fmt: skip
     with pytest.raises(RunFolderError, match=r"replay.safetensors: tensor 'good' is \(2, 192, 8, 8\)"):
         ADTRDetector.load(tmp_path)
+
+
+def test_a_run_without_validation_images_updates_with_a_warning(parent, tmp_path, caplog):
+    root, _ = parent
+    few = train_samples(root)[:4]  # fewer than 5 good images: none held out
+    ADTRDetector(TINY, train=TRAIN, progress=False).fit(few).save(tmp_path / "few")
+    det = ADTRDetector.load(tmp_path / "few", progress=False)
+    assert det.record_.replay.val.shape == (0, 192, 4, 4) and det.record_.replay.good.shape[0] == 4
+    with caplog.at_level(logging.WARNING, logger="adtr.update"):
+        new = det.update(anomalies=root / "new_defects", steps=2)
+    assert any("the forgetting guard cannot run" in r.message for r in caplog.records)
+    guard = new.record_.provenance["update"]["forgetting_guard"]
+    assert guard["n"] == 0 and guard["passed"] is None and guard["false_alarm_rate"] is None
