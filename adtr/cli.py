@@ -344,13 +344,15 @@ def cmd_update(args: argparse.Namespace) -> int:
     det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet)
     new = det.update(anomalies=args.anomalies, good=args.good, external=args.external, steps=args.steps,
                      allow_forgetting=args.allow_forgetting)  # fmt: skip
-    new.save(args.out)
+    new.save(args.out)  # also writes and checks RUN2/model.onnx for the default backend, as fit does
     update, seconds = new.record_.provenance["update"], new.record_.provenance["fit_seconds"]
     guard = update["forgetting_guard"]
     flagged = (f"{guard['false_alarm_rate']:.1%} (parent {guard['parent_false_alarm_rate']:.1%})"
                if guard["n"] else "not checked (no validation images)")  # fmt: skip
+    chosen = new.selected_backend()
     print(f"updated in {seconds:.0f} s ({update['steps']} steps); {args.run}'s validation good images flagged: "
-          f"{flagged}; run saved to {args.out}")  # fmt: skip
+          f"{flagged}; run saved to {args.out}\n"
+          f"backend for predict / test / serve: {chosen.name} ({chosen.reason})")  # fmt: skip
     return 0
 
 

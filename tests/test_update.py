@@ -60,7 +60,7 @@ def parent(tmp_path_factory) -> tuple[Path, Path]:
     for i in range(4):
         write_png(root / "probe" / f"{i:03d}.png", _stripes(rng))
     run = tmp_path_factory.mktemp("runs") / "parent"
-    ADTRDetector(TINY, train=TRAIN, progress=False).fit(root).save(run)
+    ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(root).save(run)
     return root, run
 
 
@@ -80,7 +80,7 @@ def _val_files(root: Path) -> list[Path]:
 
 def test_fit_keeps_replay_features_within_the_bound(parent):
     root, run = parent
-    det = ADTRDetector.load(run, progress=False)
+    det = ADTRDetector.load(run, progress=False, backend="torch")
     replay = det.record_.replay
     assert replay.good.shape == (15, 192, 4, 4) and replay.val.shape == (5, 192, 4, 4)
     assert replay.good.dtype == torch.float16
@@ -101,7 +101,7 @@ def test_fit_keeps_replay_features_within_the_bound(parent):
 def test_update_learns_new_data_records_its_parent_and_leaves_it_untouched(parent, tmp_path):
     root, run = parent
     before = _hashes(run)
-    old = ADTRDetector.load(run, progress=False)
+    old = ADTRDetector.load(run, progress=False, backend="torch")
     probe = sorted((root / "probe").iterdir())
     old_scores = [p.anomaly_score for p in old.predict(probe)]
     new = old.update(anomalies=root / "new_defects", good=root / "new_good", steps=40)
@@ -109,7 +109,7 @@ def test_update_learns_new_data_records_its_parent_and_leaves_it_untouched(paren
     assert _hashes(run) == before  # the parent folder is only read
     assert [p.anomaly_score for p in old.predict(probe)] == old_scores  # nor is the loaded parent changed
 
-    again = ADTRDetector.load(tmp_path / "v2", progress=False)
+    again = ADTRDetector.load(tmp_path / "v2", progress=False, backend="torch")
     update = again.record_.provenance["update"]
     assert update["parent"] == {"path": str(run.resolve()), "weights_sha256": before[WEIGHTS_FILE]}
     added = update["added"]
@@ -139,12 +139,12 @@ def test_forgetting_guard_refuses_or_warns(parent, tmp_path, run_cli, caplog):
                              "--steps", 4, "--quiet")  # fmt: skip
     assert code == 2 and "the update would forget" in err and "nothing written" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "v2").exists()
+    loaded = ADTRDetector.load(run, progress=False, backend="torch")
     with pytest.raises(ForgettingError, match=r"parent \(at most \+1% allowed\)"):
-        ADTRDetector.load(run, progress=False).update(anomalies=tmp_path / "mislabelled", steps=4)
+        loaded.update(anomalies=tmp_path / "mislabelled", steps=4)
 
     with caplog.at_level(logging.WARNING, logger="adtr.update"):
-        new = ADTRDetector.load(run, progress=False).update(anomalies=tmp_path / "mislabelled", steps=4,
-                                                             allow_forgetting=True)  # fmt: skip
+        new = loaded.update(anomalies=tmp_path / "mislabelled", steps=4, allow_forgetting=True)
     assert any("would forget" in r.message and "kept anyway" in r.message for r in caplog.records)
     guard = new.record_.provenance["update"]["forgetting_guard"]
     assert guard["passed"] is False and guard["false_alarm_rate"] > guard["parent_false_alarm_rate"] + 0.01
@@ -168,7 +168,7 @@ def test_run_without_replay_features_is_refused_but_still_loads(parent, tmp_path
     root, run = parent
     for name in (CONFIG_FILE, WEIGHTS_FILE):  # a run folder as adtr wrote it before replay.safetensors
         shutil.copy(run / name, tmp_path / name)
-    old = ADTRDetector.load(tmp_path, progress=False)
+    old = ADTRDetector.load(tmp_path, progress=False, backend="torch")
     assert old.record_.replay is None and old.predict([_val_files(root)[0]])[0].anomaly_score > 0
     with pytest.raises(RunFolderError, match="replay.safetensors: missing: .* fit it again"):
         old.update(anomalies=root / "new_defects")
@@ -184,7 +184,7 @@ def test_bad_update_requests_are_refused(parent, tmp_path, run_cli):
     assert code == 2 and "nothing to add" in err and not (tmp_path / "v2").exists()
     code, _, err = run_cli("update", run, "--out", tmp_path / "v2", "--good", root / "new_good", "--steps", 0)
     assert code == 2 and "steps must be >= 1" in err
-    fitted = ADTRDetector(TINY, train=TRAIN, progress=False).fit(root)
+    fitted = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(root)
     with pytest.raises(SettingsError, match="save\\(\\) this detector or load\\(\\) it first"):
         fitted.update(good=root / "new_good")
 
@@ -202,8 +202,8 @@ def test_replay_file_of_another_shape_is_refused(parent, tmp_path):
 def test_a_run_without_validation_images_updates_with_a_warning(parent, tmp_path, caplog):
     root, _ = parent
     few = train_samples(root)[:4]  # fewer than 5 good images: none held out
-    ADTRDetector(TINY, train=TRAIN, progress=False).fit(few).save(tmp_path / "few")
-    det = ADTRDetector.load(tmp_path / "few", progress=False)
+    ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(few).save(tmp_path / "few")
+    det = ADTRDetector.load(tmp_path / "few", progress=False, backend="torch")
     assert det.record_.replay.val.shape == (0, 192, 4, 4) and det.record_.replay.good.shape[0] == 4
     with caplog.at_level(logging.WARNING, logger="adtr.update"):
         new = det.update(anomalies=root / "new_defects", steps=2)
