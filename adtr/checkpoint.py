@@ -7,6 +7,8 @@
                            entry per epoch); written last, so it marks a complete run
     RUN/model.safetensors  reconstructor weights and feature statistics (the frozen backbone
                            comes from its PyPI package and is checked by hash)
+    RUN/replay.safetensors good features kept for `adtr update` (replay.py); absent in run
+                           folders saved before it existed, which load as before
 
 Loading rebuilds the model from the config and refuses weights whose names or shapes do not
 match it, a config from another schema version, or a different backbone file.
@@ -28,6 +30,7 @@ from adtr.config import SCHEMA_VERSION, RunConfig
 from adtr.errors import RunFolderError
 from adtr.fileio import atomic_write, atomic_write_json
 from adtr.model import ADTR
+from adtr.replay import ReplayData, load_replay, save_replay
 from adtr.thresholds import Thresholds
 
 CONFIG_FILE = "config.json"
@@ -67,13 +70,15 @@ def model_fingerprint(model: ADTR) -> str:
 
 @dataclass
 class RunRecord:
-    """A fitted run's description besides its weights: what config.json holds, by section."""
+    """A fitted run's description besides its weights: what config.json holds, by section,
+    and the replay features kept for updates (their own file)."""
 
     config: RunConfig  # settings
     thresholds: Thresholds  # calibration: decisions
     score_stats: dict[str, Any]  # calibration: held-out good scores (calibration.score_stats)
     provenance: dict[str, Any] = field(default_factory=dict)  # adtr_version, data, fit/feature seconds
     history: list[dict] = field(default_factory=list)  # one record per epoch
+    replay: ReplayData | None = None  # RUN/replay.safetensors; None for runs saved before it
 
     def to_doc(self) -> dict[str, Any]:
         """The sections as config.json lays them out (settings at the top level)."""
@@ -98,17 +103,34 @@ class RunRecord:
                    provenance, doc.get("history", []))  # fmt: skip
 
 
-def file_list_summary(paths: list[Path | str]) -> dict[str, Any]:
-    """{"n": count, "sha256": hash of the paths in order}: names a run's data without listing it."""
-    return {"n": len(paths), "sha256": hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()}
+def file_list_summary(paths: list[Path | str], contents: bool = False) -> dict[str, Any]:
+    """{"n": count, "sha256": hash of the paths in order}: names a run's data without listing it.
+
+    With contents, also "content_sha256": the hash of the files' own hashes in order, which
+    changes when a file at the same path does."""
+    summary = {"n": len(paths), "sha256": hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()}
+    if contents:
+        summary["content_sha256"] = hashlib.sha256("\n".join(file_sha256(p) for p in paths).encode()).hexdigest()
+    return summary
+
+
+def file_sha256(path: Path | str) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (what `sha256sum` prints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_run(run_dir: Path | str, model: ADTR, record: RunRecord) -> None:
-    """Write weights, then config.json, each atomically; then drop run_dir's resumable training state."""
+    """Write weights, replay features, then config.json, each atomically; then drop run_dir's
+    resumable training state."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = trainable_state(model)
     atomic_write(run_dir / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    save_replay(run_dir, record.replay)  # none: a stale file of a replaced run must not stay
     doc = {"format": FORMAT, "backbone_sha256": backbone_fingerprint(model), **record.to_doc()}
     atomic_write_json(run_dir / CONFIG_FILE, doc)
     clear_train_state(run_dir)  # the finished run supersedes any resumable state in its folder
@@ -175,13 +197,16 @@ def load_run(run_dir: Path | str, device: torch.device | str = "cpu") -> tuple[A
 
 
 def load_record(run_dir: Path | str, device: torch.device | str = "cpu") -> tuple[ADTR, RunRecord]:
-    """The model and record of a run folder (either config.json layout); RunFolderError when
-    it cannot be loaded or its thresholds are missing."""
+    """The model and record of a run folder (either config.json layout), with its replay
+    features where it has them; RunFolderError when it cannot be loaded or its thresholds are
+    missing."""
     model, config, doc = load_run(run_dir, device)
     try:
-        return model, RunRecord.from_doc(doc, config)
+        record = RunRecord.from_doc(doc, config)
     except (KeyError, TypeError) as e:
         raise RunFolderError(f"{Path(run_dir) / CONFIG_FILE}: missing or invalid thresholds ({e})") from None
+    record.replay = load_replay(run_dir, (model.channels, *config.model.grid_size))
+    return model, record
 
 
 # -- resumable training state -------------------------------------------------------------

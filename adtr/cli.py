@@ -1,4 +1,4 @@
-"""Command line: `adtr fit`, `adtr test`, `adtr predict`, `adtr export`, `adtr serve`.
+"""Command line: `adtr fit`, `adtr update`, `adtr test`, `adtr predict`, `adtr export`, `adtr serve`.
 
 The verbs follow anomalib's. Errors about data or run folders print one line naming the
 file and exit with status 2; nothing already written is overwritten without --force.
@@ -23,6 +23,7 @@ from adtr.config import MODEL_PRESETS, RESIDUAL_NORMS, ScoreConfig, TrainConfig,
 from adtr.data.images import PIXEL_LIMIT_ENV
 from adtr.errors import ADTRError, DataError, SettingsError
 from adtr.runtime import configure_cpu
+from adtr.update import DEFAULT_STEPS
 
 METRIC_ROWS = [
     ("image_auroc", "image AUROC"),
@@ -80,6 +81,23 @@ def _pixels(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of pixels")
     return value
+
+
+def _add_anomaly_sources(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--anomalies and --external, as fit and update read them."""
+    p.add_argument(
+        "--anomalies",
+        type=Path,
+        default=None,
+        help="labelled anomalies: DIR/<defect>/*.png with optional DIR/ground_truth/<defect>/"
+        "<name>_mask.png (pixel labels), or a plain folder of images (image labels)",
+    )
+    p.add_argument(
+        "--external",
+        type=Path,
+        default=None,
+        help="folder of unrelated images, used as image-level anomalies",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,23 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {ScoreConfig().residual_norm})",
     )
     g = p.add_argument_group("anomaly-available training (FCDD-style losses L_px / L_img)")
-    g.add_argument(
-        "--anomalies",
-        type=Path,
-        default=None,
-        help="labelled anomalies: DIR/<defect>/*.png with optional DIR/ground_truth/<defect>/"
-        "<name>_mask.png (pixel labels), or a plain folder of images (image labels)",
-    )
+    _add_anomaly_sources(g)
     g.add_argument(
         "--synthetic",
         default="",
         help=f"comma-separated synthetic anomaly generators: {', '.join(sorted(GENERATORS))}",
-    )
-    g.add_argument(
-        "--external",
-        type=Path,
-        default=None,
-        help="folder of unrelated images, used as image-level anomalies",
     )
     g.add_argument(
         "--init",
@@ -184,6 +190,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted fit in --out from its last finished epoch (same data and options)",
     )
     _add_nproc(p)
+    _add_common(p)
+
+    p = sub.add_parser(
+        "update",
+        help="continue a run with new defects or good images",
+        description="Continue a fitted run with newly found defects, new good images or external images, without "
+        "its training data; thresholds are recalibrated and the run is refused if more of its validation good "
+        "images would be flagged (false-alarm rate above the parent's + 1 point). RUN is only read.",
+    )
+    p.add_argument("run", type=Path, help="run folder to continue (written by adtr fit or adtr update)")
+    p.add_argument("--out", type=Path, required=True, help="new run folder to create (never RUN itself)")
+    _add_anomaly_sources(p)
+    p.add_argument(
+        "--good",
+        type=Path,
+        default=None,
+        help="new good images: an MVTec category or folder with good/, or a plain folder of images",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"optimisation steps from RUN's weights (default: {DEFAULT_STEPS})",
+    )
+    p.add_argument(
+        "--allow-forgetting",
+        action="store_true",
+        help="save the update with a warning when the forgetting guard fails (default: refuse, nothing written)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing run folder at --out")
     _add_common(p)
 
     p = sub.add_parser("test", help="metrics on labelled test data", description="Evaluate a run on test data.")
@@ -299,6 +335,27 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_update(args: argparse.Namespace) -> int:
+    from adtr.detector import ADTRDetector
+
+    if args.out.resolve() == args.run.resolve():
+        raise SettingsError(f"--out {args.out}: the update goes to a new folder; {args.run} is never changed")
+    check_fit_target(args.out, force=args.force)
+    det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet)
+    new = det.update(anomalies=args.anomalies, good=args.good, external=args.external, steps=args.steps,
+                     allow_forgetting=args.allow_forgetting)  # fmt: skip
+    new.save(args.out)  # also writes and checks RUN2/model.onnx for the default backend, as fit does
+    update, seconds = new.record_.provenance["update"], new.record_.provenance["fit_seconds"]
+    guard = update["forgetting_guard"]
+    flagged = (f"{guard['false_alarm_rate']:.1%} (parent {guard['parent_false_alarm_rate']:.1%})"
+               if guard["n"] else "not checked (no validation images)")  # fmt: skip
+    chosen = new.selected_backend()
+    print(f"updated in {seconds:.0f} s ({update['steps']} steps); {args.run}'s validation good images flagged: "
+          f"{flagged}; run saved to {args.out}\n"
+          f"backend for predict / test / serve: {chosen.name} ({chosen.reason})")  # fmt: skip
+    return 0
+
+
 def _image_size(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -391,7 +448,8 @@ def _check_onnx_device(backend: str | None, device: str) -> None:
         raise SettingsError(f"--device {device}: the ONNX backend runs on the CPU only; drop --device or use torch")
 
 
-COMMANDS = {"fit": cmd_fit, "test": cmd_test, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve}
+COMMANDS = {"fit": cmd_fit, "update": cmd_update, "test": cmd_test, "predict": cmd_predict, "export": cmd_export,
+            "serve": cmd_serve}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

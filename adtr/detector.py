@@ -1,10 +1,12 @@
-"""The Python API, mirroring the CLI: fit, predict, test, save, load.
+"""The Python API, mirroring the CLI: fit, predict, test, save, load, update.
 
     from adtr import ADTRDetector
     det = ADTRDetector().fit("mvtec/bottle")        # trains on train/good
     metrics = det.test("mvtec/bottle")              # image/pixel AUROC, AUPRO, F1-max
     preds = det.predict(["part.png"])               # score and map per image
     det.save("runs/bottle"); det = ADTRDetector.load("runs/bottle")
+    new = det.update(anomalies="new_defects/")      # continued without the training images
+    new.save("runs/bottle_v2")                      # runs/bottle is left as it was
 
 `anomaly_score` and `anomaly_map`: higher means more anomalous. Scoring runs the backend
 that `backend` names ("auto": ONNX Runtime where it agrees with PyTorch, backend.py).
@@ -28,22 +30,24 @@ from adtr.data.images import to_rgb_uint8
 from adtr.data.mvtec import test_samples
 from adtr.data.samples import Sample
 from adtr.engine import predict_samples
-from adtr.errors import DataError
+from adtr.errors import DataError, SettingsError
 from adtr.evaluate import evaluate, score_rows
 from adtr.fit import fit_run
 from adtr.model import ADTR
 from adtr.predict import Prediction, iter_predictions, predict_array
+from adtr.update import DEFAULT_STEPS, update_run
 
 log = logging.getLogger(__name__)
 
 
 class ADTRDetector:
-    """ADTR anomaly detector: a facade over fit.py, predict.py, evaluate.py and checkpoint.py.
+    """ADTR anomaly detector: a facade over fit.py, update.py, predict.py, evaluate.py and checkpoint.py.
 
     Learned state ends in `_` and exists after fit or load: model_ (ADTR), record_ (the run's
-    checkpoint.RunRecord: settings, calibration, provenance, history), and from it
-    thresholds_ and history_; run_dir_ is the run folder it was saved to or loaded from (None
-    after fit), and backend_ the SelectedBackend, chosen on first use (selected_backend()).
+    checkpoint.RunRecord: settings, calibration, provenance, history, replay features), and from
+    it thresholds_ and history_; run_dir_ is the run folder it was saved to or loaded from (None
+    after fit or update; update() names it as the parent), and backend_ the SelectedBackend,
+    chosen on first use (selected_backend()).
 
     backend: what scores images: "auto" (default: ONNX Runtime where its scores match PyTorch
     fp32 within 1e-4, with the graph cached in the run folder; else PyTorch), "torch" or "onnx".
@@ -94,6 +98,35 @@ class ADTRDetector:
                          init=init, state_dir=checkpoint_dir, resume=resume, progress=self.progress)  # fmt: skip
         self.run_dir_ = None  # new weights: no run folder (and no cached graph) until save()
         return self._adopt(*fitted)
+
+    def update(
+        self,
+        anomalies: str | Path | Sequence[Sample] | None = None,
+        good: str | Path | Sequence[Sample] | None = None,
+        external: str | Path | Sequence[Sample] | None = None,
+        steps: int = DEFAULT_STEPS,
+        allow_forgetting: bool = False,
+    ) -> ADTRDetector:
+        """A new detector: this saved run continued with new data, without its training images
+        (update.update_run; save it to a new folder). This detector and its folder are unchanged.
+
+        anomalies: new labelled defects (as in fit). good: new good images (an MVTec category or
+            folder with good/, or a plain folder of images). external: unrelated images.
+        steps: optimisation steps from this run's weights. Raises ForgettingError when more of
+        this run's validation good images would be flagged (false-alarm rate above this run's
+        + 1 point), unless allow_forgetting; RunFolderError for a run saved before adtr kept
+        replay features; SettingsError when called before save() or load().
+        """
+        self._require_model()
+        if getattr(self, "run_dir_", None) is None:
+            raise SettingsError("save() this detector or load() it first: an update records its parent's folder")
+        model, record = update_run(self.model_, self.record_, self.run_dir_, self.device, anomalies=anomalies,
+                                   good=good, external=external, steps=steps, allow_forgetting=allow_forgetting,
+                                   progress=self.progress)  # fmt: skip
+        det = ADTRDetector(record.config.model, record.config.score, record.config.train, self.device, self.progress,
+                           self.backend)  # fmt: skip
+        det.run_dir_ = None  # new weights: no run folder until save()
+        return det._adopt(model, record)
 
     def _adopt(self, model: ADTR, record: RunRecord) -> ADTRDetector:
         """Take a fitted model and its record (from fit_run or a run folder) as learned state."""

@@ -4,9 +4,10 @@
       DataError        a data file or folder that cannot be used (adtr/data/)
       RunFolderError   a run folder that cannot be written or loaded (adtr/checkpoint.py)
       SettingsError    settings that make no sense (flags, configs, option combinations)
+      ForgettingError  an update that would flag more of the old good images (adtr/update.py)
 
 Every other exception is a bug: the CLI lets it end the process with its traceback (status 1).
-Each class also derives from ValueError, which code written before this module caught.
+The first three also derive from ValueError, which code written before this module caught.
 """
 
 from __future__ import annotations
@@ -26,3 +27,7 @@ class RunFolderError(ADTRError, ValueError):
 
 class SettingsError(ADTRError, ValueError):
     """User settings that cannot work (a bad value or combination of options)."""
+
+
+class ForgettingError(ADTRError):
+    """An update refused by the forgetting guard; the message gives both false-alarm rates."""

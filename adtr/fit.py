@@ -48,6 +48,7 @@ from adtr.engine import (
 )
 from adtr.errors import DataError, SettingsError
 from adtr.model import ADTR
+from adtr.replay import make_replay
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def fit_run(
     """A run from folders or samples: (fitted model, its record: settings, calibration,
     provenance, history). The arguments are ADTRDetector.fit's; the record's config has the
     input size filled in (from the training images' aspect ratio when unset) and, with init,
-    that run's model and score settings. DataError / SettingsError / RunFolderError for bad input.
+    that run's model and score settings; record.replay keeps good features for later updates
+    (replay.py). DataError / SettingsError / RunFolderError for bad input.
     """
     samples = train_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
     if any(s.label != 0 for s in samples):
@@ -123,8 +125,10 @@ def fit_run(
         "feature_seconds": fitted.feature_seconds,
         "processes": distributed.world_size(),
     }
+    replay = make_replay(fitted.model, fitted.train, fitted.val, config.train.seed)
+    provenance["replay"] = replay.summary()
     stats = score_stats(feature_scores(fitted.model, fitted.val, device)[0])
-    return fitted.model, RunRecord(config, thresholds, stats, provenance, fitted.history)
+    return fitted.model, RunRecord(config, thresholds, stats, provenance, fitted.history, replay)
 
 
 def build_model(config: RunConfig, device: torch.device) -> ADTR:

@@ -166,6 +166,12 @@ class ADTR(nn.Module):
             return f
         return (f - self.feature_mean) / self.feature_std
 
+    def unstandardize(self, f: torch.Tensor) -> torch.Tensor:
+        """Standardised features (B, C, h, w) back to raw ones: the inverse of standardize."""
+        if not self.cfg.normalize_features:
+            return f
+        return f * self.feature_std + self.feature_mean
+
     def set_feature_stats(self, raw_features: torch.Tensor) -> None:
         """Fit the standardisation on training features (N, C, h, w)."""
         mean = raw_features.mean(dim=(0, 2, 3), keepdim=True)

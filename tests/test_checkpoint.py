@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from adtr import ADTRDetector
 from adtr.backend import GRAPH_FILE
 from adtr.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
+from adtr.replay import REPLAY_FILE
 
 
 def test_round_trip_gives_identical_scores_and_maps(tiny_run):
@@ -23,7 +24,8 @@ def test_round_trip_gives_identical_scores_and_maps(tiny_run):
 
 def test_run_folder_is_safetensors_plus_json(tiny_run):
     _, run, _ = tiny_run
-    assert sorted(p.name for p in run.iterdir()) == [CONFIG_FILE, GRAPH_FILE, WEIGHTS_FILE]  # the graph: backend.py
+    # the graph: backend.py; replay features: replay.py
+    assert sorted(p.name for p in run.iterdir()) == [CONFIG_FILE, GRAPH_FILE, WEIGHTS_FILE, REPLAY_FILE]
     doc = json.loads((run / CONFIG_FILE).read_text())
     assert doc["model"]["image_size"] == [64, 64] and doc["schema_version"] == 1
     assert not any(k.startswith("backbone.") for k in load_file(str(run / WEIGHTS_FILE)))

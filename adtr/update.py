@@ -1,0 +1,184 @@
+"""Updating a deployed run (`adtr update`): new defects, new good images or external images
+are learnt in minutes, without the original training data, and an update that forgets is refused.
+
+The update is the fit sequence (fit.fit_on_features) started from the parent's weights, its
+feature statistics kept, for a small number of steps (DEFAULT_STEPS) on
+  good:      the parent's replay sample (replay.py) + the training part of the new good images;
+  anomalies: the new labelled defects (a mask gives L_px, else L_img) and external images;
+  held out:  the parent's validation features + the held-out part of the new good images
+             (TrainConfig.val_fraction, seeded): the validation loss and the new thresholds.
+Synthetic anomalies are not made again: they need the original image files.
+
+Forgetting guard: on the parent's validation good images, the share flagged at the new run's
+image threshold (the decision it will make on the line) must not exceed the parent's recorded
+false-alarm rate by more than MAX_FORGETTING (1 point); else ForgettingError, or a warning with
+allow_forgetting. The rate at the parent's threshold is recorded beside it. Nothing is written
+here: the caller saves the result to a new folder; the parent's folder is only read.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adtr import __version__
+from adtr.calibration import calibrate, feature_scores, score_stats
+from adtr.checkpoint import WEIGHTS_FILE, RunRecord, file_list_summary, file_sha256
+from adtr.data.folder import anomaly_samples, good_images, image_folder
+from adtr.data.mvtec import is_mvtec, train_samples
+from adtr.data.samples import Sample
+from adtr.data.splits import split_validation
+from adtr.engine import extract_features
+from adtr.errors import ForgettingError, RunFolderError, SettingsError
+from adtr.fit import fit_on_features
+from adtr.model import ADTR
+from adtr.replay import REPLAY_FILE, make_replay
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 50  # optimisation steps of an update (a fit has 200): about a minute on 2 cores
+MAX_FORGETTING = 0.01  # allowed rise of the old good images' false-alarm rate
+
+Folder = str | Path | Sequence[Sample] | None
+
+
+def forgetting_check(
+    parent_rate: float, scores: np.ndarray, threshold: float, tolerance: float = MAX_FORGETTING
+) -> dict[str, Any]:
+    """The guard on the parent's validation good images' scores (N,) under the updated model.
+
+    Returns {"n", "threshold", "false_alarm_rate" (share of scores >= threshold),
+    "parent_false_alarm_rate", "tolerance", "passed"}; the rate and passed are None without images.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    rate = float(np.mean(scores >= threshold)) if scores.size else None
+    passed = None if rate is None else bool(rate <= parent_rate + tolerance + 1e-12)
+    return {"n": int(scores.size), "threshold": float(threshold), "false_alarm_rate": rate,
+            "parent_false_alarm_rate": float(parent_rate), "tolerance": tolerance, "passed": passed}  # fmt: skip
+
+
+def update_run(
+    parent: ADTR,
+    record: RunRecord,
+    parent_dir: str | Path,
+    device: torch.device,
+    *,
+    anomalies: Folder = None,
+    good: Folder = None,
+    external: Folder = None,
+    steps: int = DEFAULT_STEPS,
+    allow_forgetting: bool = False,
+    progress: bool = True,
+) -> tuple[ADTR, RunRecord]:
+    """The parent run (model, record, its folder) continued with new data: (model, record).
+
+    anomalies: labelled defects, as `adtr fit --anomalies` reads them (test layout with optional
+        ground_truth/ masks, or a plain folder: image labels), or samples.
+    good: new good images: an MVTec category or folder with good/ (its good training images),
+        a plain folder of images, or samples. external: unrelated images (image-level anomalies).
+    The parent model is not changed (a copy is trained). The new record names the parent
+    (folder and weights hash) and what was added (counts, hashes of paths and contents).
+    Raises RunFolderError for a parent without replay features (saved before they existed),
+    SettingsError for nothing to add or a bad step count, DataError for unreadable data,
+    ForgettingError when the guard fails and allow_forgetting is False.
+    """
+    parent_dir = Path(parent_dir)
+    if record.replay is None:
+        raise RunFolderError(
+            f"{parent_dir / REPLAY_FILE}: missing: {parent_dir} was saved before adtr kept the good features an "
+            "update needs; fit it again (adtr fit) with this version to make it updatable"
+        )
+    if anomalies is None and good is None and external is None:
+        raise SettingsError("nothing to add: give new anomalies, good images or external images")
+    labelled = _samples(anomalies, anomaly_samples)
+    new_good = _samples(good, _good_samples)
+    new_external = _samples(external, lambda p: image_folder(p, label=1))
+    try:
+        train = dataclasses.replace(record.config.train, steps=steps, epochs=None)
+    except ValueError as e:  # TrainConfig's own checks
+        raise SettingsError(str(e)) from None
+    config = dataclasses.replace(record.config, train=train)
+    replay = record.replay
+    t0 = time.perf_counter()
+    model = copy.deepcopy(parent)  # fit_on_features trains its init in place
+    new_raw = (extract_features(model, new_good, device, progress=progress) if new_good
+               else replay.good[:0].float())  # fmt: skip
+    new_train, new_val = split_validation(len(new_good), train.val_fraction, train.seed)
+    feature_seconds = time.perf_counter() - t0
+    features = torch.cat([replay.good.float(), new_raw[new_train], replay.val.float(), new_raw[new_val]])
+    n_train = len(replay.good) + len(new_train)
+    fitted = fit_on_features(config, features, device, val_idx=range(n_train, len(features)),
+                             anomalies=labelled or None, external=new_external or None, init=model,
+                             progress=progress)  # fmt: skip
+    real = fitted.anomalies.of_kind("real").features if fitted.anomalies is not None else None
+    thresholds = calibrate(fitted.model, fitted.val, fitted.train, real, train.false_alarm_rate, device)
+    old_val = fitted.val[: len(replay.val)]  # the parent's validation images come first
+    old_scores = feature_scores(fitted.model, old_val, device)[0]
+    guard = forgetting_check(record.thresholds.false_alarm_rate, old_scores, thresholds.image)
+    guard["false_alarm_rate_at_parent_threshold"] = forgetting_check(
+        record.thresholds.false_alarm_rate, old_scores, record.thresholds.image
+    )["false_alarm_rate"]
+    _apply_guard(guard, parent_dir, allow_forgetting)
+    provenance = {
+        "adtr_version": __version__,
+        "data": record.provenance.get("data", {}),  # the original fit's data, carried along the lineage
+        "update": {
+            "parent": {"path": str(parent_dir.resolve()), "weights_sha256": file_sha256(parent_dir / WEIGHTS_FILE)},
+            "added": {
+                "anomalies": {**file_list_summary([s.path for s in labelled], contents=True),
+                              "n_pixel_labelled": sum(s.mask_path is not None for s in labelled)},
+                "anomaly_files": [str(s.path) for s in labelled + new_external],
+                "good_train": file_list_summary([new_good[i].path for i in new_train], contents=True),
+                "good_val": file_list_summary([new_good[i].path for i in new_val], contents=True),
+                "external": file_list_summary([s.path for s in new_external], contents=True),
+            },
+            "steps": steps,
+            "forgetting_guard": guard,
+        },
+        "fit_seconds": time.perf_counter() - t0,
+        "feature_seconds": feature_seconds,  # the new good images' (the anomalies' are in fit_seconds)
+    }  # fmt: skip
+    new_replay = make_replay(fitted.model, fitted.train, fitted.val, train.seed)
+    provenance["replay"] = new_replay.summary()
+    stats = score_stats(feature_scores(fitted.model, fitted.val, device)[0])
+    return fitted.model, RunRecord(config, thresholds, stats, provenance, fitted.history, new_replay)
+
+
+def _apply_guard(guard: dict[str, Any], parent_dir: Path, allow_forgetting: bool) -> None:
+    """Raise ForgettingError for a failed guard, or warn with allow_forgetting; warn when it cannot run."""
+    if guard["passed"] is None:
+        log.warning("%s has no validation images (fewer than 5 good ones): the forgetting guard cannot run",
+                    parent_dir)  # fmt: skip
+        return
+    if guard["passed"]:
+        return
+    message = (
+        f"the update would forget: {guard['false_alarm_rate']:.1%} of the {guard['n']} validation good images of "
+        f"{parent_dir} are flagged at the new threshold, against {guard['parent_false_alarm_rate']:.1%} for the "
+        f"parent (at most +{guard['tolerance']:.0%} allowed)"
+    )
+    if not allow_forgetting:
+        raise ForgettingError(message + "; nothing written. Add new good images (--good), take fewer --steps, "
+                              "or pass --allow-forgetting to keep it anyway")  # fmt: skip
+    log.warning("%s; kept anyway (allow_forgetting)", message)
+
+
+def _samples(source: Folder, read) -> list[Sample]:
+    """Samples of a folder (read by `read`) or given as samples; [] for None."""
+    if source is None:
+        return []
+    return read(Path(source)) if isinstance(source, (str, Path)) else list(source)
+
+
+def _good_samples(root: Path) -> list[Sample]:
+    """New good images: an MVTec category's or a folder's good/ training images, else every image of
+    a plain folder (not recursive, so that defect sub-folders are never read as good)."""
+    return train_samples(root) if is_mvtec(root) or (root / "good").is_dir() else good_images(root)

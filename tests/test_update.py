@@ -1,0 +1,212 @@
+"""`adtr update` (adtr/update.py) and the replay features it needs (adtr/replay.py): a run is
+continued without its training images, records its parent, leaves it untouched, and an update
+that flags more of the parent's validation good images is refused."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, write_png
+from safetensors.torch import save_file
+
+from adtr import ADTRDetector
+from adtr.checkpoint import CONFIG_FILE, WEIGHTS_FILE, file_sha256
+from adtr.config import TrainConfig
+from adtr.data.mvtec import train_samples
+from adtr.data.splits import split_validation
+from adtr.engine import extract_features
+from adtr.errors import ForgettingError, RunFolderError, SettingsError
+from adtr.replay import REPLAY_FILE, capacity, subsample
+from adtr.update import forgetting_check
+
+# 20 good images: 15 train, 5 held out; a high learning rate, so that the tiny model's short update shows
+TRAIN = TrainConfig(epochs=2, batch_size=4, val_fraction=0.25, lr=3e-3)
+
+
+def _blob(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    image = rng.integers(100, 140, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:36, 24:40] = 255
+    image[mask > 0] = 250
+    return image, mask
+
+
+def _stripes(rng: np.random.Generator) -> np.ndarray:
+    """A good part after a product change: vertical stripes instead of plain noise."""
+    image = 120 + 40 * np.sin(np.arange(64) / 2.0)[None, :, None] + rng.integers(0, 10, (64, 64, 3))
+    return image.clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory) -> tuple[Path, Path]:
+    """(data root, run folder): a tiny run fitted on 20 noise images, with new defects (3 with
+    masks), 10 new good images (striped) and 4 more striped ones to probe with beside them."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        write_png(root / "good" / f"{i:03d}.png", rng.integers(100, 140, (64, 64, 3), dtype=np.uint8))
+    for i in range(3):
+        image, mask = _blob(rng)
+        write_png(root / "new_defects" / "blob" / f"{i:03d}.png", image)
+        write_png(root / "new_defects" / "ground_truth" / "blob" / f"{i:03d}_mask.png", mask)
+    for i in range(10):
+        write_png(root / "new_good" / f"{i:03d}.png", _stripes(rng))
+    for i in range(4):
+        write_png(root / "probe" / f"{i:03d}.png", _stripes(rng))
+    run = tmp_path_factory.mktemp("runs") / "parent"
+    ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(root).save(run)
+    return root, run
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: file_sha256(p) for p in sorted(folder.iterdir())}
+
+
+def _median_score(det: ADTRDetector, files: list[Path]) -> float:
+    return float(np.median([p.anomaly_score for p in det.predict(files)]))
+
+
+def _val_files(root: Path) -> list[Path]:
+    samples = train_samples(root)
+    _, val = split_validation(len(samples), TRAIN.val_fraction, TRAIN.seed)
+    return [samples[i].path for i in val]
+
+
+def test_fit_keeps_replay_features_within_the_bound(parent):
+    root, run = parent
+    det = ADTRDetector.load(run, progress=False, backend="torch")
+    replay = det.record_.replay
+    assert replay.good.shape == (15, 192, 4, 4) and replay.val.shape == (5, 192, 4, 4)
+    assert replay.good.dtype == torch.float16
+    recorded = json.loads((run / CONFIG_FILE).read_text())["provenance"]["replay"]
+    assert recorded["good"] == 15 and recorded["val"] == 5 and recorded["bytes"] == 20 * 192 * 16 * 2
+    # the stored validation features are the raw backbone features of the held-out files
+    fresh = extract_features(det.model_, [s for s in train_samples(root) if s.path in set(_val_files(root))],
+                             torch.device("cpu"), progress=False)  # fmt: skip
+    assert torch.allclose(replay.val.float(), fresh, rtol=2e-3, atol=1e-3)
+    # the bound: 64 images a set, fewer when 2 sets would pass 50 MB (192 x 64 x 64 values: 1.5 MiB an image)
+    assert capacity((192, 16, 16)) == 64 and capacity((192, 64, 64)) == 50_000_000 // (2 * 192 * 64 * 64 * 2)
+    rows = torch.arange(100)
+    assert subsample(rows, 200, 0) is rows
+    kept = subsample(rows, 10, 0)
+    assert len(kept) == 10 and torch.equal(kept, kept.sort().values) and torch.equal(kept, subsample(rows, 10, 0))
+
+
+def test_update_learns_new_data_records_its_parent_and_leaves_it_untouched(parent, tmp_path):
+    root, run = parent
+    before = _hashes(run)
+    old = ADTRDetector.load(run, progress=False, backend="torch")
+    probe = sorted((root / "probe").iterdir())
+    old_scores = [p.anomaly_score for p in old.predict(probe)]
+    new = old.update(anomalies=root / "new_defects", good=root / "new_good", steps=40)
+    new.save(tmp_path / "v2")
+    assert _hashes(run) == before  # the parent folder is only read
+    assert [p.anomaly_score for p in old.predict(probe)] == old_scores  # nor is the loaded parent changed
+
+    again = ADTRDetector.load(tmp_path / "v2", progress=False, backend="torch")
+    update = again.record_.provenance["update"]
+    assert update["parent"] == {"path": str(run.resolve()), "weights_sha256": before[WEIGHTS_FILE]}
+    added = update["added"]
+    assert added["anomalies"]["n"] == 3 and added["anomalies"]["n_pixel_labelled"] == 3
+    assert added["good_train"]["n"] == 8 and added["good_val"]["n"] == 2 and added["external"]["n"] == 0
+    assert len(added["anomalies"]["content_sha256"]) == 64 and update["steps"] == 40
+    # thresholds from the parent's 5 validation images + the 2 new held-out ones; replay grows
+    assert again.thresholds_.n_good == 7 and again.thresholds_.method == "f1"
+    assert again.record_.replay.good.shape[0] == 15 + 8 and again.record_.replay.val.shape[0] == 7
+    assert update["forgetting_guard"]["passed"] and update["forgetting_guard"]["n"] == 5
+    # it learnt the product change: unseen striped parts now score lower against the old good parts
+    val = _val_files(root)
+    ratio_old = np.median(old_scores) / _median_score(old, val)
+    ratio_new = _median_score(again, probe) / _median_score(again, val)
+    assert ratio_new < 0.9 * ratio_old
+
+
+def test_forgetting_guard_refuses_or_warns(parent, tmp_path, run_cli, caplog):
+    """Defects that are in fact the parent's validation good images (a labelling mistake): the
+    new threshold must flag them, so most of the old good images would be false alarms."""
+    root, run = parent
+    for path in _val_files(root):
+        dest = tmp_path / "mislabelled" / "defect" / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, dest)
+    code, out, err = run_cli("update", run, "--out", tmp_path / "v2", "--anomalies", tmp_path / "mislabelled",
+                             "--steps", 4, "--quiet")  # fmt: skip
+    assert code == 2 and "the update would forget" in err and "nothing written" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "v2").exists()
+    loaded = ADTRDetector.load(run, progress=False, backend="torch")
+    with pytest.raises(ForgettingError, match=r"parent \(at most \+1% allowed\)"):
+        loaded.update(anomalies=tmp_path / "mislabelled", steps=4)
+
+    with caplog.at_level(logging.WARNING, logger="adtr.update"):
+        new = loaded.update(anomalies=tmp_path / "mislabelled", steps=4, allow_forgetting=True)
+    assert any("would forget" in r.message and "kept anyway" in r.message for r in caplog.records)
+    guard = new.record_.provenance["update"]["forgetting_guard"]
+    assert guard["passed"] is False and guard["false_alarm_rate"] > guard["parent_false_alarm_rate"] + 0.01
+    code, out, _ = run_cli("update", run, "--out", tmp_path / "v3", "--anomalies", tmp_path / "mislabelled",
+                           "--steps", 4, "--allow-forgetting", "--quiet")  # fmt: skip
+    assert code == 0 and "run saved to" in out and (tmp_path / "v3" / REPLAY_FILE).is_file()
+
+
+def test_forgetting_check_against_the_parents_rate():
+    scores = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    same = forgetting_check(0.1, scores, threshold=10.0)  # one of ten at or above: as the parent
+    assert same["false_alarm_rate"] == 0.1 and same["passed"] and same["n"] == 10
+    worse = forgetting_check(0.1, scores, threshold=9.0)  # two of ten: +10 points
+    assert worse["false_alarm_rate"] == 0.2 and worse["passed"] is False
+    assert forgetting_check(0.19, scores, threshold=9.0)["passed"]  # within the 1-point tolerance
+    empty = forgetting_check(0.1, np.array([]), threshold=1.0)
+    assert empty["passed"] is None and empty["false_alarm_rate"] is None and empty["n"] == 0
+
+
+def test_run_without_replay_features_is_refused_but_still_loads(parent, tmp_path, run_cli):
+    root, run = parent
+    for name in (CONFIG_FILE, WEIGHTS_FILE):  # a run folder as adtr wrote it before replay.safetensors
+        shutil.copy(run / name, tmp_path / name)
+    old = ADTRDetector.load(tmp_path, progress=False, backend="torch")
+    assert old.record_.replay is None and old.predict([_val_files(root)[0]])[0].anomaly_score > 0
+    with pytest.raises(RunFolderError, match="replay.safetensors: missing: .* fit it again"):
+        old.update(anomalies=root / "new_defects")
+    code, _, err = run_cli("update", tmp_path, "--out", tmp_path / "v2", "--good", root / "new_good")
+    assert code == 2 and "replay.safetensors: missing" in err and not (tmp_path / "v2").exists()
+
+
+def test_bad_update_requests_are_refused(parent, tmp_path, run_cli):
+    root, run = parent
+    code, _, err = run_cli("update", run, "--out", run, "--anomalies", root / "new_defects")
+    assert code == 2 and "never changed" in err
+    code, _, err = run_cli("update", run, "--out", tmp_path / "v2")
+    assert code == 2 and "nothing to add" in err and not (tmp_path / "v2").exists()
+    code, _, err = run_cli("update", run, "--out", tmp_path / "v2", "--good", root / "new_good", "--steps", 0)
+    assert code == 2 and "steps must be >= 1" in err
+    fitted = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(root)
+    with pytest.raises(SettingsError, match="save\\(\\) this detector or load\\(\\) it first"):
+        fitted.update(good=root / "new_good")
+
+
+def test_replay_file_of_another_shape_is_refused(parent, tmp_path):
+    _, run = parent
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copy(run / name, tmp_path / name)
+    save_file({"good": torch.zeros(2, 192, 8, 8, dtype=torch.float16), "val": torch.zeros(1, 192, 8, 8,
+              dtype=torch.float16)}, str(tmp_path / REPLAY_FILE))  # fmt: skip
+    with pytest.raises(RunFolderError, match=r"replay.safetensors: tensor 'good' is \(2, 192, 8, 8\)"):
+        ADTRDetector.load(tmp_path)
+
+
+def test_a_run_without_validation_images_updates_with_a_warning(parent, tmp_path, caplog):
+    root, _ = parent
+    few = train_samples(root)[:4]  # fewer than 5 good images: none held out
+    ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(few).save(tmp_path / "few")
+    det = ADTRDetector.load(tmp_path / "few", progress=False, backend="torch")
+    assert det.record_.replay.val.shape == (0, 192, 4, 4) and det.record_.replay.good.shape[0] == 4
+    with caplog.at_level(logging.WARNING, logger="adtr.update"):
+        new = det.update(anomalies=root / "new_defects", steps=2)
+    assert any("the forgetting guard cannot run" in r.message for r in caplog.records)
+    guard = new.record_.provenance["update"]["forgetting_guard"]
+    assert guard["n"] == 0 and guard["passed"] is None and guard["false_alarm_rate"] is None
