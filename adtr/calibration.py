@@ -1,21 +1,35 @@
-"""Calibration at fit time: thresholds and score statistics from held-out images' features.
+"""Calibration at fit time: thresholds and score statistics from good images the model did not
+train on, and the warning when there are too few of them for the requested false-alarm rate.
 
-Scores come from the fitted model on standardised features, so nothing is decoded again;
-the rules that turn scores into thresholds are in thresholds.py. Test images are never used.
+Scores come from fitted models on standardised features, so nothing is decoded again; the
+rules that turn scores into thresholds are in thresholds.py. Test images are never used.
+Where the scores come from (fit.py decides, `TrainConfig.calibration`):
+
+- "held_out": the held-out good images (TrainConfig.val_fraction of them, seeded);
+- "crossfit": when fewer than MIN_HELD_OUT would be held out, every good image gets a score from
+  a model fitted without it (K-fold cross-fitting, K = TrainConfig.calibration_folds; for K = n,
+  leave-one-out), so that a set of 20 images calibrates on 20 scores, not 2. The fold models are
+  trained on (K - 1) / K of the images, so they score unseen good images a little higher than
+  the final model does: the threshold errs on the side of fewer false alarms;
+- "training": a single good image cannot be cross-fitted; its own score stands in, which unseen
+  good images usually exceed, so no false-alarm rate can be stated (and the fit says so).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
 import torch
 
 from adtr.model import ADTR
-from adtr.thresholds import Thresholds, f1_optimal, from_good_scores
+from adtr.thresholds import SOURCES, Thresholds, f1_optimal, from_good_scores
 
 log = logging.getLogger(__name__)
+
+MIN_HELD_OUT = 5  # fewer held-out good images than this: cross-fitted scores calibrate ("auto")
 
 
 @torch.no_grad()
@@ -34,30 +48,50 @@ def feature_scores(
 
 
 def calibrate(
-    model: ADTR,
-    val: torch.Tensor,
-    train: torch.Tensor,
-    real_anomalies: torch.Tensor | None,
+    good_scores: np.ndarray,
+    good_maxima: np.ndarray,
+    anomalous_scores: np.ndarray | None,
     false_alarm_rate: float,
-    device: torch.device,
+    source: str = "held_out",
 ) -> Thresholds:
-    """Thresholds from the held-out good images' features val (N, C, h, w).
+    """Thresholds from calibration good images' scores and map maxima (N,), from `source`.
 
-    With labelled real anomalies' features (M, C, h, w): the F1-optimal image threshold;
-    else the (1 - false_alarm_rate) quantile of the good scores (thresholds.py). Without
-    held-out images (fewer than 5 good ones) the training images stand in, with a warning.
+    With labelled real anomalies' scores (M,): the F1-optimal image threshold; else the
+    conformal rank of the good scores (thresholds.py). Logs a warning, with the count, when N
+    is too small for false_alarm_rate (fewer than 1 / rate - 1 scores) or when the scores are
+    the training images' own.
     """
-    scores, maxima = feature_scores(model, val if len(val) else train, device)
-    if not len(val):
-        log.warning("fewer than 5 good images: thresholds come from the training images and run low")
-    if real_anomalies is not None and len(real_anomalies):
-        anomalous, _ = feature_scores(model, real_anomalies, device)
-        return f1_optimal(scores, anomalous, maxima, false_alarm_rate)
-    return from_good_scores(scores, maxima, false_alarm_rate)
+    if source not in SOURCES:
+        raise ValueError(f"unknown calibration source {source!r}; expected one of {sorted(SOURCES)}")
+    if anomalous_scores is not None and len(anomalous_scores):
+        thresholds = f1_optimal(good_scores, anomalous_scores, good_maxima, false_alarm_rate, source)
+    else:
+        thresholds = from_good_scores(good_scores, good_maxima, false_alarm_rate, source)
+    n = thresholds.n_good
+    if source == "training":
+        log.warning(
+            "%d good image%s and none held out: the threshold rests on the training images' own scores, which "
+            "unseen good images usually exceed, so no false-alarm rate can be stated and many good parts may be "
+            "flagged; cross-fitting needs 2 good images, a false-alarm rate of %g about %d",
+            n, "" if n == 1 else "s", false_alarm_rate, needed_images(false_alarm_rate),
+        )  # fmt: skip
+    elif thresholds.implied_false_alarm_rate is not None and thresholds.implied_false_alarm_rate > false_alarm_rate:
+        log.warning(
+            "only %d calibration score%s (%s): a threshold above the highest implies a false-alarm rate of up to "
+            "1/%d = %.3g, not the requested %g, which needs %d good images the model did not train on",
+            n, "" if n == 1 else "s", SOURCES[source], n + 1, thresholds.implied_false_alarm_rate,
+            false_alarm_rate, needed_images(false_alarm_rate),
+        )  # fmt: skip
+    return thresholds
+
+
+def needed_images(false_alarm_rate: float) -> int:
+    """Calibration scores needed for a conformal threshold to bound the rate by false_alarm_rate."""
+    return max(1, math.ceil(1 / false_alarm_rate - 1 - 1e-9))
 
 
 def score_stats(scores: np.ndarray) -> dict[str, Any]:
-    """Statistics of the held-out good images' scores (N,): n, mean, std, min, max, q50..q99.
+    """Statistics of the calibration good images' scores (N,): n, mean, std, min, max, q50..q99.
 
     They set the heatmaps' colour range (render.display_range); {"n": 0} without scores.
     """

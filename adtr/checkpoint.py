@@ -2,9 +2,11 @@
 
     RUN/config.json        the run's record (RunRecord) in named sections: settings
                            (schema_version, model, score, train) and the backbone weights'
-                           hash, calibration (thresholds, score statistics), provenance
-                           (adtr version, data counts and hashes, timings), history (one
-                           entry per epoch); written last, so it marks a complete run
+                           hash, calibration (thresholds, score statistics), inputs (the
+                           training images' size and aspect-ratio ranges and colour mode:
+                           drift.InputProfile; absent in older runs), provenance (adtr
+                           version, data counts and hashes, timings), history (one entry
+                           per epoch); written last, so it marks a complete run
     RUN/model.safetensors  reconstructor weights and feature statistics (the frozen backbone
                            comes from its PyPI package and is checked by hash)
     RUN/replay.safetensors good features kept for `adtr update` (replay.py); absent in run
@@ -27,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from adtr.config import SCHEMA_VERSION, RunConfig
+from adtr.drift import InputProfile
 from adtr.errors import RunFolderError
 from adtr.fileio import atomic_write, atomic_write_json
 from adtr.model import ADTR
@@ -79,28 +82,33 @@ class RunRecord:
     provenance: dict[str, Any] = field(default_factory=dict)  # adtr_version, data, fit/feature seconds
     history: list[dict] = field(default_factory=list)  # one record per epoch
     replay: ReplayData | None = None  # RUN/replay.safetensors; None for runs saved before it
+    inputs: InputProfile | None = None  # the training images (drift.py); None for runs saved before it
 
     def to_doc(self) -> dict[str, Any]:
         """The sections as config.json lays them out (settings at the top level)."""
-        return {
+        doc = {
             **self.config.to_dict(),
             "calibration": {"thresholds": self.thresholds.to_dict(), "score_stats": self.score_stats},
             "provenance": self.provenance,
             "history": self.history,
         }
+        if self.inputs is not None:
+            doc["inputs"] = self.inputs.to_dict()
+        return doc
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any], config: RunConfig) -> RunRecord:
         """Read a config.json of this layout or of the flat one written before it (thresholds,
-        score_stats, adtr_version, data, ... at the top level). KeyError / TypeError when the
-        thresholds are missing or malformed."""
+        score_stats, adtr_version, data, ... at the top level). KeyError / TypeError / ValueError
+        when the thresholds or the input profile are missing or malformed."""
         if "calibration" in doc:
             calibration, provenance = doc["calibration"], doc.get("provenance", {})
         else:
             calibration = doc
             provenance = {k: doc[k] for k in ("adtr_version", "data", "fit_seconds", "feature_seconds") if k in doc}
+        inputs = InputProfile.from_dict(doc["inputs"]) if doc.get("inputs") is not None else None
         return cls(config, Thresholds.from_dict(calibration["thresholds"]), calibration.get("score_stats", {"n": 0}),
-                   provenance, doc.get("history", []))  # fmt: skip
+                   provenance, doc.get("history", []), inputs=inputs)  # fmt: skip
 
 
 def file_list_summary(paths: list[Path | str], contents: bool = False) -> dict[str, Any]:
@@ -203,8 +211,8 @@ def load_record(run_dir: Path | str, device: torch.device | str = "cpu") -> tupl
     model, config, doc = load_run(run_dir, device)
     try:
         record = RunRecord.from_doc(doc, config)
-    except (KeyError, TypeError) as e:
-        raise RunFolderError(f"{Path(run_dir) / CONFIG_FILE}: missing or invalid thresholds ({e})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunFolderError(f"{Path(run_dir) / CONFIG_FILE}: missing or invalid thresholds or inputs ({e})") from None
     record.replay = load_replay(run_dir, (model.channels, *config.model.grid_size))
     return model, record
 
@@ -256,6 +264,9 @@ def check_fit_target(run_dir: Path | str, resume: bool = False, force: bool = Fa
     or replaced with force; resume needs an interrupted fit to continue.
     """
     run_dir = Path(run_dir)
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise RunFolderError(f"{run_dir}: {folder} is a file, not a folder; --out names the run folder to create")
     if (run_dir / CONFIG_FILE).exists() and not force:
         raise RunFolderError(f"{run_dir}: already holds a run; choose another --out or pass --force")
     if has_train_state(run_dir) and not (resume or force):

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,8 +20,9 @@ import torch
 from adtr import distributed
 from adtr.anomalies import GENERATORS
 from adtr.backend import AUTO_HELP, CHOICES
+from adtr.calibration import MIN_HELD_OUT
 from adtr.checkpoint import check_fit_target
-from adtr.config import MODEL_PRESETS, RESIDUAL_NORMS, ScoreConfig, TrainConfig, parse_image_size
+from adtr.config import CALIBRATIONS, MODEL_PRESETS, RESIDUAL_NORMS, ScoreConfig, TrainConfig, parse_image_size
 from adtr.data.images import PIXEL_LIMIT_ENV
 from adtr.errors import ADTRError, DataError, SettingsError
 from adtr.runtime import configure_cpu
@@ -41,7 +44,9 @@ METRIC_ROWS = [
 def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
     if device:
         p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
     p.add_argument(
         "--max-pixels",
@@ -55,7 +60,7 @@ def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
 def _add_nproc(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--nproc",
-        type=int,
+        type=_positive_int,
         default=1,
         help="processes on this machine, through torchrun (default: 1); for several machines run "
         "`torchrun --nnodes ... -m adtr` (README)",
@@ -76,11 +81,72 @@ def _add_backend(p: argparse.ArgumentParser, extra: str = "") -> None:
 def _pixels(text: str) -> int:
     try:
         value = int(float(text.replace("_", "")))
-    except ValueError:
+    except (ValueError, OverflowError):  # "lots", "nan"; "inf"
         value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of pixels")
     return value
+
+
+# Types of the numeric options: a bad value ends in argparse's one-line error (exit status 2).
+# The checks are comparisons, so NaN fails every one of them.
+def _number(text: str, kind: type, ok: Callable[[float], bool], what: str) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a whole number >= 1")
+
+
+def _seed(text: str) -> int:
+    return _number(text, int, lambda v: 0 <= v < 2**63, "a whole number from 0 to 2**63 - 1")
+
+
+def _port(text: str) -> int:
+    return _number(text, int, lambda v: 1 <= v <= 65535, "a port number from 1 to 65535")
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v < math.inf, "a finite number > 0")
+
+
+def _non_negative_float(text: str) -> float:
+    return _number(text, float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+
+
+def _fraction(text: str) -> float:
+    return _number(text, float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+
+
+def _rate(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v < 1, "a rate in (0, 1)")
+
+
+def _output(path: Path | None, option: str, folder: bool) -> None:
+    """SettingsError when path cannot be written as a folder (folder=True) or as a file."""
+    if path is None:
+        return
+    if path.exists() and path.is_dir() != folder:
+        kind, wanted = ("a file", "a folder") if folder else ("a folder", "a file")
+        raise SettingsError(f"{option} {path}: exists and is {kind}; give {wanted}")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise SettingsError(f"{option} {path}: {parent} is a file, not a folder")
+
+
+def _add_letterbox(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--letterbox",
+        action="store_true",
+        help="keep each image's aspect ratio, padding the rest of the model input (not scored), instead of "
+        "stretching it to the model's input; for images of another aspect ratio than the training images",
+    )
 
 
 def _add_anomaly_sources(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -130,28 +196,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--steps",
-        type=int,
+        type=_positive_int,
         default=d_train.steps,
         help=f"optimisation steps, rounded up to whole epochs (default: {d_train.steps})",
     )
-    p.add_argument("--epochs", type=int, default=None, help="training epochs; overrides --steps")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs; overrides --steps")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=_positive_int,
         default=d_train.batch_size,
         help=f"training batch size (default: {d_train.batch_size})",
     )
-    p.add_argument("--lr", type=float, default=d_train.lr, help=f"AdamW learning rate (default: {d_train.lr})")
-    p.add_argument("--seed", type=int, default=d_train.seed, help=f"random seed (default: {d_train.seed})")
+    p.add_argument(
+        "--lr", type=_positive_float, default=d_train.lr, help=f"AdamW learning rate (default: {d_train.lr})"
+    )
+    p.add_argument("--seed", type=_seed, default=d_train.seed, help=f"random seed (default: {d_train.seed})")
     p.add_argument(
         "--val-fraction",
-        type=float,
+        type=_fraction,
         default=d_train.val_fraction,
-        help=f"share of good images held out for validation (default: {d_train.val_fraction})",
+        help=f"share of good images held out for validation and thresholds (default: {d_train.val_fraction})",
+    )
+    p.add_argument(
+        "--false-alarm-rate",
+        type=_rate,
+        default=d_train.false_alarm_rate,
+        help="accepted share of good images flagged; the threshold needs about 1/rate good images the model did "
+        f"not train on, and the fit warns with fewer (default: {d_train.false_alarm_rate})",
+    )
+    p.add_argument(
+        "--calibration",
+        choices=list(CALIBRATIONS),
+        default=d_train.calibration,
+        help="scores behind the threshold: held-out good images, or cross-fitted ones (each good image scored by "
+        f"one of {d_train.calibration_folds} models fitted without it; {d_train.calibration_folds} more fits); "
+        f"auto: cross-fitted when fewer than {MIN_HELD_OUT} images would be held out (default: auto)",
     )
     p.add_argument(
         "--smoothing-sigma",
-        type=float,
+        type=_non_negative_float,
         default=ScoreConfig().smoothing_sigma,
         help="Gaussian smoothing of maps in input pixels, 0 = off (default: 4)",
     )
@@ -210,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--steps",
-        type=int,
+        type=_positive_int,
         default=DEFAULT_STEPS,
         help=f"optimisation steps from RUN's weights (default: {DEFAULT_STEPS})",
     )
@@ -232,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write a self-contained HTML report (curves, histograms, heatmap grids) to DIR/index.html",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="inference batch size (default: 8)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="inference batch size (default: 8)")
     _add_backend(p)
+    _add_letterbox(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -252,12 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--onnx", type=Path, default=None, help="ONNX file to run as it is (from adtr export; default: RUN/model.onnx)"
     )
-    p.add_argument("--batch-size", type=int, default=8, help="inference batch size (default: 8)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="inference batch size (default: 8)")
     p.add_argument(
         "--resume",
         action="store_true",
         help="keep the finished results in --out and score only the other images (after an interrupted run)",
     )
+    _add_letterbox(p)
     _add_nproc(p)
     _add_common(p)
 
@@ -269,9 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="HTTP inspection service", description="Serve a run over HTTP (FastAPI).")
     p.add_argument("run", type=Path, help="run folder written by adtr fit")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted request in MiB (default: 20)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
+    p.add_argument(
+        "--max-upload-mb", type=_positive_float, default=20, help="largest accepted request in MiB (default: 20)"
+    )
     _add_backend(p)
+    _add_letterbox(p)
     _add_common(p)
     return parser
 
@@ -313,6 +401,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             lr=args.lr,
             seed=args.seed,
             val_fraction=args.val_fraction,
+            false_alarm_rate=args.false_alarm_rate,
+            calibration=args.calibration,
         )
         score = ScoreConfig(smoothing_sigma=args.smoothing_sigma, image_score=args.image_score,
                             residual_norm=args.residual_norm)  # fmt: skip
@@ -327,9 +417,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     det.save(args.out)  # also writes and checks RUN/model.onnx for the default backend
     last = det.history_[-1] if det.history_ else {}
     chosen = det.selected_backend()
+    validation = f"validation loss {last['val_loss']:.4f}" if "val_loss" in last else "no held-out images"
     print(
         f"fitted in {det.record_.provenance['fit_seconds']:.0f} s; final loss {last.get('loss', float('nan')):.4f}, "
-        f"validation loss {last.get('val_loss', float('nan')):.4f}; run saved to {args.out}\n"
+        f"{validation}; run saved to {args.out}\n{det.thresholds_.describe()}\n"
         f"backend for predict / test / serve: {chosen.name} ({chosen.reason})"
     )
     return 0
@@ -377,8 +468,10 @@ def format_metrics(metrics: dict) -> str:
 def cmd_test(args: argparse.Namespace) -> int:
     from adtr.detector import ADTRDetector
 
+    _output(args.json, "--json", folder=False)
+    _output(args.report, "--report", folder=True)
     det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet, backend=args.backend)
-    metrics = det.test(args.data, batch_size=args.batch_size, report_dir=args.report)
+    metrics = det.test(args.data, batch_size=args.batch_size, report_dir=args.report, letterbox=args.letterbox)
     metrics = {"run": str(args.run), "data": str(args.data), **metrics}
     print(format_metrics(metrics))
     if args.json:
@@ -398,6 +491,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.onnx is not None and args.backend == "torch":
         raise SettingsError("--onnx FILE runs the ONNX backend: drop --backend torch, or drop --onnx")
     _check_onnx_device("onnx" if args.onnx is not None else args.backend, args.device)
+    _output(args.out, "--out", folder=True)
     files = collect_images(args.paths)
     if not files:
         raise DataError("no images to score among: " + ", ".join(map(str, args.paths)))
@@ -409,15 +503,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from adtr.sharding import predict_sharded
 
         summary = predict_sharded(det, files, args.out, heatmaps=not args.no_heatmaps, resume=args.resume,
-                                  batch_size=args.batch_size, run_dir=args.run)  # fmt: skip
+                                  batch_size=args.batch_size, run_dir=args.run, letterbox=args.letterbox)  # fmt: skip
     else:
         summary = predict_to_folder(det, files, args.out, heatmaps=not args.no_heatmaps, resume=args.resume,
-                                    batch_size=args.batch_size, run_dir=args.run)  # fmt: skip
+                                    batch_size=args.batch_size, run_dir=args.run, letterbox=args.letterbox)  # fmt: skip
     if not distributed.is_main():
         return 1 if summary.failed else 0
     skipped = f", {summary.skipped} already done" if summary.skipped else ""
+    warned = f", {summary.n_warned} unlike the training images (see input_warnings)" if summary.n_warned else ""
     print(
-        f"scored {len(summary.rows)} images ({summary.n_anomalous} anomalous){skipped}, "
+        f"scored {len(summary.rows)} images ({summary.n_anomalous} anomalous{warned}){skipped}, "
         f"{len(summary.failed)} failed, backend {summary.backend}; results in {args.out}"
     )
     return 1 if summary.failed else 0
@@ -427,6 +522,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from adtr.detector import ADTRDetector
     from adtr.export import export_run
 
+    _output(args.out, "--out", folder=False)
     det = ADTRDetector.load(args.run, progress=False)
     out = args.out or args.run / "model.onnx"
     diff = export_run(det, out)
@@ -439,7 +535,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _check_onnx_device(args.backend, args.device)
     serve(args.run, args.host, args.port, int(args.max_upload_mb * 1024 * 1024), args.backend, args.device,
-          quiet=args.quiet, max_pixels=args.max_pixels)  # fmt: skip
+          quiet=args.quiet, max_pixels=args.max_pixels, letterbox=args.letterbox)  # fmt: skip
     return 0
 
 

@@ -9,10 +9,12 @@ so that it converges within minutes on two CPU cores (docs/design.md says why).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 SCHEMA_VERSION = 1
+CALIBRATIONS = ("auto", "held_out", "crossfit")
 
 
 @dataclass
@@ -72,6 +74,8 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         if self.residual_norm not in RESIDUAL_NORMS:
             raise ValueError(f"residual_norm must be one of {RESIDUAL_NORMS}, got {self.residual_norm!r}")
+        if not 0 <= self.smoothing_sigma < math.inf:
+            raise ValueError(f"smoothing sigma must be a finite number >= 0, got {self.smoothing_sigma}")
 
 
 @dataclass
@@ -104,14 +108,23 @@ class TrainConfig:
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+            (0 < self.lr < math.inf, f"learning rate must be a finite number > 0, got {self.lr}"),
             (0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}"),
+            (0 < self.false_alarm_rate < 1, f"false-alarm rate must be in (0, 1), got {self.false_alarm_rate}"),
+            (self.calibration in CALIBRATIONS, f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}"),
+            (self.calibration_folds >= 2, f"calibration folds must be >= 2, got {self.calibration_folds}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
     val_fraction: float = 0.1  # good training images held out for monitoring and thresholds
     false_alarm_rate: float = 0.01  # accepted share of good images flagged (thresholds.py)
+    # Where threshold scores come from (calibration.py): "held_out"; "crossfit": every good image
+    # scored by one of calibration_folds models fitted without it; "auto": cross-fitted when fewer
+    # than calibration.MIN_HELD_OUT good images would be held out, else held out.
+    calibration: str = "auto"
+    calibration_folds: int = 3
     seed: int = 0
     # Anomaly-available training (losses.py): used only when anomalies are given.
     synthetic_prob: float = 0.5  # chance that a good image is replaced by a synthetic anomaly

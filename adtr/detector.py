@@ -29,12 +29,13 @@ from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig, Trai
 from adtr.data.images import to_rgb_uint8
 from adtr.data.mvtec import test_samples
 from adtr.data.samples import Sample
+from adtr.drift import input_warnings
 from adtr.engine import predict_samples
 from adtr.errors import DataError, SettingsError
 from adtr.evaluate import evaluate, score_rows
 from adtr.fit import fit_run
 from adtr.model import ADTR
-from adtr.predict import Prediction, iter_predictions, predict_array
+from adtr.predict import Prediction, Scoring, iter_predictions, predict_array
 from adtr.update import DEFAULT_STEPS, update_run
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,11 @@ class ADTRDetector:
     """ADTR anomaly detector: a facade over fit.py, update.py, predict.py, evaluate.py and checkpoint.py.
 
     Learned state ends in `_` and exists after fit or load: model_ (ADTR), record_ (the run's
-    checkpoint.RunRecord: settings, calibration, provenance, history, replay features), and from
-    it thresholds_ and history_; run_dir_ is the run folder it was saved to or loaded from (None
-    after fit or update; update() names it as the parent), and backend_ the SelectedBackend,
-    chosen on first use (selected_backend()).
+    checkpoint.RunRecord: settings, calibration, provenance, history, replay features, input
+    profile), and from it thresholds_, history_ and inputs_ (drift.InputProfile of the training
+    images; None for runs saved before it, which skip the input checks); run_dir_ is the run
+    folder it was saved to or loaded from (None after fit or update; update() names it as the
+    parent), and backend_ the SelectedBackend, chosen on first use (selected_backend()).
 
     backend: what scores images: "auto" (default: ONNX Runtime where its scores match PyTorch
     fp32 within 1e-4, with the graph cached in the run folder; else PyTorch), "torch" or "onnx".
@@ -132,6 +134,7 @@ class ADTRDetector:
         """Take a fitted model and its record (from fit_run or a run folder) as learned state."""
         self.model_, self.record_ = model, record
         self.config, self.thresholds_, self.history_ = record.config, record.thresholds, record.history
+        self.inputs_ = record.inputs
         self.backend_: SelectedBackend | None = None  # chosen on first use, for these weights
         return self
 
@@ -146,14 +149,15 @@ class ADTRDetector:
         paths: Sequence[str | Path],
         batch_size: int = 8,
         on_error: Callable[[Path, DataError], None] | None = None,
+        letterbox: bool = False,
     ) -> list[Prediction]:
         """Score image files; maps come back at each image's original size.
 
         Without on_error an unreadable file raises DataError; with it, the file is reported
         as on_error(path, error) and the others are still scored. Holds every map: for many
-        files, iterate over iter_predict() instead.
+        files, iterate over iter_predict() instead. letterbox as in iter_predict().
         """
-        return list(self.iter_predict(paths, batch_size, on_error))
+        return list(self.iter_predict(paths, batch_size, on_error, letterbox=letterbox))
 
     def iter_predict(
         self,
@@ -161,16 +165,31 @@ class ADTRDetector:
         batch_size: int = 8,
         on_error: Callable[[Path, DataError], None] | None = None,
         keep_images: bool = False,
+        letterbox: bool = False,
     ) -> Iterator[Prediction]:
         """Score image files one batch at a time, yielding one Prediction per file in order.
 
         Each file is decoded once, in 2 threads, one batch ahead of the model; at most two
         batches are in memory, so memory stays flat in the number of files. `anomaly_map` is (H, W) at the file's size;
         with keep_images, `image` holds the decoded RGB uint8 (H, W, 3), e.g. for an overlay.
-        Errors as in predict(): DataError, or on_error(path, error) and the file is left out.
+        Each image is checked against the training images (drift.py): departures are logged
+        and listed in `input_warnings`. letterbox: keep each image's aspect ratio (padding the
+        rest of the model input, which is not scored) instead of stretching it.
+        Errors as in predict(): DataError, or on_error(path, error) and the file is left out;
+        SettingsError for letterbox with the pooled_residual image score.
         """
+        self._check_letterbox(letterbox)
         return iter_predictions(self._backend().eval(), paths, self.config.model.image_size, self.device,
-                                self.thresholds_, batch_size, on_error, keep_images, self.progress)  # fmt: skip
+                                self.thresholds_, batch_size, on_error, keep_images, self.progress,
+                                **self._scoring(letterbox))  # fmt: skip
+
+    def _scoring(self, letterbox: bool) -> dict[str, Any]:
+        """The keyword arguments of predict.iter_predictions / predict_array for this run."""
+        return {"score": self.config.score, "profile": self.inputs_, "letterbox": letterbox}
+
+    def _check_letterbox(self, letterbox: bool) -> None:
+        """SettingsError, before any image is read, when this run's image score cannot be letterboxed."""
+        Scoring(self.config.model.image_size, self.thresholds_, self.config.score, letterbox=letterbox)
 
     def selected_backend(self) -> SelectedBackend:
         """The backend predict / test run (name, callable, reason), chosen on the first call by
@@ -185,7 +204,12 @@ class ADTRDetector:
         return self.selected_backend().run
 
     def predict_image(
-        self, image: np.ndarray, name: str = "<image>", value_range: float | None = None, channel_order: str = "rgb"
+        self,
+        image: np.ndarray,
+        name: str = "<image>",
+        value_range: float | None = None,
+        channel_order: str = "rgb",
+        letterbox: bool = False,
     ) -> Prediction:
         """Score one image array, e.g. from a camera SDK, OpenCV or an upload.
 
@@ -194,22 +218,36 @@ class ADTRDetector:
         channel_order: "rgb", or "bgr" for OpenCV arrays. Converted exactly as files are
             (data.images.to_rgb_uint8), so an array scores as its file does. Anything else
             raises DataError (a ValueError) naming the accepted shapes and dtypes.
+        letterbox and input_warnings: as in iter_predict().
         """
         image = to_rgb_uint8(image, name, value_range, channel_order)
-        return predict_array(self._backend(), image, self.config.model.image_size, self.device, self.thresholds_, name)
+        return predict_array(self._backend(), image, self.config.model.image_size, self.device, self.thresholds_, name,
+                             **self._scoring(letterbox))  # fmt: skip
 
     def test(
-        self, data: str | Path | Sequence[Sample], batch_size: int = 8, report_dir: str | Path | None = None
+        self,
+        data: str | Path | Sequence[Sample],
+        batch_size: int = 8,
+        report_dir: str | Path | None = None,
+        letterbox: bool = False,
     ) -> dict[str, Any]:
         """Metrics on labelled test data: an MVTec category / plain folder, or samples.
 
-        With report_dir, also writes report_dir/index.html (report.py).
+        With report_dir, also writes report_dir/index.html (report.py). Images that depart
+        from the training images are logged and listed in result["input_warnings"] (path ->
+        warnings) and in their score rows; letterbox as in iter_predict().
         """
         samples = test_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
+        self._check_letterbox(letterbox)
         t0 = time.perf_counter()
-        preds = predict_samples(self._backend(), samples, self.device, batch_size, self.progress)
+        preds = predict_samples(self._backend(), samples, self.device, batch_size, self.progress,
+                                letterbox=letterbox, score=self.config.score)  # fmt: skip
         result = evaluate(samples, preds, self.thresholds_, wall_seconds=time.perf_counter() - t0)
         result["backend"] = self.selected_backend().name
+        names = [samples[i].path for i in preds.indices]
+        warnings = input_warnings(self.inputs_, names, preds.infos, letterbox) if preds.infos else {}
+        if warnings:
+            result["input_warnings"] = warnings
         if report_dir is not None:
             from adtr.render import display_range
             from adtr.report import write_report
@@ -218,7 +256,7 @@ class ADTRDetector:
             result["report"] = str(
                 write_report(report_dir, result, samples, preds.scores, preds.maps, self.thresholds_, vrange)
             )
-        result["scores"] = score_rows(samples, preds.scores)
+        result["scores"] = score_rows(samples, preds.scores, warnings)
         return result
 
     def use_onnx(self, path: str | Path) -> ADTRDetector:

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,13 +21,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from adtr.anomalies import AnomalyGenerator
-from adtr.config import TrainConfig
+from adtr.config import ScoreConfig, TrainConfig
 from adtr.data.images import DataError, read_image, read_mask
 from adtr.data.prefetch import map_ahead
 from adtr.data.samples import Sample
 from adtr.data.transforms import resize_batch, resize_image
+from adtr.drift import ImageInfo, image_info
 from adtr.losses import mixed_loss, mse_loss, reconstruction_loss
 from adtr.model import ADTR
+from adtr.predict import unletterbox
 
 if TYPE_CHECKING:
     from adtr.distributed import DataParallel
@@ -40,6 +42,7 @@ class ImageBatch:
     images: torch.Tensor  # (B, 3, H, W) float 0..255 at the model size
     original_sizes: list[tuple[int, int]]  # (height, width) of each file
     indices: list[int]  # positions in the sample list
+    infos: list[ImageInfo]  # size and colour mode of each file (drift.py)
 
 
 def iter_image_batches(
@@ -48,22 +51,25 @@ def iter_image_batches(
     batch_size: int,
     workers: int = 2,
     on_error: Callable[[int, DataError], None] | None = None,
+    letterbox: bool = False,
 ) -> Iterator[ImageBatch]:
     """Decode and resize images in threads, batch_size at a time, one batch ahead of the caller
     (data.prefetch.map_ahead: the next batch decodes while this one is used).
 
     A file that cannot be read raises DataError, or, with on_error, is reported as
-    on_error(index, error) and left out of its batch.
+    on_error(index, error) and left out of its batch. letterbox: keep each image's aspect
+    ratio inside size (data.transforms.resize_image).
     """
 
-    def load(i: int) -> tuple[torch.Tensor, tuple[int, int]] | DataError:
+    def load(i: int) -> tuple[torch.Tensor, ImageInfo] | DataError:
         try:
             image = read_image(samples[i].path)
         except DataError as e:
             if on_error is None:
                 raise
             return e
-        return resize_image(image, size), image.shape[:2]
+        tensor = resize_image(image, size, letterbox)
+        return tensor, image_info(tensor, image.shape[:2])
 
     for chunk, loaded in map_ahead(load, range(len(samples)), batch_size, workers):
         ok = []
@@ -73,7 +79,9 @@ def iter_image_batches(
             else:
                 ok.append((i, item))
         if ok:
-            yield ImageBatch(torch.stack([t for _, (t, _) in ok]), [s for _, (_, s) in ok], [i for i, _ in ok])
+            infos = [info for _, (_, info) in ok]
+            yield ImageBatch(torch.stack([t for _, (t, _) in ok]), [(x.height, x.width) for x in infos],
+                             [i for i, _ in ok], infos)  # fmt: skip
 
 
 def _batches(
@@ -83,9 +91,10 @@ def _batches(
     desc: str,
     progress: bool,
     on_error: Callable[[int, DataError], None] | None = None,
+    letterbox: bool = False,
 ) -> Iterator[ImageBatch]:
     """Image batches at the model's input size, behind a progress bar."""
-    batches = iter_image_batches(samples, model.cfg.image_size, batch_size, on_error=on_error)
+    batches = iter_image_batches(samples, model.cfg.image_size, batch_size, on_error=on_error, letterbox=letterbox)
     return tqdm(batches, total=math.ceil(len(samples) / batch_size), desc=desc, disable=not progress)
 
 
@@ -96,10 +105,12 @@ def extract_features(
     device: torch.device,
     batch_size: int = 8,
     progress: bool = True,
+    on_info: Callable[[int, ImageInfo], None] | None = None,
 ) -> torch.Tensor:
     """Raw aligned backbone features (N, C, h, w), float32 on the CPU, of image files (samples:
     decoded once, resized by data.transforms.resize_image) or of in-memory uint8 images
-    (N, H, W, 3) (resized by data.transforms.resize_batch). DataError for an unreadable file."""
+    (N, H, W, 3) (resized by data.transforms.resize_batch). DataError for an unreadable file.
+    on_info(index, ImageInfo) is called for each file (the run's input profile, drift.py)."""
     model.eval()
     out = []
     if isinstance(samples, np.ndarray):
@@ -109,6 +120,9 @@ def extract_features(
     else:
         for batch in _batches(model, samples, batch_size, "features", progress):
             out.append(model.extract(batch.images.to(device)).cpu())
+            if on_info is not None:
+                for i, info in zip(batch.indices, batch.infos, strict=True):
+                    on_info(i, info)
     return torch.cat(out)
 
 
@@ -429,6 +443,7 @@ class Predictions:
     original_sizes: list[tuple[int, int]]
     indices: list[int]  # which samples these are (all of them unless on_error skipped some)
     model_seconds: float  # time spent in the model (backbone included, decoding excluded)
+    infos: list[ImageInfo] = field(default_factory=list)  # size and colour of each image (drift.py); [] unknown
 
 
 @torch.no_grad()
@@ -439,20 +454,36 @@ def predict_samples(
     batch_size: int = 8,
     progress: bool = True,
     on_error: Callable[[int, DataError], None] | None = None,
+    letterbox: bool = False,
+    score: ScoreConfig | None = None,
 ) -> Predictions:
-    """Score every sample with the full model (backbone + reconstructor)."""
+    """Score every sample with the full model (backbone + reconstructor), or a backend with its
+    interface (backend.py).
+
+    letterbox: keep each image's aspect ratio; its map and score then cover the image alone
+    (predict.unletterbox, with the run's score settings `score`), and maps are (height, width)
+    of its letterbox box, not the model size.
+    """
+    if letterbox and score is None:
+        raise ValueError("letterbox needs the run's score settings")
     model.eval()
     scores: list[float] = []
     maps: list[np.ndarray] = []
-    sizes: list[tuple[int, int]] = []
+    infos: list[ImageInfo] = []
     indices: list[int] = []
     seconds = 0.0
-    for batch in _batches(model, samples, batch_size, "predict", progress, on_error):
+    for batch in _batches(model, samples, batch_size, "predict", progress, on_error, letterbox):
         t0 = time.perf_counter()
         out = model(batch.images.to(device))
         seconds += time.perf_counter() - t0
-        scores += out.anomaly_score.cpu().tolist()
-        maps += list(out.anomaly_map.cpu().numpy())
-        sizes += batch.original_sizes
+        batch_scores, batch_maps = out.anomaly_score.cpu().tolist(), list(out.anomaly_map.cpu().numpy())
+        if letterbox:
+            pairs = [unletterbox(m, size, model.cfg.image_size, score)
+                     for m, size in zip(batch_maps, batch.original_sizes, strict=True)]  # fmt: skip
+            batch_maps, batch_scores = [m for m, _ in pairs], [v for _, v in pairs]
+        scores += batch_scores
+        maps += batch_maps
+        infos += batch.infos
         indices += batch.indices
-    return Predictions(np.asarray(scores, dtype=np.float64), maps, sizes, indices, seconds)
+    sizes = [(i.height, i.width) for i in infos]
+    return Predictions(np.asarray(scores, dtype=np.float64), maps, sizes, indices, seconds, infos)

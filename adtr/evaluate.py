@@ -88,12 +88,18 @@ def evaluate(
     return result
 
 
-def score_rows(samples: Sequence[Sample], scores: np.ndarray) -> list[dict[str, Any]]:
-    """One {path, label, defect, score} per sample, for the metrics JSON."""
-    return [
-        {"path": str(s.path), "label": s.label, "defect": s.defect, "score": float(v)}
-        for s, v in zip(samples, scores, strict=True)
-    ]
+def score_rows(
+    samples: Sequence[Sample], scores: np.ndarray, input_warnings: dict[str, list[str]] | None = None
+) -> list[dict[str, Any]]:
+    """One {path, label, defect, score} per sample, for the metrics JSON; "input_warnings" added
+    for the samples listed in input_warnings (path -> departures from the training images)."""
+    rows = []
+    for s, v in zip(samples, scores, strict=True):
+        row = {"path": str(s.path), "label": s.label, "defect": s.defect, "score": float(v)}
+        if input_warnings and str(s.path) in input_warnings:
+            row["input_warnings"] = input_warnings[str(s.path)]
+        rows.append(row)
+    return rows
 
 
 def check_finite(samples: Sequence[Sample], scores: np.ndarray, maps: Sequence[np.ndarray]) -> None:

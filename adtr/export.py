@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from adtr.thresholds import Thresholds
 
 OPSET = 17
+# The one decision rule (thresholds.py), stated in the graph's metadata.
+DECISION_RULE = "anomalous when anomaly_score >= thresholds.image; defect pixel when anomaly_map >= thresholds.pixel"
 TOLERANCE = 1e-4  # largest accepted |ONNX Runtime - PyTorch fp32| image score
 FINGERPRINT_KEY = "adtr_model_sha256"  # metadata: checkpoint.model_fingerprint of the exported model
 REFERENCE_KEY = "adtr_check_scores"  # metadata: PyTorch fp32 image scores of check_images
@@ -110,8 +112,9 @@ def export_run(detector: ADTRDetector, out: Path | str) -> float:
 
 
 def run_metadata(model: ADTR, thresholds: Thresholds) -> dict[str, Any]:
-    """What a graph of a run carries besides export_onnx's keys: input size and thresholds."""
-    return {"image_size": list(model.cfg.image_size), "thresholds": thresholds.to_dict()}
+    """What a graph of a run carries besides export_onnx's keys: input size, thresholds and the
+    decision rule (DECISION_RULE), for consumers of the ONNX file alone."""
+    return {"image_size": list(model.cfg.image_size), "thresholds": thresholds.to_dict(), "decision": DECISION_RULE}
 
 
 @dataclass(frozen=True)

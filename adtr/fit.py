@@ -2,7 +2,8 @@
 anomaly pools -> shuffling generator -> fit_reconstructor (You et al., ICONIP 2022, section 3).
 
 `fit_run` (ADTRDetector.fit, `adtr fit`: folders -> samples -> validation split -> fit ->
-calibration -> the run's record), the one-class protocol (`oneclass.fit_class`, features of
+calibration on held-out or cross-fitted scores (calibration.py; the fold models are fitted
+here) -> the run's record), the one-class protocol (`oneclass.fit_class`, features of
 in-memory images) and multi-process training (adtr/distributed.py: each rank runs this same
 sequence on its block of the images) all call `fit_on_features`, so a setting means the same
 thing on every path and a seed gives the same weights on each.
@@ -16,6 +17,7 @@ before the model is built, and shuffling has its own `torch.Generator` with the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -23,11 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from adtr import __version__, distributed
 from adtr.anomalies import AnomalyGenerator, get_generator
-from adtr.calibration import calibrate, feature_scores, score_stats
+from adtr.calibration import MIN_HELD_OUT, calibrate, feature_scores, score_stats
 from adtr.checkpoint import RunRecord, file_list_summary, load_run, load_train_state, save_train_state
 from adtr.config import RunConfig
 from adtr.data.folder import anomaly_samples, image_folder
@@ -36,6 +39,7 @@ from adtr.data.mvtec import train_samples
 from adtr.data.samples import Sample
 from adtr.data.splits import split_validation
 from adtr.data.transforms import input_size_for
+from adtr.drift import ImageInfo, InputProfile
 from adtr.engine import (
     AnomalyPool,
     TrainingData,
@@ -65,6 +69,8 @@ class FitResult:
     val: torch.Tensor  # (N_val, C, h, w) standardised features of the held-out good images (may be empty)
     anomalies: AnomalyPool | None  # standardised real and external anomalies (pool.kinds says which)
     feature_seconds: float  # spent extracting features (0 for precomputed ones)
+    raw: torch.Tensor  # (N, C, h, w) raw features of all good images, in their order (cross-fitting reuses them)
+    infos: list[ImageInfo]  # size and colour mode of each good image file, in order ([] for features)
 
 
 def fit_run(
@@ -84,7 +90,8 @@ def fit_run(
     provenance, history). The arguments are ADTRDetector.fit's; the record's config has the
     input size filled in (from the training images' aspect ratio when unset) and, with init,
     that run's model and score settings; record.replay keeps good features for later updates
-    (replay.py). DataError / SettingsError / RunFolderError for bad input.
+    (replay.py), record.inputs profiles the good images (drift.InputProfile). DataError /
+    SettingsError / RunFolderError for bad input.
     """
     samples = train_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
     if any(s.label != 0 for s in samples):
@@ -105,11 +112,23 @@ def fit_run(
         log.info("input size %dx%d (height x width), from the training images' aspect ratio", *size)
     t0 = time.perf_counter()
     train_idx, val_idx = split_validation(len(samples), config.train.val_fraction, config.train.seed)
+    source = calibration_source(config.train.calibration, len(samples), len(val_idx))
+    if source == "crossfit":  # every image trains the final model; the folds' models score them
+        train_idx, val_idx = list(range(len(samples))), []
+    fold_init = copy.deepcopy(base) if base is not None and source == "crossfit" else None  # before fitting base
     fitted = fit_on_features(config, samples, device, val_idx=val_idx, anomalies=labelled, external=external_samples,
                              generators=generators, init=base, state_dir=state_dir, resume=resume,
                              progress=progress)  # fmt: skip
+    if source == "crossfit":
+        scores, maxima = crossfit_scores(config, samples, fitted.raw, device, anomalies=labelled,
+                                         external=external_samples, generators=generators, init=fold_init,
+                                         progress=progress)  # fmt: skip
+    else:
+        scores, maxima = feature_scores(fitted.model, fitted.val if source == "held_out" else fitted.train, device)
     real = fitted.anomalies.of_kind("real").features if fitted.anomalies is not None else None
-    thresholds = calibrate(fitted.model, fitted.val, fitted.train, real, config.train.false_alarm_rate, device)
+    anomalous = feature_scores(fitted.model, real, device)[0] if real is not None and len(real) else None
+    thresholds = calibrate(scores, maxima, anomalous, config.train.false_alarm_rate, source)
+    log.info("%s", thresholds.describe())
     provenance = {
         "adtr_version": __version__,
         "data": {
@@ -121,14 +140,61 @@ def fit_run(
             "synthetic": list(synthetic),
             "init": str(init) if init is not None else None,
         },
+        # cross-fitting folds behind the thresholds (their source: calibration.thresholds.source)
+        "calibration_folds": min(config.train.calibration_folds, len(samples)) if source == "crossfit" else None,
         "fit_seconds": time.perf_counter() - t0,
         "feature_seconds": fitted.feature_seconds,
         "processes": distributed.world_size(),
     }
     replay = make_replay(fitted.model, fitted.train, fitted.val, config.train.seed)
     provenance["replay"] = replay.summary()
-    stats = score_stats(feature_scores(fitted.model, fitted.val, device)[0])
-    return fitted.model, RunRecord(config, thresholds, stats, provenance, fitted.history, replay)
+    return fitted.model, RunRecord(config, thresholds, score_stats(scores), provenance, fitted.history, replay,
+                                   InputProfile.from_infos(fitted.infos))  # fmt: skip
+
+
+def calibration_source(mode: str, n_good: int, n_held_out: int) -> str:
+    """Where thresholds come from (calibration.py): "held_out", "crossfit" or "training".
+
+    mode is TrainConfig.calibration: "auto" cross-fits when fewer than MIN_HELD_OUT images are
+    held out; a single image can only be scored by the model trained on it ("training").
+    """
+    if mode == "held_out" or (mode == "auto" and n_held_out >= MIN_HELD_OUT):
+        return "held_out" if n_held_out else "training"
+    return "crossfit" if n_good >= 2 else "training"
+
+
+def crossfit_scores(
+    config: RunConfig,
+    good: Sequence[Sample],
+    raw: torch.Tensor,
+    device: torch.device,
+    *,
+    anomalies: Sequence[Sample] = (),
+    external: Sequence[Sample] = (),
+    generators: Sequence[AnomalyGenerator] = (),
+    init: ADTR | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and map maxima (N,) of every good image, each from a model fitted without it.
+
+    K = min(config.train.calibration_folds, N) seeded folds (leave-one-out when K = N); each
+    fold's model is fitted with the same settings, anomalies and init as the final one, on
+    the raw features raw (N, C, h, w) of the good images (or on the files, which synthetic
+    anomalies need): K more fits with the same step budget, on (K - 1) / K of the images each.
+    init is copied per fold. Every rank of a process group runs the same folds.
+    """
+    n = len(good)
+    k = min(config.train.calibration_folds, n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.train.seed)).tolist()
+    scores, maxima = np.empty(n), np.empty(n)
+    for j in range(k):
+        held = sorted(perm[j::k])
+        log.info("calibration: cross-fitting fold %d of %d (%d of %d good images held out)", j + 1, k, len(held), n)
+        fold = fit_on_features(config, good if generators else raw, device, val_idx=held, anomalies=anomalies,
+                               external=external, generators=generators,
+                               init=copy.deepcopy(init) if init is not None else None, progress=progress)  # fmt: skip
+        scores[held], maxima[held] = feature_scores(fold.model, fold.val, device)
+    return scores, maxima
 
 
 def build_model(config: RunConfig, device: torch.device) -> ADTR:
@@ -186,10 +252,13 @@ def fit_on_features(
         model = init if init is not None else build_model(config, device)
         t0 = time.perf_counter()
         mine = distributed.block(len(good))  # this rank's images (all of them in one process)
-        raw = _raw_features(model, good[mine.start : mine.stop], device, progress)
+        raw, infos = _raw_features(model, good[mine.start : mine.stop], device, progress)
         if init is None:
             distributed.set_feature_stats(model, raw[[i - mine.start for i in train_idx if i in mine]])
         features = distributed.gather_rows(model.standardize(raw.to(device)).cpu())
+        rows = distributed.gather_rows(torch.tensor(infos, dtype=torch.int64).reshape(-1, 3))  # every rank's files
+        infos = [ImageInfo(h, w, bool(grey)) for h, w, grey in rows.tolist()]
+        all_raw = distributed.gather_rows(raw)
         synthetic = None
         if generators:
             train_samples = [good[i] for i in train_idx]
@@ -219,14 +288,19 @@ def fit_on_features(
     model.eval()
     if config.score.residual_norm != "none":
         model.set_residual_scale(features[train_idx])
-    return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds)
+    return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds, all_raw, infos)
 
 
-def _raw_features(model: ADTR, images: Images, device: torch.device, progress: bool) -> torch.Tensor:
-    """Raw aligned features (N, C, h, w) on the CPU: extracted from files, or passed through."""
+def _raw_features(
+    model: ADTR, images: Images, device: torch.device, progress: bool
+) -> tuple[torch.Tensor, list[ImageInfo]]:
+    """Raw aligned features (N, C, h, w) on the CPU and each file's ImageInfo (drift.py):
+    extracted from files, or features passed through (no infos)."""
     if isinstance(images, torch.Tensor):
-        return images
-    return extract_features(model, images, device, progress=progress)
+        return images, []
+    infos: dict[int, ImageInfo] = {}
+    raw = extract_features(model, images, device, progress=progress, on_info=infos.__setitem__)
+    return raw, [infos[i] for i in range(len(images))]
 
 
 def _anomaly_pool(

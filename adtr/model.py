@@ -231,22 +231,36 @@ class ADTR(nn.Module):
             # object reconstructed as another class) add up, uncorrelated local errors cancel.
             # Scores semantic anomalies better than any statistic of the map (docs/design.md).
             score = torch.linalg.vector_norm(residual.mean(dim=(2, 3)), dim=1)
-        elif self.score_cfg.image_score == "mean":
-            score = m.mean(dim=(1, 2, 3))
-        elif self.score_cfg.image_score == "top_mean":
-            h, w = self.cfg.image_size  # python ints, so that the ONNX graph holds a constant k
-            k = max(1, round(self.score_cfg.top_fraction * h * w))
-            score = m.flatten(1).topk(k, dim=1).values.mean(1)
-        elif self.score_cfg.image_score == "max_pool":
-            k = self.score_cfg.pool_size
-            score = F.avg_pool2d(m, k, stride=1).amax(dim=(1, 2, 3)) if k > 1 else m.amax(dim=(1, 2, 3))
         else:
-            raise ValueError(f"unknown image score {self.score_cfg.image_score!r}")
+            score = map_image_score(m, self.score_cfg, self.cfg.image_size)
         return AnomalyOutput(m[:, 0], score)
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         """0..255 RGB images (B, 3, H, W) at the configured size -> map and score."""
         return self.score(self.standardize(self.extract(images)))
+
+
+MAP_SCORES = ("top_mean", "max_pool", "mean")  # image scores computed from the map alone
+
+
+def map_image_score(m: torch.Tensor, score: ScoreConfig, size: tuple[int, int]) -> torch.Tensor:
+    """Image score (B,) of maps (B, 1, H, W) for the scores in MAP_SCORES.
+
+    size: (H, W) as Python ints, so that an exported graph holds top_mean's k as a constant.
+    Also scores the part of a letterboxed map that covers the image (predict.py). ValueError
+    for another image score (pooled_residual needs the feature residual).
+    """
+    if score.image_score == "mean":
+        return m.mean(dim=(1, 2, 3))
+    if score.image_score == "top_mean":
+        k = max(1, round(score.top_fraction * size[0] * size[1]))
+        return m.flatten(1).topk(k, dim=1).values.mean(1)
+    if score.image_score == "max_pool":
+        k = min(score.pool_size, *size)
+        return F.avg_pool2d(m, k, stride=1).amax(dim=(1, 2, 3)) if k > 1 else m.amax(dim=(1, 2, 3))
+    if score.image_score == "pooled_residual":
+        raise ValueError("the pooled_residual image score needs the feature residual, not only the map")
+    raise ValueError(f"unknown image score {score.image_score!r}")
 
 
 def upsample_map(grid_map: torch.Tensor, size: tuple[int, int], kernel: torch.Tensor | None) -> torch.Tensor:

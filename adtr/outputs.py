@@ -2,7 +2,9 @@
 are written one image at a time, so that an interrupted run keeps them:
 
     OUT/heatmaps/<name>.png   overlay of each image's anomaly map (render.py), written atomically
-    OUT/scores.csv            one row per scored image, appended and flushed as it finishes
+    OUT/scores.csv            one row per scored image, appended and flushed as it finishes;
+                              input_warnings: the ways the image departs from the training
+                              images (drift.py), "; "-joined (a list in the JSON files)
     OUT/scores.jsonl          the same rows as JSON lines, appended and flushed likewise
     OUT/scores.json           every row plus the files that failed and the backend, written
                               atomically at the end
@@ -38,7 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCORES_CSV, SCORES_JSONL, SCORES_JSON, HEATMAPS = "scores.csv", "scores.jsonl", "scores.json", "heatmaps"
-FIELDS = ["path", "anomaly_score", "normalized_score", "is_anomalous", "defect_boxes", "backend", "heatmap"]
+FIELDS = ["path", "anomaly_score", "normalized_score", "is_anomalous", "defect_boxes", "input_warnings", "backend",
+          "heatmap"]  # fmt: skip
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
@@ -98,6 +101,11 @@ class PredictSummary:
     def n_anomalous(self) -> int:
         return sum(bool(r["is_anomalous"]) for r in self.rows)
 
+    @property
+    def n_warned(self) -> int:
+        """Rows whose image departs from the training images (input_warnings)."""
+        return sum(bool(r.get("input_warnings")) for r in self.rows)
+
 
 def finished_rows(out_dir: Path, heatmaps: bool) -> list[dict[str, Any]]:
     """Rows of scores.jsonl whose image is finished (its heatmap exists, when heatmaps are wanted)."""
@@ -120,8 +128,13 @@ def _csv_text(rows: list[dict[str, Any]], fieldnames: list[str]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=fieldnames, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(_csv_row(r) for r in rows)
     return out.getvalue()
+
+
+def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as scores.csv holds it: the input warnings joined into one cell."""
+    return {**row, "input_warnings": "; ".join(row.get("input_warnings") or [])}
 
 
 def write_rows(folder: Path, rows: list[dict[str, Any]], heatmaps: bool) -> None:
@@ -141,6 +154,7 @@ def predict_to_folder(
     run_dir: Path | None = None,
     names: Mapping[str, str] | None = None,
     scores_dir: Path | None = None,
+    letterbox: bool = False,
 ) -> PredictSummary:
     """Score files with detector.iter_predict and write each result as it finishes (layout above).
 
@@ -150,7 +164,8 @@ def predict_to_folder(
     listed in the summary's `failed`; memory stays flat in the number of files.
     One rank of a sharded predict (adtr/sharding.py) passes the heatmap names of all files
     (names: path -> name, default output_names(files)) and its own scores_dir for the scores
-    files (default out_dir); heatmaps always go to out_dir/heatmaps.
+    files (default out_dir); heatmaps always go to out_dir/heatmaps. letterbox as in
+    ADTRDetector.iter_predict.
     """
     out_dir = Path(out_dir)
     scores_dir = out_dir if scores_dir is None else Path(scores_dir)
@@ -178,20 +193,21 @@ def predict_to_folder(
         open(scores_dir / SCORES_JSONL, "a", encoding="utf-8") as jsonl_file,
     ):
         writer = csv.DictWriter(csv_file, fieldnames=fieldnames, extrasaction="ignore")
-        for pred in detector.iter_predict(todo, batch_size, on_error=failed, keep_images=heatmaps):
+        for pred in detector.iter_predict(todo, batch_size, on_error=failed, keep_images=heatmaps, letterbox=letterbox):
             row: dict[str, Any] = {
                 "path": pred.path,
                 "anomaly_score": pred.anomaly_score,
                 "normalized_score": pred.normalized_score,
                 "is_anomalous": pred.is_anomalous,
                 "defect_boxes": json.dumps(defect_boxes(detector.thresholds_, pred.anomaly_map, pred.is_anomalous)),
+                "input_warnings": pred.input_warnings,
                 "backend": backend,
             }
             if heatmaps:
                 target = out_dir / HEATMAPS / f"{names[pred.path]}.png"
                 atomic_write_bytes(target, heatmap_png(pred.image, pred.anomaly_map, vrange))
                 row["heatmap"] = str(target)
-            writer.writerow(row)
+            writer.writerow(_csv_row(row))
             csv_file.flush()
             jsonl_file.write(json.dumps(row) + "\n")
             jsonl_file.flush()

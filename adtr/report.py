@@ -149,9 +149,8 @@ table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding
 figcaption {{ font-size: 12px; text-align: center; }} .case {{ margin-bottom: 1.5em; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>Threshold {thresholds.image:.4g} ({html.escape(thresholds.method)}, from {thresholds.n_good} held-out good
-images; false-alarm rate on them {thresholds.false_alarm_rate:.3f}). Pixel threshold {thresholds.pixel:.4g}.
-Higher scores are more anomalous.</p>
+<p>Image threshold: {html.escape(thresholds.describe())}; anomalous when the score is at or above it.
+Pixel threshold {thresholds.pixel:.4g}. Higher scores are more anomalous.</p>
 <h2>Metrics</h2><table>{rows}</table>
 <h2>Curves</h2><div class="row">{curves}</div>
 <h2>Worst cases</h2><p>Anomalous images with the lowest scores, good images with the highest.</p>{grid(worst)}

@@ -2,8 +2,10 @@
 
     POST /predict   multipart form with one image file in field `file`; `?heatmap=true`
                     adds the heatmap overlay as a base64 PNG. Returns score, normalised
-                    score, decision and defect bounding boxes.
-    GET  /health    status, the run's settings and the backend that scores (and why).
+                    score, decision, defect bounding boxes and input_warnings (the ways the
+                    image departs from the training images: aspect ratio, colour; drift.py).
+    GET  /health    status, the run's settings, the training images' profile and the
+                    backend that scores (and why).
     GET  /docs      OpenAPI documentation.
 
 Every bad request gets a 4xx answer with a one-line reason: over the upload limit or the
@@ -49,6 +51,7 @@ def score_upload(
     max_pixels: int,
     heatmap: bool = False,
     vrange: tuple[float, float] | None = None,
+    letterbox: bool = False,
 ) -> dict[str, Any]:
     """Decode one uploaded file, score it and build the answer; DataError when it cannot be used.
 
@@ -57,7 +60,7 @@ def score_upload(
     a time: it holds the full-size image and map until it returns.
     """
     image = read_image(name, data, max_pixels=max_pixels)
-    pred = det.predict_image(image, name)
+    pred = det.predict_image(image, name, letterbox=letterbox)
     thr = det.thresholds_
     answer = {
         "filename": name,
@@ -68,6 +71,7 @@ def score_upload(
         "is_anomalous": pred.is_anomalous,
         "threshold": thr.image,
         "defect_boxes": defect_boxes(thr, pred.anomaly_map, pred.is_anomalous),
+        "input_warnings": pred.input_warnings,
     }
     if heatmap:
         png = heatmap_png(image, pred.anomaly_map, vrange or display_range(det.record_.score_stats))
@@ -94,11 +98,13 @@ def create_app(
     engine: str = "auto",
     device: str = "cpu",
     max_pixels: int | None = None,
+    letterbox: bool = False,
 ) -> FastAPI:
     """The service for a run folder; engine is the backend ("auto", "torch" on `device`, "onnx"
     on the CPU; backend.select_backend), chosen here, before the first request.
 
-    max_pixels: largest accepted width x height (default: service_pixel_limit()).
+    max_pixels: largest accepted width x height (default: service_pixel_limit()). letterbox:
+    keep each upload's aspect ratio instead of stretching it (ADTRDetector.iter_predict).
     """
     limit = service_pixel_limit(max_pixels)
     det = ADTRDetector.load(run_dir, device=device, progress=False, backend=engine)
@@ -119,6 +125,8 @@ def create_app(
             "image_size": list(det.config.model.image_size),
             "threshold": det.thresholds_.image,
             "max_pixels": limit,
+            "letterbox": letterbox,
+            "training_inputs": det.inputs_.to_dict() if det.inputs_ is not None else None,
         }
 
     @app.post("/predict")
@@ -139,7 +147,7 @@ def create_app(
         def infer() -> dict[str, Any]:
             # Decoding inside the lock: concurrent large uploads never decode side by side.
             with lock:
-                answer = score_upload(det, name, data, limit, heatmap, vrange)
+                answer = score_upload(det, name, data, limit, heatmap, vrange, letterbox)
                 if answer["width"] * answer["height"] >= TRIM_ABOVE_PIXELS:
                     release_memory()
                 return answer
@@ -191,9 +199,10 @@ def serve(
     device: str = "cpu",
     quiet: bool = False,
     max_pixels: int | None = None,
+    letterbox: bool = False,
 ) -> None:
     """Run the service until interrupted; quiet logs warnings and errors only (no access log)."""
     import uvicorn
 
-    app = create_app(run_dir, max_upload_bytes, engine, device, max_pixels)
+    app = create_app(run_dir, max_upload_bytes, engine, device, max_pixels, letterbox)
     uvicorn.run(app, host=host, port=port, log_level="warning" if quiet else "info")

@@ -70,12 +70,13 @@ def predict_sharded(
     resume: bool = False,
     batch_size: int = 8,
     run_dir: Path | None = None,
+    letterbox: bool = False,
 ) -> PredictSummary:
     """Score files on every rank of the process group, each rank its block (layout above).
 
     Called by every rank with the same files. Returns, on every rank, the summary of the
     whole run (rows and failed files of all ranks, in the order of files; skipped: files
-    finished by an earlier run). Errors as outputs.predict_to_folder.
+    finished by an earlier run). Errors and letterbox as outputs.predict_to_folder.
     """
     out_dir = Path(out_dir)
     if distributed.is_main():  # before any rank starts: one consistent OUT/scores.jsonl, no parts
@@ -88,7 +89,7 @@ def predict_sharded(
     mine = [todo[i] for i in distributed.block(len(todo))]
     names = dict(zip(map(str, files), output_names(files), strict=True))  # as one process names them
     predict_to_folder(detector, mine, out_dir, heatmaps, resume=False, batch_size=batch_size, run_dir=run_dir,
-                      names=names, scores_dir=part_dir(out_dir, distributed.rank()))  # fmt: skip
+                      names=names, scores_dir=part_dir(out_dir, distributed.rank()), letterbox=letterbox)  # fmt: skip
     distributed.barrier()
     rows, failed = collect(out_dir, files, heatmaps)
     distributed.barrier()  # every rank has read the parts before rank 0 removes them

@@ -6,8 +6,11 @@ feature statistics kept, for a small number of steps (DEFAULT_STEPS) on
   good:      the parent's replay sample (replay.py) + the training part of the new good images;
   anomalies: the new labelled defects (a mask gives L_px, else L_img) and external images;
   held out:  the parent's validation features + the held-out part of the new good images
-             (TrainConfig.val_fraction, seeded): the validation loss and the new thresholds.
-Synthetic anomalies are not made again: they need the original image files.
+             (TrainConfig.val_fraction, seeded): the validation loss and the new thresholds
+             (calibration.py; without held-out images, from the training features, which
+             states no false-alarm rate).
+Synthetic anomalies are not made again: they need the original image files. The run's input
+profile (drift.py) is the parent's widened by the new good images.
 
 Forgetting guard: on the parent's validation good images, the share flagged at the new run's
 image threshold (the decision it will make on the line) must not exceed the parent's recorded
@@ -36,6 +39,7 @@ from adtr.data.folder import anomaly_samples, good_images, image_folder
 from adtr.data.mvtec import is_mvtec, train_samples
 from adtr.data.samples import Sample
 from adtr.data.splits import split_validation
+from adtr.drift import ImageInfo, InputProfile
 from adtr.engine import extract_features
 from adtr.errors import ForgettingError, RunFolderError, SettingsError
 from adtr.fit import fit_on_features
@@ -109,7 +113,8 @@ def update_run(
     replay = record.replay
     t0 = time.perf_counter()
     model = copy.deepcopy(parent)  # fit_on_features trains its init in place
-    new_raw = (extract_features(model, new_good, device, progress=progress) if new_good
+    infos: dict[int, ImageInfo] = {}
+    new_raw = (extract_features(model, new_good, device, progress=progress, on_info=infos.__setitem__) if new_good
                else replay.good[:0].float())  # fmt: skip
     new_train, new_val = split_validation(len(new_good), train.val_fraction, train.seed)
     feature_seconds = time.perf_counter() - t0
@@ -119,7 +124,10 @@ def update_run(
                              anomalies=labelled or None, external=new_external or None, init=model,
                              progress=progress)  # fmt: skip
     real = fitted.anomalies.of_kind("real").features if fitted.anomalies is not None else None
-    thresholds = calibrate(fitted.model, fitted.val, fitted.train, real, train.false_alarm_rate, device)
+    source = "held_out" if len(fitted.val) else "training"
+    scores, maxima = feature_scores(fitted.model, fitted.val if len(fitted.val) else fitted.train, device)
+    anomalous = feature_scores(fitted.model, real, device)[0] if real is not None and len(real) else None
+    thresholds = calibrate(scores, maxima, anomalous, train.false_alarm_rate, source)
     old_val = fitted.val[: len(replay.val)]  # the parent's validation images come first
     old_scores = feature_scores(fitted.model, old_val, device)[0]
     guard = forgetting_check(record.thresholds.false_alarm_rate, old_scores, thresholds.image)
@@ -148,8 +156,11 @@ def update_run(
     }  # fmt: skip
     new_replay = make_replay(fitted.model, fitted.train, fitted.val, train.seed)
     provenance["replay"] = new_replay.summary()
-    stats = score_stats(feature_scores(fitted.model, fitted.val, device)[0])
-    return fitted.model, RunRecord(config, thresholds, stats, provenance, fitted.history, new_replay)
+    inputs = record.inputs
+    if inputs is not None and infos:  # a parent without a profile (saved before it) keeps none
+        inputs = inputs.widened(InputProfile.from_infos(infos.values()))
+    return fitted.model, RunRecord(config, thresholds, score_stats(scores), provenance, fitted.history, new_replay,
+                                   inputs)  # fmt: skip
 
 
 def _apply_guard(guard: dict[str, Any], parent_dir: Path, allow_forgetting: bool) -> None:

@@ -1,6 +1,7 @@
 """Bad input and injected faults against the real CLI: what it said and its exit code.
 
     python bench/robustness.py [--run RUN] [--memory 10,50,90] [--baseline DIR]
+    python bench/robustness.py --only calibration,drift [--baseline DIR] [--steps 30]
 
 Builds each bad input in a temporary folder (a copy of a few bottle images), runs the
 `adtr` verb a user would, and writes results/robustness.md and .json. --run names a fitted
@@ -10,6 +11,15 @@ the file's), mask folders, one-sided test sets and empty masks, huge images. --m
 peak resident memory of `adtr predict` (a child process each) on flat images of the given
 megapixels; --baseline DIR (a folder holding an older `adtr/` package, e.g. from
 `git archive`) measures that code too, for a before / after figure.
+
+--only SECTIONS runs some sections and replaces just their part of results/robustness.md and
+.json: `cli` (the rows above), `calibration` (issue 14 kind 1: fits on the first k good bottle
+images, k = 1, 3, 5, 8, 20, tested on 20 good + 10 broken_large + 10 contamination), `drift`
+(kind 4: a run on colour parts scoring the good image 000 as is, cropped to 900x600, padded
+into a grey 1400x900 canvas or a black one, with and without --letterbox; a run on grey parts
+scoring colour ones). --steps sets those fits' budget (default 30: the figures are about
+decisions, not quality). Their rows are kept per code version: --versions before (with
+--baseline) or now measures one and keeps the other's rows.
 """
 
 from __future__ import annotations
@@ -161,27 +171,8 @@ def array_rows(run_dir: Path, image_file: Path, tmp: Path) -> list[list]:
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA / "mvtec" / "bottle")
-    p.add_argument("--run", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=REPO / "results" / "robustness")
-    p.add_argument("--memory", default="", help="megapixels for the peak-memory table, e.g. 10,50,90 (default: none)")
-    p.add_argument("--baseline", type=Path, default=None, help="folder with an older adtr/ package to compare")
-    args = p.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="adtr-robust-"))
-    good = sorted((args.data / "train" / "good").glob("*.png"))[:10]
-    base = tmp / "parts"
-    (base / "good").mkdir(parents=True)
-    for f in good:
-        shutil.copy(f, base / "good" / f.name)
-    run_dir = args.run
-    if run_dir is None:
-        run_dir = tmp / "run"
-        code, said, _ = run(
-            ["fit", str(base), "--out", str(run_dir), "--epochs", "1", "--image-size", "128", "--quiet"]
-        )
-        assert code == 0, said
+def cli_rows(args: argparse.Namespace, tmp: Path, run_dir: Path, base: Path, good: list[Path]) -> list[list]:
+    """Bad files, folders and run folders through the CLI, and issue 14's kinds 2, 3, 5 and 6."""
     bad = tmp / "bad"
     bad.mkdir()
     (bad / "empty.png").write_bytes(b"")
@@ -303,23 +294,240 @@ def main() -> None:
         case(f"{side}x{side} flat PNG ({mp} MP)", pred + [str(bad / f"flat_{mp}mp.png")] + out)
     case("92 MP with --max-pixels 5e7", pred + [str(bad / "flat_92mp.png")] + out + ["--max-pixels", "5e7"])
 
-    md = ("# Bad input against the CLI\n\nCommand: `python bench/robustness.py`\n\n"
-          + md_table(["input", "what adtr said", "exit code", "seconds"], rows) + "\n")  # fmt: skip
-    result = {"rows": rows}
+    return rows
+
+
+def child(args: list[str], pythonpath: Path | None, cwd: Path) -> subprocess.CompletedProcess:
+    """`adtr ARGS` in a child process, with the --baseline package first on its path when given.
+
+    cwd lies outside the repository: `python -m` puts the working folder first on sys.path.
+    """
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run(adtr_command() + [str(a) for a in args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def warning_lines(r: subprocess.CompletedProcess) -> list[str]:
+    return [ln.strip() for ln in r.stderr.splitlines() if ln.startswith("WARNING")]
+
+
+def versions(baseline: Path | None, wanted: set[str]) -> list[tuple[str, Path | None]]:
+    """(label, PYTHONPATH) of the code versions to measure: "before" (the --baseline package), "now"."""
+    return ([("before", baseline)] if baseline and "before" in wanted else []) + (
+        [("now", None)] if "now" in wanted else []
+    )
+
+
+def calibration_rows(
+    data: Path, tmp: Path, ks: list[int], steps: int, code_versions: list[tuple[str, Path | None]]
+) -> dict[str, list[list]]:
+    """Issue 14 kind 1: `adtr fit` on the first k good training images, `adtr test` on 20 good +
+    10 broken_large + 10 contamination test images: warnings, calibration, decisions; rows per version."""
+    test = tmp / "calib_test"
+    for defect, n in (("good", 20), ("broken_large", 10), ("contamination", 10)):
+        (test / defect).mkdir(parents=True)
+        for f in sorted((data / "test" / defect).glob("*.png"))[:n]:
+            shutil.copy(f, test / defect / f.name)
+    rows: dict[str, list[list]] = {}
+    for label, code in code_versions:
+        rows[label] = []
+        for k in ks:
+            train = tmp / f"train_{k}"
+            if not train.exists():
+                (train / "good").mkdir(parents=True)
+                for f in sorted((data / "train" / "good").glob("*.png"))[:k]:
+                    shutil.copy(f, train / "good" / f.name)
+            run_dir = tmp / f"calib_{label}_{k}"
+            t0 = time.perf_counter()
+            r = child(["fit", train, "--out", run_dir, "--steps", steps, "--quiet"], code, tmp)
+            seconds = time.perf_counter() - t0
+            if r.returncode != 0:
+                rows[label].append([k, label, f"fit failed: {r.stderr.strip()[-200:]}"] + [""] * 7)
+                continue
+            fit_said = r.stdout.strip().splitlines()[-1].split("; ")[1]  # "final loss ..., validation loss ..."
+            thr = json.loads((run_dir / "config.json").read_text())["calibration"]["thresholds"]
+            source = thr.get("source", "held_out" if k >= 5 and round(0.1 * k) else "training")
+            t = child(["test", run_dir, test, "--json", tmp / "m.json", "--quiet"], code, tmp)
+            metrics = json.loads((tmp / "m.json").read_text()) if t.returncode == 0 else {}
+            implied = thr.get("implied_false_alarm_rate", "-")
+            rows[label].append([k, label, " / ".join(warning_lines(r)) or "none", f"{thr['n_good']} ({source})",
+                         round(thr["false_alarm_rate"], 3),
+                         round(implied, 3) if isinstance(implied, float) else str(implied),
+                         round(metrics.get("false_alarm_rate_at_threshold", float("nan")), 3),
+                         round(metrics.get("detection_rate_at_threshold", float("nan")), 3),
+                         f"`{fit_said}`", round(seconds)])  # fmt: skip
+            print(rows[label][-1], flush=True)
+    return rows
+
+
+def drift_rows(
+    data: Path, tmp: Path, steps: int, n_train: int, code_versions: list[tuple[str, Path | None]]
+) -> dict[str, list[list]]:
+    """Issue 14 kind 4: a run on colour parts scores the good test image 000 as is, cropped to
+    900x600, padded into a grey 1400x900 canvas and into a black one (its own background: a
+    wider camera), with and without --letterbox where the code has it; a run on grey parts
+    scores the 20 good colour test images (and their grey copies)."""
+    colour, grey = tmp / "drift_colour" / "good", tmp / "drift_grey" / "good"
+    colour.mkdir(parents=True)
+    grey.mkdir(parents=True)
+    for f in sorted((data / "train" / "good").glob("*.png"))[:n_train]:
+        shutil.copy(f, colour / f.name)
+        Image.open(f).convert("L").save(grey / f.name)
+    cases = tmp / "drift_cases"
+    cases.mkdir()
+    good = np.asarray(Image.open(data / "test" / "good" / "000.png").convert("RGB"))
+    Image.fromarray(good).save(cases / "as_is_900x900.png")
+    Image.fromarray(good[150:750]).save(cases / "cropped_900x600.png")
+    canvas = np.full((900, 1400, 3), 128, np.uint8)
+    canvas[:, 250:1150] = good
+    Image.fromarray(canvas).save(cases / "padded_grey_1400x900.png")
+    canvas[:] = 0  # a wider camera: the same part on its own (black) background, as letterbox would see it
+    canvas[:, 250:1150] = good
+    Image.fromarray(canvas).save(cases / "padded_black_1400x900.png")
+    test_colour = sorted((data / "test" / "good").glob("*.png"))
+    test_grey = tmp / "drift_test_grey"
+    test_grey.mkdir()
+    for f in test_colour:
+        Image.open(f).convert("L").save(test_grey / f.name)
+    rows: dict[str, list[list]] = {}
+    for label, code in code_versions:
+        rows[label] = []
+        runs = {}
+        for name, folder in (("colour", colour.parent), ("grey", grey.parent)):
+            runs[name] = tmp / f"drift_{label}_{name}"
+            r = child(["fit", folder, "--out", runs[name], "--steps", steps, "--quiet"], code, tmp)
+            assert r.returncode == 0, r.stderr[-500:]
+
+        def predict(run_dir: Path, paths: list[Path], extra: list[str], code: Path | None = code) -> list[dict]:
+            out = tmp / "drift_pred"
+            shutil.rmtree(out, ignore_errors=True)
+            r = child(["predict", run_dir, *paths, "--out", out, "--no-heatmaps", "--quiet", *extra], code, tmp)
+            assert r.returncode == 0, r.stderr[-500:]
+            return json.loads((out / "scores.json").read_text())["predictions"]
+
+        threshold = json.loads((runs["colour"] / "config.json").read_text())["calibration"]["thresholds"]["image"]
+        for extra in ([], ["--letterbox"]) if label == "now" else ([],):
+            for row in predict(runs["colour"], sorted(cases.iterdir()), extra):
+                warned = row.get("input_warnings") or []
+                rows[label].append([f"colour run: {Path(row['path']).stem}", label, "yes" if extra else "no",
+                             f"{row['anomaly_score']:.2f} (threshold {threshold:.2f})", row["is_anomalous"],
+                             " / ".join(warned) if warned else "none"])  # fmt: skip
+                print(rows[label][-1], flush=True)
+        for what, paths in (("20 good colour test images", test_colour),
+                            ("the same 20, grey", sorted(test_grey.iterdir()))):  # fmt: skip
+            preds = predict(runs["grey"], paths, [])
+            flagged = sum(bool(p["is_anomalous"]) for p in preds)
+            warned = [w for p in preds for w in (p.get("input_warnings") or [])]
+            said = f"{len(warned)} images warned, e.g. `{warned[0]}`" if warned else "none"
+            rows[label].append([f"grey run: {what}", label, "no", f"good flagged {flagged}/{len(preds)}", "", said])
+            print(rows[label][-1], flush=True)
+    return rows
+
+
+def merged(stem: Path, key: str, rows: dict[str, list[list]]) -> dict[str, list[list]]:
+    """stem.json's rows of section key, per code version, with the versions measured now replaced."""
+    path = stem.with_suffix(".json")
+    old = json.loads(path.read_text()).get(key, {}) if path.exists() else {}
+    return {**(old if isinstance(old, dict) else {}), **rows}
+
+
+def merge_results(stem: Path, result: dict, sections: dict[str, str]) -> None:
+    """Replace only the given keys of stem.json and sections of stem.md ("" is the part before
+    the first "## " heading; other keys are headings), keeping everything else as it was."""
+    old = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
+    text = stem.with_suffix(".md").read_text() if stem.with_suffix(".md").exists() else ""
+    parts = text.split("\n## ")
+    ordered = {"": parts[0].rstrip("\n") + "\n"} | {
+        p.split("\n", 1)[0]: "## " + p.rstrip("\n") + "\n" for p in parts[1:]
+    }
+    for title, body in sections.items():
+        ordered[title] = body if not title else f"## {title}\n\n{body.rstrip()}\n"
+    write_results(stem, {**old, **result}, "\n".join(ordered.values()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA / "mvtec" / "bottle")
+    p.add_argument("--run", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=REPO / "results" / "robustness")
+    p.add_argument("--memory", default="", help="megapixels for the peak-memory table, e.g. 10,50,90 (default: none)")
+    p.add_argument("--baseline", type=Path, default=None, help="folder with an older adtr/ package to compare")
+    p.add_argument("--only", default="", help="sections to run: cli, calibration, drift (default: cli); the others "
+                   "keep their part of the results files")  # fmt: skip
+    p.add_argument("--steps", type=int, default=30, help="training steps of the calibration and drift fits")
+    p.add_argument("--ks", default="1,3,5,8,20", help="training-set sizes of the calibration section")
+    p.add_argument("--drift-train", type=int, default=50, help="good training images of the drift section's runs")
+    p.add_argument("--versions", default="", help="code versions of those sections: before (needs --baseline), now; "
+                   "others keep their rows (default: both with --baseline, else now)")  # fmt: skip
+    args = p.parse_args()
+    only = set(filter(None, args.only.split(","))) or {"cli"}
+    tmp = Path(tempfile.mkdtemp(prefix="adtr-robust-"))
+    good = sorted((args.data / "train" / "good").glob("*.png"))[:10]
+    base = tmp / "parts"
+    (base / "good").mkdir(parents=True)
+    for f in good:
+        shutil.copy(f, base / "good" / f.name)
+    run_dir = args.run
+    if run_dir is None and ("cli" in only or args.memory):
+        run_dir = tmp / "run"
+        code, said, _ = run(
+            ["fit", str(base), "--out", str(run_dir), "--epochs", "1", "--image-size", "128", "--quiet"]
+        )
+        assert code == 0, said
+    result: dict = {}
+    md: dict[str, str] = {}
+    if "cli" in only:
+        rows = cli_rows(args, tmp, run_dir, base, good)
+        result["rows"] = rows
+        md[""] = ("# Bad input against the CLI\n\nCommand: `python bench/robustness.py`\n\n"
+                  + md_table(["input", "what adtr said", "exit code", "seconds"], rows) + "\n")  # fmt: skip
     if args.memory:
         mem = memory_rows(run_dir, tmp, [int(v) for v in args.memory.split(",")], args.baseline)
         result["memory"] = mem
-        md += (f"\n## Peak memory of `adtr predict` vs megapixels\n\nCommand: `python bench/robustness.py "
-               f"--memory {args.memory}`; one flat RGB PNG per run, peak RSS of the child process "
-               "(model at 128x128; Python, torch and the model take about 0.4 GiB alone).\n\n"
-               + md_table(["image", "code", "heatmap", "peak RSS MiB", "seconds", "exit code"], mem) + "\n")
+        md["Peak memory of `adtr predict` vs megapixels"] = (
+            f"Command: `python bench/robustness.py --memory {args.memory}`; one flat RGB PNG per run, peak RSS "
+            "of the child process (model at 128x128; Python, torch and the model take about 0.4 GiB alone).\n\n"
+            + md_table(["image", "code", "heatmap", "peak RSS MiB", "seconds", "exit code"], mem)
+            + "\n"
+        )
         service = service_memory_rows(run_dir, tmp, [int(v) for v in args.memory.split(",")])
         result["service_memory"] = service
-        md += ("\n## Service: resident memory around one upload (heatmap on), MiB\n\nserve.score_upload in a "
-               "child process with the allocator settings of `adtr serve`; after it returns, the service calls "
-               "release_memory() (malloc_trim) for images of 4 MP or more.\n\n"
-               + md_table(["image", "before", "peak", "after the request", "after release_memory"], service) + "\n")
-    write_results(args.out, result, md)
+        md["Service: resident memory around one upload (heatmap on), MiB"] = (
+            "serve.score_upload in a child process with the allocator settings of `adtr serve`; after it "
+            "returns, the service calls release_memory() (malloc_trim) for images of 4 MP or more.\n\n"
+            + md_table(["image", "before", "peak", "after the request", "after release_memory"], service)
+            + "\n"
+        )
+    wanted = set(filter(None, args.versions.split(","))) or ({"before", "now"} if args.baseline else {"now"})
+    code_versions = versions(args.baseline, wanted)
+    if "calibration" in only:
+        ks = [int(k) for k in args.ks.split(",")]
+        rows = merged(args.out, "calibration", calibration_rows(args.data, tmp, ks, args.steps, code_versions))
+        result["calibration"] = rows
+        md["Issue 14 kind 1: calibration with few good images"] = (
+            f"Command: `python bench/robustness.py --only calibration --steps {args.steps} [--baseline DIR "
+            "--versions before]`; before: `--baseline` with the `adtr/` of main before this change (`git archive`). "
+            "`adtr fit train_k --steps N` on the first k good bottle training images (default size 256x256), "
+            "then `adtr test` on 20 good + 10 broken_large + 10 contamination test images. fit s: wall seconds on "
+            "the shared 2-core machine, whose load varied between the runs; cross-fitting makes 4 fits of one.\n\n"
+            + md_table(["k", "code", "warnings of fit", "images behind the threshold", "stored false-alarm rate",
+                        "implied false-alarm rate", "good test parts flagged", "anomalous flagged",
+                        "fit said", "fit s"], rows.get("before", []) + rows.get("now", [])) + "\n")  # fmt: skip
+    if "drift" in only:
+        rows = merged(args.out, "drift", drift_rows(args.data, tmp, args.steps, args.drift_train, code_versions))
+        result["drift"] = rows
+        md["Issue 14 kind 4: inputs that differ from training"] = (
+            f"Command: `python bench/robustness.py --only drift --steps {args.steps} --drift-train {args.drift_train} "
+            "[--baseline DIR --versions before]`. Runs fitted on the first "
+            f"{args.drift_train} good bottle training images (colour, or converted to grey), default size; "
+            "`adtr predict` on the cases.\n\n"
+            + md_table(["input", "code", "letterbox", "score", "flagged", "input warnings"],
+                       rows.get("before", []) + rows.get("now", [])) + "\n")  # fmt: skip
+    if args.only:
+        merge_results(args.out, result, md)
+    else:
+        write_results(args.out, result, "\n".join(md.values()))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -131,3 +131,54 @@ def test_every_option_is_honoured_or_refused(run_cli, tiny_run, tmp_path):
     assert code == 2 and "the ONNX backend runs on the CPU only" in err
     code, _, err = run_cli("serve", run, "--engine", "onnx", "--device", "cuda")  # the old flag name
     assert code == 2 and "the ONNX backend runs on the CPU only" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["fit", "D", "--out", "R", "--threads", "-2"], "argument --threads: '-2' is not a whole number >= 1"),
+        (["fit", "D", "--out", "R", "--steps", "0"], "argument --steps: '0' is not a whole number >= 1"),
+        (["fit", "D", "--out", "R", "--epochs", "1.5"], "argument --epochs: '1.5' is not a whole number >= 1"),
+        (["fit", "D", "--out", "R", "--batch-size", "0"], "argument --batch-size: '0' is not a whole number >= 1"),
+        (["fit", "D", "--out", "R", "--lr", "inf"], "argument --lr: 'inf' is not a finite number > 0"),
+        (["fit", "D", "--out", "R", "--lr", "nan"], "argument --lr: 'nan' is not a finite number > 0"),
+        (["fit", "D", "--out", "R", "--seed", "-1"], "argument --seed: '-1' is not a whole number from 0"),
+        (["fit", "D", "--out", "R", "--val-fraction", "1"], "argument --val-fraction: '1' is not a fraction in [0, 1)"),
+        (["fit", "D", "--out", "R", "--false-alarm-rate", "0"], "'0' is not a rate in (0, 1)"),
+        (["fit", "D", "--out", "R", "--smoothing-sigma", "-1"], "'-1' is not a finite number >= 0"),
+        (["predict", "R", "x.png", "--out", "O", "--max-pixels", "inf"], "--max-pixels: 'inf' is not a positive"),
+        (["predict", "R", "x.png", "--out", "O", "--max-pixels", "nan"], "--max-pixels: 'nan' is not a positive"),
+        (["predict", "R", "x.png", "--out", "O", "--batch-size", "-1"], "argument --batch-size: '-1' is not a whole"),
+        (["test", "R", "D", "--batch-size", "0"], "argument --batch-size: '0' is not a whole number >= 1"),
+        (["serve", "R", "--port", "99999"], "argument --port: '99999' is not a port number from 1 to 65535"),
+        (["serve", "R", "--port", "0"], "argument --port: '0' is not a port number from 1 to 65535"),
+        (["serve", "R", "--max-upload-mb", "0"], "argument --max-upload-mb: '0' is not a finite number > 0"),
+        (["serve", "R", "--max-upload-mb", "inf"], "argument --max-upload-mb: 'inf' is not a finite number > 0"),
+        (["export", "R", "--threads", "0"], "argument --threads: '0' is not a whole number >= 1"),
+    ],
+)
+def test_bad_numbers_are_one_argparse_error(args, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(args)
+    lines = capsys.readouterr().err.strip().splitlines()  # argparse's usage, then one error line
+    assert stop.value.code == 2 and lines[-1].startswith(f"adtr {args[0]}: error: ") and message in lines[-1], lines
+    assert not any("Traceback" in line or "error" in line for line in lines[:-1])
+
+
+def test_output_paths_of_the_wrong_kind_are_settings_errors(tiny_run, tmp_path, run_cli, tiny_folder):
+    _, run, files = tiny_run
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    cases = [
+        (["fit", tiny_folder, "--out", a_file], f"{a_file}: {a_file} is a file, not a folder"),
+        (["fit", tiny_folder, "--out", a_file / "run"], f"{a_file} is a file, not a folder"),
+        (["predict", run, files[0], "--out", a_file], f"--out {a_file}: exists and is a file; give a folder"),
+        (["test", run, tiny_folder, "--json", tmp_path], f"--json {tmp_path}: exists and is a folder; give a file"),
+        (["test", run, tiny_folder, "--report", a_file], f"--report {a_file}: exists and is a file; give a folder"),
+        (["export", run, "--out", tmp_path], f"--out {tmp_path}: exists and is a folder; give a file"),
+        (["export", run, "--out", a_file / "m.onnx"], f"--out {a_file / 'm.onnx'}: {a_file} is a file, not a folder"),
+    ]
+    for args, message in cases:
+        code, _, err = run_cli(*args, "--quiet")
+        assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, (args, err)
+    assert a_file.read_text() == "x"

@@ -3,15 +3,16 @@
 import numpy as np
 import pytest
 
-from adtr.thresholds import Thresholds, bounding_boxes, f1_optimal, from_good_scores
+from adtr.thresholds import ABOVE, Thresholds, bounding_boxes, f1_optimal, from_good_scores
 
 
 def test_good_quantile_threshold_and_rate():
     scores = np.arange(1.0, 101.0)  # 100 good images scoring 1..100
     t = from_good_scores(scores, scores + 1, far=0.05)
-    assert t.image == 96.0  # the 95% quantile, taken at an observed score
-    assert t.false_alarm_rate == pytest.approx(0.05)
-    assert t.pixel == 97.0 and t.low == 1.0 and t.n_good == 100
+    # k = ceil(101 * 0.95) = 96 scores pass: the threshold lies just above the 96th
+    assert t.image == pytest.approx(96.0 * (1 + ABOVE)) and t.is_anomalous(97.0) and not t.is_anomalous(96.0)
+    assert t.false_alarm_rate == pytest.approx(0.04) and t.implied_false_alarm_rate == pytest.approx(5 / 101)
+    assert t.pixel == pytest.approx(97.0 * (1 + ABOVE)) and t.low == 1.0 and t.n_good == 100
 
 
 def test_normalised_score_is_half_at_threshold():

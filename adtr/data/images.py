@@ -232,24 +232,30 @@ def read_image(path: Path | str, data: bytes | None = None, max_pixels: int | No
 
 
 def decode_for_model(
-    path: Path | str, size: tuple[int, int], data: bytes | None = None, max_pixels: int | None = None
+    path: Path | str,
+    size: tuple[int, int],
+    data: bytes | None = None,
+    max_pixels: int | None = None,
+    letterbox: bool = False,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Decode a file and resize it to the model's (h, w) at once: (tensor (3, h, w) 0..255, (H, W)).
 
     The full-size image lives only inside this call (one decoded copy, plus one converted
     copy for modes other than RGB / grey), so a batch of huge files never holds them all.
-    Equals resize_image(read_image(path), size). Errors as read_image.
+    Equals resize_image(read_image(path), size, letterbox). Errors as read_image.
     """
-    from adtr.data.transforms import resize_image
+    from adtr.data.transforms import letterbox_box, pad_to_box, resize_image
 
     im = _open(Path(path), data, max_pixels)
     original = (im.height, im.width)
-    if im.mode in ("RGB", "L") and (im.height, im.width) != tuple(size):
-        im = im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)  # the PIL image, no array copy
-        return torch.from_numpy(np.array(im, dtype=np.float32)).permute(2, 0, 1), original
+    box = letterbox_box(original, size) if letterbox else (0, 0, *size)
+    if im.mode in ("RGB", "L") and original != tuple(box[2:]):
+        im = im.convert("RGB").resize((box[3], box[2]), Image.BILINEAR)  # the PIL image, no array copy
+        tensor = torch.from_numpy(np.array(im, dtype=np.float32)).permute(2, 0, 1)
+        return (pad_to_box(tensor, size, box) if letterbox else tensor), original
     image = _pil_to_rgb(im, path)
     del im
-    return resize_image(image, size), original
+    return resize_image(image, size, letterbox), original
 
 
 def read_mask(path: Path | str, expected_size: tuple[int, int] | None = None, data: bytes | None = None) -> np.ndarray:

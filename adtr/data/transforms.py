@@ -1,4 +1,10 @@
-"""Turning decoded images into model inputs: resize to the model size, as float 0..255."""
+"""Turning decoded images into model inputs: resize to the model size, as float 0..255.
+
+Images are stretched to the model's (h, w) by default. With letterbox, an image keeps its
+aspect ratio: it is scaled to fit inside (h, w), centred, and the rest is filled by repeating
+its edge pixels (letterbox_box says where it lies); the map of that region alone
+(crop_to_box) is the image's map, so the padding is never scored.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,7 @@ import torch
 from PIL import Image
 
 
-def input_size_for(
-    sizes: list[tuple[int, int]], pixels: int = 256 * 256, multiple: int = 32
-) -> tuple[int, int]:
+def input_size_for(sizes: list[tuple[int, int]], pixels: int = 256 * 256, multiple: int = 32) -> tuple[int, int]:
     """Model input (height, width) for images of the given (height, width) sizes.
 
     Keeps the median aspect ratio (long parts are not squashed) at about `pixels` pixels,
@@ -24,15 +28,42 @@ def input_size_for(
     return (int(short), int(long)) if ratio >= 1 else (int(long), int(short))
 
 
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+def resize_image(image: np.ndarray, size: tuple[int, int], letterbox: bool = False) -> torch.Tensor:
     """RGB uint8 (H, W, 3) -> float tensor (3, h, w) with values 0..255, size = (h, w).
 
-    PIL's bilinear filter widens with the scale factor, so downscaling is anti-aliased.
+    PIL's bilinear filter widens with the scale factor, so downscaling is anti-aliased. With
+    letterbox, the image keeps its aspect ratio inside (h, w) and the rest is padding (pad_to_box).
     """
+    if letterbox:
+        box = letterbox_box(image.shape[:2], size)
+        return pad_to_box(resize_image(image, box[2:]), size, box)
     h, w = size
     if image.shape[:2] != (h, w):
         image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
     return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)
+
+
+def letterbox_box(original: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of an image of original (H, W) inside a model input of size
+    (h, w) when its aspect ratio is kept: scaled by min(h / H, w / W), centred."""
+    (big_h, big_w), (h, w) = original, size
+    scale = min(h / big_h, w / big_w)
+    height, width = min(h, max(1, round(big_h * scale))), min(w, max(1, round(big_w * scale)))
+    return (h - height) // 2, (w - width) // 2, height, width
+
+
+def pad_to_box(content: torch.Tensor, size: tuple[int, int], box: tuple[int, int, int, int]) -> torch.Tensor:
+    """Place content (3, height, width) at box inside (3, h, w), size = (h, w), repeating its edge
+    pixels outwards: an edge continued looks more like the part's surroundings than a flat colour."""
+    top, left, height, width = box
+    pads = (left, size[1] - width - left, top, size[0] - height - top)
+    return torch.nn.functional.pad(content[None], pads, mode="replicate")[0]
+
+
+def crop_to_box(anomaly_map: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The part (height, width) of a model-size map (h, w) that covers the image: box from letterbox_box."""
+    top, left, height, width = box
+    return anomaly_map[top : top + height, left : left + width]
 
 
 def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
