@@ -375,8 +375,6 @@ def _setup(args: argparse.Namespace) -> None:
     if args.max_pixels is not None:  # read by data.images.pixel_limit wherever images are decoded
         os.environ[PIXEL_LIMIT_ENV] = str(args.max_pixels)
     configure_cpu(args.threads)
-    if getattr(args, "nproc", 1) < 1:
-        raise SettingsError(f"--nproc {args.nproc}: need at least 1 process")
     if distributed.launched():  # one rank of several, started by torchrun
         if args.command not in ("fit", "predict"):
             raise SettingsError(f"adtr {args.command} runs in one process; torchrun is for fit and predict")

@@ -166,8 +166,8 @@ def update_run(
 def _apply_guard(guard: dict[str, Any], parent_dir: Path, allow_forgetting: bool) -> None:
     """Raise ForgettingError for a failed guard, or warn with allow_forgetting; warn when it cannot run."""
     if guard["passed"] is None:
-        log.warning("%s has no validation images (fewer than 5 good ones): the forgetting guard cannot run",
-                    parent_dir)  # fmt: skip
+        log.warning("%s has no held-out validation images (fewer than 5 good ones, or thresholds from cross-fitted "
+                    "scores): the forgetting guard cannot run", parent_dir)  # fmt: skip
         return
     if guard["passed"]:
         return

@@ -109,13 +109,12 @@ class BorderBackend:
 def test_letterbox_never_scores_the_padding():
     thresholds = Thresholds(image=5.0, pixel=5.0, low=0.0, method="good_quantile", n_good=10, false_alarm_rate=0.0)
     image = np.full((32, 64, 3), 128, np.uint8)
-    boxed = Scoring((64, 64), thresholds, ScoreConfig(), letterbox=True)
-    pred = predict_array(BorderBackend(), image, boxed, torch.device("cpu"), "x")
+    cpu = torch.device("cpu")
+    pred = predict_array(BorderBackend(), image, (64, 64), cpu, thresholds, "x", score=ScoreConfig(), letterbox=True)
     assert pred.anomaly_map.shape == (32, 64)  # the input's size, aligned to its pixels
     assert pred.anomaly_map.max() == pytest.approx(1.0) and pred.anomaly_score == pytest.approx(1.0)
     assert not pred.is_anomalous
-    plain = Scoring((64, 64), thresholds, ScoreConfig())
-    stretched = predict_array(BorderBackend(), image, plain, torch.device("cpu"), "x")
+    stretched = predict_array(BorderBackend(), image, (64, 64), cpu, thresholds, "x")
     assert stretched.anomaly_map.max() == pytest.approx(100.0) and stretched.is_anomalous  # the same rows, now image
     with pytest.raises(SettingsError, match="letterbox needs an image score computed from the map"):
         Scoring((64, 64), thresholds, ScoreConfig(image_score="pooled_residual"), letterbox=True)
@@ -125,7 +124,8 @@ def test_letterboxed_files_score_as_their_arrays(tiny_run, tmp_path):
     det = tiny_run[0]
     image = np.random.default_rng(3).integers(90, 150, (40, 64, 3), dtype=np.uint8)
     path = write_png(tmp_path / "wide.png", image)
-    (from_file,) = iter_predictions(det.model_, [path], det._scoring(True), det.device, progress=False)
+    (from_file,) = iter_predictions(det.model_, [path], det.config.model.image_size, det.device, det.thresholds_,
+                                    progress=False, **det._scoring(True))  # fmt: skip
     from_array = det.predict_image(image, letterbox=True)
     assert from_file.anomaly_map.shape == from_array.anomaly_map.shape == (40, 64)
     assert from_file.anomaly_score == pytest.approx(from_array.anomaly_score, abs=1e-5)
