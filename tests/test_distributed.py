@@ -161,8 +161,9 @@ def test_two_processes_fit_what_one_process_fits_and_resume(bottle, tmp_path):
     doc = json.loads((tmp_path / "two" / "config.json").read_text())
     assert doc["provenance"]["processes"] == 2
     for a, b in zip(record.history, doc["history"], strict=True):  # measured 5e-8 apart; equal weights: 4e-4
-        for key in ("loss", "val_loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5)
+        assert a.keys() == b.keys() and "loss" in a  # 8 images: none held out, so no validation loss
+        for key in {"loss", "val_loss", "lr"} & a.keys():
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
 
     resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert all(torch.equal(resumed[k], two[k]) for k in two), "the resumed 2-process fit differs"
@@ -193,7 +194,12 @@ def test_predict_sharded_over_two_processes_writes_the_one_process_outputs(tiny_
     out = tmp_path / "two"
     images = collect_images([folder])
     names = dict(zip(map(str, images), output_names(images), strict=True))
-    predict_to_folder(det, images[:2], out, names=names, scores_dir=part_dir(out, 2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run: the normalised score magnifies ulp differences
+    try:
+        predict_to_folder(det, images[:2], out, names=names, scores_dir=part_dir(out, 2))
+    finally:
+        torch.set_num_threads(threads)
     with open(part_dir(out, 2) / SCORES_JSONL, "a") as f:
         f.write('{"path": "cut sh')
     cmd = [sys.executable, "-m", "adtr", "predict", str(run), str(folder), "--out", str(out), "--nproc", "2",
@@ -208,7 +214,11 @@ def test_predict_sharded_over_two_processes_writes_the_one_process_outputs(tiny_
     for a, b in zip(one, two, strict=True):
         # measured equal bit for bit; the issue asks for 1e-6
         assert float(b["anomaly_score"]) == pytest.approx(float(a["anomaly_score"]), rel=1e-6)
-        assert float(b["normalized_score"]) == pytest.approx(float(a["normalized_score"]), rel=1e-6, abs=1e-6)
+        # (score - low) / (image - low): 1e-6 of the score becomes 1e-6 x score / span here
+        # (one calibration image: low and the threshold lie 2e-3 apart), on the two rows the
+        # killed run's torch backend wrote beside the ranks' ONNX Runtime ones
+        tol = 1e-6 * max(1.0, abs(float(a["anomaly_score"]))) / (det.thresholds_.image - det.thresholds_.low)
+        assert float(b["normalized_score"]) == pytest.approx(float(a["normalized_score"]), abs=tol)
         assert (a["is_anomalous"], a["defect_boxes"]) == (b["is_anomalous"], b["defect_boxes"])
         assert Path(a["heatmap"]).name == Path(b["heatmap"]).name
     jsonl = [json.loads(line) for line in (out / SCORES_JSONL).read_text().splitlines()]
