@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +23,15 @@ from adtr.anomalies import GENERATORS
 from adtr.backend import AUTO_HELP, CHOICES
 from adtr.calibration import MIN_HELD_OUT
 from adtr.checkpoint import check_fit_target
-from adtr.config import CALIBRATIONS, MODEL_PRESETS, RESIDUAL_NORMS, ScoreConfig, TrainConfig, parse_image_size
+from adtr.config import (
+    CALIBRATIONS,
+    MIN_FALSE_ALARM_RATE,
+    MODEL_PRESETS,
+    RESIDUAL_NORMS,
+    ScoreConfig,
+    TrainConfig,
+    parse_image_size,
+)
 from adtr.data.images import PIXEL_LIMIT_ENV
 from adtr.errors import ADTRError, DataError, SettingsError
 from adtr.runtime import configure_cpu
@@ -80,7 +89,8 @@ def _add_backend(p: argparse.ArgumentParser, extra: str = "") -> None:
 
 def _pixels(text: str) -> int:
     try:
-        value = int(float(text.replace("_", "")))
+        number = float(text.replace("_", ""))  # "1e8" allowed
+        value = int(number) if number == int(number) else 0  # "2.5" refused
     except (ValueError, OverflowError):  # "lots", "nan"; "inf"
         value = 0
     if value <= 0:
@@ -125,7 +135,7 @@ def _fraction(text: str) -> float:
 
 
 def _rate(text: str) -> float:
-    return _number(text, float, lambda v: 0 < v < 1, "a rate in (0, 1)")
+    return _number(text, float, lambda v: MIN_FALSE_ALARM_RATE <= v < 1, f"a rate in [{MIN_FALSE_ALARM_RATE:g}, 1)")
 
 
 def _output(path: Path | None, option: str, folder: bool) -> None:
@@ -138,6 +148,15 @@ def _output(path: Path | None, option: str, folder: bool) -> None:
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
             raise SettingsError(f"{option} {path}: {parent} is a file, not a folder")
+    # Writable? Tried with a nameless temporary file where the output would go (the nearest
+    # folder that exists), so that an unwritable place fails now, not after the work.
+    where = next(p for p in (path, *path.parents) if p.exists())
+    where = where if where.is_dir() else where.parent
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        raise SettingsError(f"{option} {path}: cannot write in {where} ({e.strerror or e})") from None
 
 
 def _add_letterbox(p: argparse.ArgumentParser) -> None:
@@ -389,6 +408,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     if distributed.is_main():  # the rank that writes the run folder
         check_fit_target(args.out, resume=args.resume, force=args.force)
+        _output(args.out, "--out", folder=True)
     image_size = _image_size(args.image_size)
     try:
         model = dataclasses.replace(MODEL_PRESETS[args.preset], backbone=args.backbone, image_size=image_size)
@@ -430,6 +450,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     if args.out.resolve() == args.run.resolve():
         raise SettingsError(f"--out {args.out}: the update goes to a new folder; {args.run} is never changed")
     check_fit_target(args.out, force=args.force)
+    _output(args.out, "--out", folder=True)
     det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet)
     new = det.update(anomalies=args.anomalies, good=args.good, external=args.external, steps=args.steps,
                      allow_forgetting=args.allow_forgetting)  # fmt: skip
@@ -472,6 +493,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     metrics = det.test(args.data, batch_size=args.batch_size, report_dir=args.report, letterbox=args.letterbox)
     metrics = {"run": str(args.run), "data": str(args.data), **metrics}
     print(format_metrics(metrics))
+    print(metrics["calibration"]["description"])  # e.g. a threshold from 3 images, and the rate it implies
     if args.json:
         from adtr.outputs import write_metrics
 
@@ -497,6 +519,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.onnx is not None:
         det.use_onnx(args.onnx)
     det.selected_backend()  # before any output: auto may export the graph, forced onnx may refuse
+    det.check_letterbox(args.letterbox)
     if distributed.active():
         from adtr.sharding import predict_sharded
 

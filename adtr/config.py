@@ -15,6 +15,8 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 CALIBRATIONS = ("auto", "held_out", "crossfit")
+# A conformal threshold for rate r needs about 1/r good images; below this no set is large enough.
+MIN_FALSE_ALARM_RATE = 1e-6
 
 
 @dataclass
@@ -110,7 +112,10 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (0 < self.lr < math.inf, f"learning rate must be a finite number > 0, got {self.lr}"),
             (0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}"),
-            (0 < self.false_alarm_rate < 1, f"false-alarm rate must be in (0, 1), got {self.false_alarm_rate}"),
+            (
+                MIN_FALSE_ALARM_RATE <= self.false_alarm_rate < 1,
+                f"false-alarm rate must be in [{MIN_FALSE_ALARM_RATE:g}, 1), got {self.false_alarm_rate}",
+            ),
             (self.calibration in CALIBRATIONS, f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}"),
             (self.calibration_folds >= 2, f"calibration folds must be >= 2, got {self.calibration_folds}"),
         ]

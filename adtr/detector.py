@@ -178,7 +178,7 @@ class ADTRDetector:
         Errors as in predict(): DataError, or on_error(path, error) and the file is left out;
         SettingsError for letterbox with the pooled_residual image score.
         """
-        self._check_letterbox(letterbox)
+        self.check_letterbox(letterbox)
         return iter_predictions(self._backend().eval(), paths, self.config.model.image_size, self.device,
                                 self.thresholds_, batch_size, on_error, keep_images, self.progress,
                                 **self._scoring(letterbox))  # fmt: skip
@@ -187,7 +187,7 @@ class ADTRDetector:
         """The keyword arguments of predict.iter_predictions / predict_array for this run."""
         return {"score": self.config.score, "profile": self.inputs_, "letterbox": letterbox}
 
-    def _check_letterbox(self, letterbox: bool) -> None:
+    def check_letterbox(self, letterbox: bool) -> None:
         """SettingsError, before any image is read, when this run's image score cannot be letterboxed."""
         Scoring(self.config.model.image_size, self.thresholds_, self.config.score, letterbox=letterbox)
 
@@ -233,17 +233,21 @@ class ADTRDetector:
     ) -> dict[str, Any]:
         """Metrics on labelled test data: an MVTec category / plain folder, or samples.
 
-        With report_dir, also writes report_dir/index.html (report.py). Images that depart
+        result["calibration"] holds the thresholds and what they rest on (source, number of
+        calibration images, implied false-alarm rate, a sentence). With report_dir, also writes
+        report_dir/index.html (report.py). Images that depart
         from the training images are logged and listed in result["input_warnings"] (path ->
         warnings) and in their score rows; letterbox as in iter_predict().
         """
         samples = test_samples(Path(data)) if isinstance(data, (str, Path)) else list(data)
-        self._check_letterbox(letterbox)
+        self.check_letterbox(letterbox)
         t0 = time.perf_counter()
         preds = predict_samples(self._backend(), samples, self.device, batch_size, self.progress,
                                 letterbox=letterbox, score=self.config.score)  # fmt: skip
         result = evaluate(samples, preds, self.thresholds_, wall_seconds=time.perf_counter() - t0)
         result["backend"] = self.selected_backend().name
+        # what the decisions rest on, so a report on a tiny calibration set says so (issue 14)
+        result["calibration"] = {**self.thresholds_.to_dict(), "description": self.thresholds_.describe()}
         names = [samples[i].path for i in preds.indices]
         warnings = input_warnings(self.inputs_, names, preds.infos, letterbox) if preds.infos else {}
         if warnings:

@@ -13,6 +13,12 @@ Rules (documented in docs/design.md, "Thresholds and decisions"):
   relative) outside the training images' range; e.g. a run on 900x900 parts accepts 0.95 to
   1.05 and warns for 900x600 (1.5). `letterbox=True` (predict, test, serve) then keeps the
   aspect ratio instead of stretching (data.transforms.letterbox_box).
+- size: a departure when the image's linear size (the square root of width x height) lies
+  more than SIZE_TOLERANCE (20%, relative) outside the training images' range: a crop or
+  another zoom shows the part at another scale once resized to the model's input, e.g. a
+  600x600 centre crop of a 900x900 part. Images of the training size resized by the user
+  (e.g. to 256x256 before upload) are warned about too: the model sees them as the same
+  parts, but a warning is cheap and the user can tell.
 - colour mode: an image is grey when its mean per-pixel channel spread (max - min of R, G, B,
   on 0..255, measured on the model-size input) is at most GREY_SPREAD; MVTec's colour bottle
   images spread about 9, grey ones 0, JPEG grey saved as RGB below 1. A departure when the
@@ -33,6 +39,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ASPECT_TOLERANCE = 0.05  # relative distance outside the training range before a warning
+SIZE_TOLERANCE = 0.20  # relative distance of the linear size outside the training range before a warning
 GREY_SPREAD = 2.0  # mean channel spread (0..255) at or below which an image counts as grey
 
 
@@ -102,6 +109,15 @@ class InputProfile:
             found.append(
                 f"aspect ratio {info.aspect:.2f} ({info.width}x{info.height}) differs from the training images' "
                 f"{trained}: {what}"
+            )
+        side = math.sqrt(info.width * info.height)
+        smallest, largest = math.sqrt(self.width[0] * self.height[0]), math.sqrt(self.width[1] * self.height[1])
+        if not smallest / (1 + SIZE_TOLERANCE) <= side <= largest * (1 + SIZE_TOLERANCE):
+            low, high = f"{self.width[0]}x{self.height[0]}", f"{self.width[1]}x{self.height[1]}"
+            trained = low if low == high else f"{low} to {high}"
+            found.append(
+                f"size {info.width}x{info.height} is {'smaller' if side < smallest else 'larger'} than the training "
+                f"images' {trained}: a crop or another zoom shows parts at another scale, which can score as a defect"
             )
         if self.colour == "grey" and not info.grey:
             found.append("colour image, but the model was trained on grey images only: colour can score as a defect")

@@ -426,8 +426,10 @@ def fit_reconstructor(
         if val_features is not None and len(val_features):
             record["val_loss"] = validation_loss(model, val_features, device)
         history.append(record)
-        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{record['loss']:.4f}",
-                        val=f"{record.get('val_loss', float('nan')):.4f}")  # fmt: skip
+        shown = {"epoch": f"{epoch + 1}/{epochs}", "loss": f"{record['loss']:.4f}"}
+        if "val_loss" in record:  # nothing held out: no validation figure, rather than "nan"
+            shown["val"] = f"{record['val_loss']:.4f}"
+        bar.set_postfix(shown)
         log.info("epoch %d: %s", epoch + 1, record)
         if on_epoch_end is not None:
             on_epoch_end(epoch, optimizer, record)

@@ -108,6 +108,7 @@ def create_app(
     """
     limit = service_pixel_limit(max_pixels)
     det = ADTRDetector.load(run_dir, device=device, progress=False, backend=engine)
+    det.check_letterbox(letterbox)  # refused at start, not with every request
     chosen = det.selected_backend()
     vrange = display_range(det.record_.score_stats)
     lock = threading.Lock()

@@ -101,9 +101,10 @@ def _good_folder(root, n, seed=0):
 
 def test_tiny_set_is_cross_fitted_and_its_rate_stated(tmp_path, run_cli, caplog):
     data = _good_folder(tmp_path / "data", 3)
-    code, out, err = run_cli("fit", data, "--out", tmp_path / "run", "--image-size", "32", "--epochs", "1", "--quiet")
+    code, out, err = run_cli("fit", data, "--out", tmp_path / "run", "--image-size", "32", "--epochs", "1")
     assert code == 0, err
-    assert "validation loss nan" not in out and "no held-out images" in out
+    assert "loss=" in err and "nan" not in out + err  # the progress bar too (not --quiet)
+    assert "no held-out images" in out
     assert "from 3 cross-fitted good images" in out and "at most 0.25 (requested 0.01)" in out
     assert "only 3 calibration scores" in caplog.text and "1/4 = 0.25" in caplog.text
     doc = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
@@ -113,6 +114,12 @@ def test_tiny_set_is_cross_fitted_and_its_rate_stated(tmp_path, run_cli, caplog)
     assert doc["provenance"]["calibration_folds"] == 3
     assert doc["provenance"]["data"]["train"]["n"] == 3 and doc["calibration"]["score_stats"]["n"] == 3
     assert all("val_loss" not in h for h in doc["history"])
+    # adtr test repeats what the decisions rest on, on the console and in its JSON
+    code, out, err = run_cli("test", tmp_path / "run", data, "--json", tmp_path / "m.json", "--quiet")
+    assert code == 0, err
+    assert "from 3 cross-fitted good images" in out and "at most 0.25 (requested 0.01)" in out
+    calibration = json.loads((tmp_path / "m.json").read_text())["calibration"]
+    assert calibration["source"] == "crossfit" and calibration["implied_false_alarm_rate"] == pytest.approx(0.25)
 
 
 def test_held_out_images_are_not_flagged_when_predicted(tmp_path):

@@ -52,6 +52,17 @@ def test_aspect_ratio_departs_beyond_five_percent():
     assert "training images' 1.00 to 1.50" in ranged.departures(_info(1600, 1000))[0]
 
 
+def test_size_departs_beyond_twenty_percent():
+    square = InputProfile.from_infos([_info(900, 900)])
+    assert square.departures(_info(760, 760)) == square.departures(_info(1070, 1070)) == []  # within 20%
+    (warning,) = square.departures(_info(600, 600))  # a centre crop: same aspect, another scale
+    assert warning.startswith("size 600x600 is smaller than the training images' 900x900: a crop or another zoom")
+    assert square.departures(_info(1100, 1100))[0].startswith("size 1100x1100 is larger")
+    ranged = InputProfile.from_infos([_info(600, 400), _info(1200, 800)])
+    assert ranged.departures(_info(900, 600)) == []  # inside the range
+    assert "training images' 600x400 to 1200x800" in ranged.departures(_info(300, 200))[0]
+
+
 def test_colour_mode_departs_both_ways():
     grey, colour = InputProfile.from_infos([_info(8, 8, True)]), InputProfile.from_infos([_info(8, 8)])
     mixed = InputProfile.from_infos([_info(8, 8, True), _info(8, 8)])

@@ -40,8 +40,11 @@ def test_batch_of_good_images_only():
 def test_batch_swaps_in_synthetic_copies_of_the_same_image():
     data = TrainingData(
         _features(6),
-        synthetic=[AnomalyPool(_features(6, offset=100), torch.ones(6, 2, 2) * 0.5, torch.ones(6, dtype=torch.bool),
-                               ("synthetic",) * 6)],
+        synthetic=[
+            AnomalyPool(
+                _features(6, offset=100), torch.ones(6, 2, 2) * 0.5, torch.ones(6, dtype=torch.bool), ("synthetic",) * 6
+            )
+        ],
     )
     cfg = TrainConfig(synthetic_prob=1.0)
     f, labels, image_labels, pixel = _batch(data, torch.tensor([3, 5]), cfg, torch.Generator().manual_seed(0))
@@ -85,4 +88,3 @@ def test_run_trained_with_other_backbone_weights_is_refused(tiny_run, tmp_path):
     (copy / CONFIG_FILE).write_text(json.dumps(doc))
     with pytest.raises(RunFolderError, match="installed lite0 weights differ from the ones this run was trained"):
         load_run(copy)
-

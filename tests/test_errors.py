@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -144,7 +147,9 @@ def test_every_option_is_honoured_or_refused(run_cli, tiny_run, tmp_path):
         (["fit", "D", "--out", "R", "--lr", "nan"], "argument --lr: 'nan' is not a finite number > 0"),
         (["fit", "D", "--out", "R", "--seed", "-1"], "argument --seed: '-1' is not a whole number from 0"),
         (["fit", "D", "--out", "R", "--val-fraction", "1"], "argument --val-fraction: '1' is not a fraction in [0, 1)"),
-        (["fit", "D", "--out", "R", "--false-alarm-rate", "0"], "'0' is not a rate in (0, 1)"),
+        (["fit", "D", "--out", "R", "--false-alarm-rate", "0"], "'0' is not a rate in [1e-06, 1)"),
+        (["fit", "D", "--out", "R", "--false-alarm-rate", "1e-320"], "'1e-320' is not a rate in [1e-06, 1)"),
+        (["predict", "R", "x.png", "--out", "O", "--max-pixels", "2.5"], "--max-pixels: '2.5' is not a positive"),
         (["fit", "D", "--out", "R", "--smoothing-sigma", "-1"], "'-1' is not a finite number >= 0"),
         (["predict", "R", "x.png", "--out", "O", "--max-pixels", "inf"], "--max-pixels: 'inf' is not a positive"),
         (["predict", "R", "x.png", "--out", "O", "--max-pixels", "nan"], "--max-pixels: 'nan' is not a positive"),
@@ -182,3 +187,39 @@ def test_output_paths_of_the_wrong_kind_are_settings_errors(tiny_run, tmp_path, 
         code, _, err = run_cli(*args, "--quiet")
         assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, (args, err)
     assert a_file.read_text() == "x"
+
+
+def test_unwritable_output_places_are_refused_before_any_work(tiny_run, tmp_path, run_cli, tiny_folder):
+    _, run, files = tiny_run
+    cases = [  # /proc takes no new files (ENOENT), /sys refuses them (EACCES), even for root
+        (["fit", tiny_folder, "--out", "/proc/adtr_run"], "--out /proc/adtr_run: cannot write in /proc"),
+        (["fit", tiny_folder, "--out", "/sys/adtr/run"], "--out /sys/adtr/run: cannot write in /sys"),
+        (["predict", run, files[0], "--out", "/proc/adtr_out"], "--out /proc/adtr_out: cannot write in /proc"),
+        (["test", run, tiny_folder, "--json", "/proc/m.json"], "--json /proc/m.json: cannot write in /proc"),
+        (["test", run, tiny_folder, "--report", "/sys/adtr"], "--report /sys/adtr: cannot write in /sys"),
+        (["export", run, "--out", "/proc/m.onnx"], "--out /proc/m.onnx: cannot write in /proc"),
+    ]
+    for args, message in cases:
+        code, out, err = run_cli(*args, "--quiet")
+        assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, (args, err)
+        assert out == ""  # refused before any work: no metrics, no progress
+
+
+def test_letterbox_is_refused_before_any_output(tiny_run, tmp_path, run_cli):
+    """A run whose image score needs the whole input (pooled_residual) cannot be letterboxed:
+    predict refuses before creating --out, the service refuses to start."""
+    from adtr.checkpoint import CONFIG_FILE
+    from adtr.serve import create_app
+
+    _, run, files = tiny_run
+    pooled = tmp_path / "pooled"
+    shutil.copytree(run, pooled)
+    doc = json.loads((pooled / CONFIG_FILE).read_text())
+    doc["score"]["image_score"] = "pooled_residual"
+    (pooled / CONFIG_FILE).write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    code, _, err = run_cli("predict", pooled, files[0], "--out", out, "--letterbox", "--backend", "torch", "--quiet")
+    assert code == 2 and "letterbox needs an image score computed from the map" in err and not out.exists()
+    with pytest.raises(SettingsError, match="letterbox needs an image score computed from the map"):
+        create_app(pooled, engine="torch", letterbox=True)
+    assert create_app(pooled, engine="torch") is not None  # without letterbox the run serves

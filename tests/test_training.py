@@ -110,9 +110,7 @@ def test_top_mean_image_score():
     assert 4.0 < out.anomaly_score.item() < 8.0
 
 
-@pytest.mark.parametrize(
-    "bad", [{"steps": 0}, {"epochs": 0}, {"batch_size": 0}, {"lr": -1.0}, {"val_fraction": 1.5}]
-)
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"epochs": 0}, {"batch_size": 0}, {"lr": -1.0}, {"val_fraction": 1.5}])
 def test_training_settings_are_checked(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
