@@ -23,8 +23,9 @@ import io
 import json
 import logging
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,8 @@ from adtr.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from adtr.render import defect_boxes, display_range, heatmap_png
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from adtr.detector import ADTRDetector
 
 log = logging.getLogger(__name__)
@@ -143,6 +146,10 @@ def write_rows(folder: Path, rows: list[dict[str, Any]], heatmaps: bool) -> None
     atomic_write_text(Path(folder) / SCORES_JSONL, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _write_heatmap(target: Path, image: np.ndarray, anomaly_map: np.ndarray, vrange: tuple[float, float]) -> None:
+    atomic_write_bytes(target, heatmap_png(image, anomaly_map, vrange))
+
+
 def predict_to_folder(
     detector: ADTRDetector,
     files: Sequence[Path],
@@ -188,9 +195,23 @@ def predict_to_folder(
         log.error("%s", error)
         summary.failed.append({"path": str(path), "error": str(error)})
 
+    def finish(row: dict[str, Any]) -> None:  # a row on disk means a finished image: after its heatmap
+        writer.writerow(_csv_row(row))
+        csv_file.flush()
+        jsonl_file.write(json.dumps(row) + "\n")
+        jsonl_file.flush()
+        rows.append(row)
+        if on_result is not None:
+            on_result(row)
+
+    # Heatmaps are coloured, PNG-encoded and written in a thread while the model scores the
+    # next images (zlib and ONNX Runtime release the GIL; encoding a 900x900 overlay costs
+    # about as much as scoring it). At most batch_size wait, each holding its full-size image.
+    pending: deque[tuple[Future | None, dict[str, Any]]] = deque()
     with (
         open(scores_dir / SCORES_CSV, "a", newline="", encoding="utf-8") as csv_file,
         open(scores_dir / SCORES_JSONL, "a", encoding="utf-8") as jsonl_file,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="adtr-heatmaps") as heatmap_writer,
     ):
         writer = csv.DictWriter(csv_file, fieldnames=fieldnames, extrasaction="ignore")
         for pred in detector.iter_predict(todo, batch_size, on_error=failed, keep_images=heatmaps, letterbox=letterbox):
@@ -203,17 +224,22 @@ def predict_to_folder(
                 "input_warnings": pred.input_warnings,
                 "backend": backend,
             }
+            job = None
             if heatmaps:
                 target = out_dir / HEATMAPS / f"{names[pred.path]}.png"
-                atomic_write_bytes(target, heatmap_png(pred.image, pred.anomaly_map, vrange))
+                job = heatmap_writer.submit(_write_heatmap, target, pred.image, pred.anomaly_map, vrange)
                 row["heatmap"] = str(target)
-            writer.writerow(_csv_row(row))
-            csv_file.flush()
-            jsonl_file.write(json.dumps(row) + "\n")
-            jsonl_file.flush()
-            rows.append(row)
-            if on_result is not None:
-                on_result(row)
+            pending.append((job, row))
+            while pending and (len(pending) > batch_size or pending[0][0] is None or pending[0][0].done()):
+                job, row = pending.popleft()
+                if job is not None:
+                    job.result()  # raises the writer's error here
+                finish(row)
+        while pending:
+            job, row = pending.popleft()
+            if job is not None:
+                job.result()
+            finish(row)
     doc = {"run": str(run_dir), "backend": backend, "predictions": rows, "failed": summary.failed}
     atomic_write_json(scores_dir / SCORES_JSON, doc)
     return summary

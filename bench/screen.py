@@ -183,12 +183,41 @@ def main() -> None:
     rows = [[r["set"], json.dumps(r["variant"]), *(_fmt(r.get(k, "-")) for k in keys)] for r in results]
     md = (
         f"# Recipe screening\n\nCommand: `python bench/screen.py {' '.join(sys.argv[1:])}`\n\n"
-        + md_table(["set", "variant", "image AUROC", "image AUROC (top 1%)", "image AUROC (max)", "pixel AUROC",
-                    "AUPRO", "plain: image", "plain: pixel", "plain: AUPRO", "chan sqrt: image", "chan sqrt: pixel",
-                    "chan sqrt: AUPRO", "chan: image", "chan: pixel",
-                    "chan: AUPRO", "pos: image", "pos: pixel", "pos: AUPRO", "pos chan: image", "pos chan: pixel",
-                    "pos chan: AUPRO", "pos chan half: image", "pos chan half: pixel", "pos chan half: AUPRO",
-                    "pooled: image", "pooled chan: image", "combo: image", "val loss", "fit s"], rows)  # fmt: skip
+        + md_table(
+            [
+                "set",
+                "variant",
+                "image AUROC",
+                "image AUROC (top 1%)",
+                "image AUROC (max)",
+                "pixel AUROC",
+                "AUPRO",
+                "plain: image",
+                "plain: pixel",
+                "plain: AUPRO",
+                "chan sqrt: image",
+                "chan sqrt: pixel",
+                "chan sqrt: AUPRO",
+                "chan: image",
+                "chan: pixel",
+                "chan: AUPRO",
+                "pos: image",
+                "pos: pixel",
+                "pos: AUPRO",
+                "pos chan: image",
+                "pos chan: pixel",
+                "pos chan: AUPRO",
+                "pos chan half: image",
+                "pos chan half: pixel",
+                "pos chan half: AUPRO",
+                "pooled: image",
+                "pooled chan: image",
+                "combo: image",
+                "val loss",
+                "fit s",
+            ],
+            rows,
+        )  # fmt: skip
         + "\n"
     )
     write_results(args.out, {"machine": machine(), "command": sys.argv, "results": results}, md)

@@ -22,6 +22,8 @@ peak whenever its own is lower: each child is started by a shell that forks it (
   adtr's streaming predict (predict.iter_predictions: decoding and resizing one batch ahead in
   2 threads, the model, maps back to 900x900, decisions; no heatmap files), after one warm-up
   batch; decode_only: the same decoding and resizing with no model (the floor of predict_*);
+  predict_folder: what `adtr predict` does by default (outputs.predict_to_folder: the default
+  backend, scores files and a heatmap PNG per image), on the distinct files among them;
 - train_*: the library's training loop (engine.fit_reconstructor on random features: batch 16,
   16x16 tokens, 192 channels, 4 steps per epoch, the second epoch timed): fp32, the default
   precision ("auto": bf16 autocast where the CPU computes bf16 natively, else fp32, in which
@@ -63,6 +65,7 @@ KINDS = [
     ("predict_onnx", "900x900 PNGs: decode + resize + whole pipeline, ONNX Runtime"),
     ("predict_auto", "900x900 PNGs: decode + resize + whole pipeline, default backend (auto)"),
     ("decode_only", "900x900 PNGs: decode + resize only (2 threads, no model)"),
+    ("predict_folder", "900x900 PNGs: `adtr predict` to a folder (scores + heatmap PNGs), default backend"),
     ("train_before", "training step, before issue 12 (MHA + attention dropout, AdamW foreach), fp32"),
     ("train_fp32", "training step, fp32"),
     ("train_default", "training step, default precision (auto)"),
@@ -142,6 +145,8 @@ def child(kind: str, run: Path, n_images: int) -> dict:
     with torch.no_grad():
         if kind.startswith(("backbone_", "pipeline_", "reconstructor")):
             out.update(_model_only(kind, run))
+        elif kind == "predict_folder":
+            out.update(_predict_folder(run, list(dict.fromkeys(bottle_images(n_images)))))
         elif kind.startswith("predict_"):
             out.update(_predict(kind.removeprefix("predict_"), run, bottle_images(n_images)))
         elif kind == "decode_only":
@@ -193,6 +198,21 @@ def _predict(backend: str, run: Path, files: list[Path]) -> dict:
     t0 = time.perf_counter()
     n = run_all(files)
     return {"images_per_second": n / (time.perf_counter() - t0), "backend": chosen.name}
+
+
+def _predict_folder(run: Path, files: list[Path]) -> dict:
+    """What `adtr predict RUN FILES --out DIR` does, heatmaps included (outputs.predict_to_folder)."""
+    from adtr import ADTRDetector
+    from adtr.outputs import predict_to_folder
+
+    det = ADTRDetector.load(run, progress=False)
+    chosen = det.selected_backend()
+    with tempfile.TemporaryDirectory() as tmp:
+        predict_to_folder(det, files[:BATCH], Path(tmp) / "warm-up", batch_size=BATCH, run_dir=run)
+        t0 = time.perf_counter()
+        summary = predict_to_folder(det, files, Path(tmp) / "out", batch_size=BATCH, run_dir=run)
+        seconds = time.perf_counter() - t0
+    return {"images_per_second": len(summary.rows) / seconds, "backend": chosen.name}
 
 
 def _decode_only(files: list[Path]) -> dict:
@@ -257,7 +277,7 @@ def summarise(med: dict, precision: str) -> tuple[list[list], dict[str, float]]:
         if kind in med:
             m = med[kind]
             value = f"{m['images_per_second']:.1f} img/s" if "images_per_second" in m else f"{m['ms_per_step']:.0f} ms"
-            chose = f" -> {m['backend']}" if "backend" in m and kind.endswith("_auto") else ""
+            chose = f" -> {m['backend']}" if "backend" in m and kind.endswith(("_auto", "_folder")) else ""
             chose += " = fp32 here (no native bf16)" if m.get("same_as") == "train_fp32" else ""
             rows.append([label + chose, value, round(m["peak_mib"])])
     ratios: dict[str, float] = {}
@@ -283,6 +303,8 @@ def summarise(med: dict, precision: str) -> tuple[list[list], dict[str, float]]:
         target = " (target >= 0.8)" if backend == "auto" else ""
         ratio(f"with decoding / model only, {backend}{target}", ips(f"predict_{backend}"), ips(f"pipeline_{backend}"))
     ratio("decoding alone / model only, default backend", ips("decode_only"), ips("pipeline_auto"))
+    ratio("`adtr predict` with heatmaps / without (streaming predict), default backend", ips("predict_folder"),
+          ips("predict_auto"))  # fmt: skip
     if "train_fp32" in med and "train_default" in med:
         ratios[f"training step fp32 / default ({precision}): speed-up (target >= 1.5)"] = (
             med["train_fp32"]["ms_per_step"] / med["train_default"]["ms_per_step"]
