@@ -526,6 +526,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         summary = predict_sharded(det, files, args.out, heatmaps=not args.no_heatmaps, resume=args.resume,
                                   batch_size=args.batch_size, run_dir=args.run, letterbox=args.letterbox)  # fmt: skip
     else:
+        from adtr.sharding import PARTS, fold_parts
+
+        if (args.out / PARTS).is_dir():  # an interrupted sharded run: its finished rows count with --resume
+            fold_parts(args.out, files, not args.no_heatmaps, resume=args.resume)
         summary = predict_to_folder(det, files, args.out, heatmaps=not args.no_heatmaps, resume=args.resume,
                                     batch_size=args.batch_size, run_dir=args.run, letterbox=args.letterbox)  # fmt: skip
     if not distributed.is_main():

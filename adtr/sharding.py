@@ -79,10 +79,9 @@ def predict_sharded(
     finished by an earlier run). Errors and letterbox as outputs.predict_to_folder.
     """
     out_dir = Path(out_dir)
+    backend = detector.selected_backend().name
     if distributed.is_main():  # before any rank starts: one consistent OUT/scores.jsonl, no parts
-        rows = collect(out_dir, files, heatmaps)[0] if resume else []
-        write_rows(out_dir, rows, heatmaps)
-        shutil.rmtree(out_dir / PARTS, ignore_errors=True)
+        fold_parts(out_dir, files, heatmaps, resume)
     distributed.barrier()
     done = {r["path"] for r in finished_rows(out_dir, heatmaps)} if resume else set()
     todo = sorted((Path(f) for f in files if str(f) not in done), key=str)
@@ -95,7 +94,18 @@ def predict_sharded(
     distributed.barrier()  # every rank has read the parts before rank 0 removes them
     if distributed.is_main():
         write_rows(out_dir, rows, heatmaps)
-        atomic_write_json(out_dir / SCORES_JSON, {"run": str(run_dir), "predictions": rows, "failed": failed})
+        doc = {"run": str(run_dir), "backend": backend, "predictions": rows, "failed": failed}  # as one process
+        atomic_write_json(out_dir / SCORES_JSON, doc)
         shutil.rmtree(out_dir / PARTS, ignore_errors=True)
     distributed.barrier()
-    return PredictSummary(rows, failed, skipped=len(done))
+    return PredictSummary(rows, failed, skipped=len(done), backend=backend)
+
+
+def fold_parts(out_dir: Path, files: Sequence[Path], heatmaps: bool, resume: bool) -> None:
+    """Start OUT/scores.csv and .jsonl from the finished rows of OUT and of every OUT/parts/rank-*
+    (an interrupted sharded run, with any number of ranks) with resume, or empty without, and
+    remove OUT/parts. Run by one process (rank 0, or a single-process `predict --resume`)."""
+    out_dir = Path(out_dir)
+    rows = collect(out_dir, files, heatmaps)[0] if resume else []
+    write_rows(out_dir, rows, heatmaps)
+    shutil.rmtree(out_dir / PARTS, ignore_errors=True)

@@ -172,6 +172,26 @@ def test_two_processes_fit_what_one_process_fits_and_resume(bottle, tmp_path):
     assert writes == {0, 3}  # rank 0 alone wrote the state: 2 epochs, then the last one
 
 
+def test_one_process_resume_keeps_an_interrupted_sharded_runs_rows(tiny_run, tmp_path, run_cli):
+    """`adtr predict --resume` in one process after a killed sharded run: the finished rows of
+    OUT/parts count as done (not scored again) and OUT/parts is removed."""
+    det, run, files = tiny_run
+    out = tmp_path / "out"
+    images = collect_images([files[0].parent])
+    names = dict(zip(map(str, images), output_names(images), strict=True))
+    predict_to_folder(det, images[3:5], out, names=names, scores_dir=part_dir(out, 1))  # rank 1 of a killed run
+    code, stdout, err = run_cli("predict", run, files[0].parent, "--out", out, "--resume", "--backend", "torch",
+                                "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert "2 already done" in stdout and not (out / PARTS).exists()
+    rows = _csv(out)
+    # one process appends as images finish: the resumed rows first, then the rest in file order
+    expected = [str(p) for p in images[3:5] + images[:3] + images[5:]]
+    assert [r["path"] for r in rows] == expected and len(rows) == len(files)
+    doc = json.loads((out / SCORES_JSON).read_text())
+    assert [r["path"] for r in doc["predictions"]] == expected and doc["backend"] == "torch"
+
+
 def _csv(out: Path) -> list[dict]:
     with open(out / "scores.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -223,6 +243,9 @@ def test_predict_sharded_over_two_processes_writes_the_one_process_outputs(tiny_
         assert Path(a["heatmap"]).name == Path(b["heatmap"]).name
     jsonl = [json.loads(line) for line in (out / SCORES_JSONL).read_text().splitlines()]
     assert [r["path"] for r in jsonl] == [r["path"] for r in two]
+    one_doc, two_doc = (json.loads((d / SCORES_JSON).read_text()) for d in (tmp_path / "one", out))
+    assert one_doc.keys() == two_doc.keys() and one_doc["backend"] == two_doc["backend"] != ""
+    assert "backend onnx" in p.stdout or "backend torch" in p.stdout  # the sharded summary names it
     doc_one, doc_two = (json.loads((d / SCORES_JSON).read_text()) for d in (tmp_path / "one", out))
     assert doc_two["failed"] == doc_one["failed"] and len(doc_two["failed"]) == 1
     assert len(doc_two["predictions"]) == len(files)
