@@ -231,6 +231,11 @@ class DataParallel:
         dist.all_reduce(total)
         return float(total.item())
 
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's values (n_r, ...), concatenated in rank order (gather_rows): the hard
+        loss's quantile and weight sum over the global batch."""
+        return gather_rows(values)
+
     def scale(self, loss: torch.Tensor, share: float) -> torch.Tensor:
         """The loss to backpropagate: DDP divides the summed gradients by the world size."""
         return loss * (share * self.world)

@@ -404,6 +404,16 @@ def fit_reconstructor(
             if data.supervised:
                 loss = mixed_loss(f, f_hat, token_labels.to(device), image_labels.to(device),
                                   pixel_level.to(device), cfg.top_k, cfg.alpha)  # fmt: skip
+            elif parallel is not None and cfg.loss == "hard":
+                # one quantile and one normalisation over the global batch (a rank without rows
+                # adds nothing): the loss is this rank's part of the global one, so share 1
+                empty = share == 0
+
+                def gather(t: torch.Tensor, empty: bool = empty) -> torch.Tensor:
+                    return parallel.gather(t[:0] if empty else t)
+
+                loss = reconstruction_loss(f, f_hat, cfg.loss, cfg.hard_quantile, cfg.easy_weight, gather=gather)
+                share = 0.0 if empty else 1.0
             else:
                 loss = reconstruction_loss(f, f_hat, cfg.loss, cfg.hard_quantile, cfg.easy_weight)
             batch_loss = loss.item() if parallel is None else parallel.batch_mean(loss, share)

@@ -19,6 +19,8 @@ gradient bounded) when the anomalous error is tiny, and tends to 0 when it is hu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 ALPHA = 0.003
@@ -30,7 +32,12 @@ def mse_loss(f: torch.Tensor, f_hat: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_loss(
-    f: torch.Tensor, f_hat: torch.Tensor, kind: str = "mse", hard_quantile: float = 0.9, easy_weight: float = 0.1
+    f: torch.Tensor,
+    f_hat: torch.Tensor,
+    kind: str = "mse",
+    hard_quantile: float = 0.9,
+    easy_weight: float = 0.1,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Normal-only loss of features f and reconstructions f_hat, both (B, C, h, w).
 
@@ -38,15 +45,20 @@ def reconstruction_loss(
     positions below the batch's hard_quantile of e count easy_weight times, so training
     concentrates on what is still badly reconstructed (Dinomaly, Guo et al., CVPR 2025,
     "loose loss"; EfficientAD's hard-feature loss keeps only the hard ones: easy_weight 0).
+    gather (several processes, "hard" only): a 1-D tensor -> every process's values (adtr.
+    distributed.gather_rows); the quantile and the weights' sum are then the global batch's,
+    and the result is this process's part of the global loss (the parts sum to it).
     Raises ValueError for another kind.
     """
     if kind == "mse":
         return mse_loss(f, f_hat)
     if kind == "hard":
         e = ((f - f_hat) ** 2).mean(dim=1)  # (B, h, w)
-        threshold = torch.quantile(e.detach().flatten().float(), hard_quantile)
+        values = e.detach().flatten().float()
+        threshold = torch.quantile(values if gather is None else gather(values), hard_quantile)
         weight = torch.where(e.detach() >= threshold, 1.0, easy_weight)
-        return (weight * e).sum() / weight.sum()
+        total = weight.sum() if gather is None else gather(weight.sum().reshape(1)).sum()
+        return (weight * e).sum() / total
     raise ValueError(f"unknown reconstruction loss {kind!r}; choose 'mse' or 'hard'")
 
 

@@ -135,10 +135,15 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_two_processes_fit_what_one_process_fits_and_resume(bottle, tmp_path):
+@pytest.mark.parametrize("loss", ["mse", "hard"])  # hard: one quantile and one weight sum over both ranks
+def test_two_processes_fit_what_one_process_fits_and_resume(bottle, tmp_path, loss):
+    import dataclasses
+
     from distributed_worker import CONFIG
 
     from adtr.fit import fit_run
+
+    config = dataclasses.replace(CONFIG, train=dataclasses.replace(CONFIG.train, loss=loss))
 
     data = tmp_path / "data" / "train" / "good"
     data.mkdir(parents=True)
@@ -148,10 +153,10 @@ def test_two_processes_fit_what_one_process_fits_and_resume(bottle, tmp_path):
     worker = Path(__file__).with_name("distributed_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker),
            str(data), str(tmp_path)]  # fmt: skip
-    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**_env(), "ADTR_TEST_LOSS": loss}, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
 
-    model, record = fit_run(CONFIG, data, torch.device("cpu"), progress=False)
+    model, record = fit_run(config, data, torch.device("cpu"), progress=False)
     one, two = trainable_state(model), load_file(str(tmp_path / "two" / "model.safetensors"))
     assert one.keys() == two.keys()
     # Measured: at most 1e-5 apart (the cross-attention key bias, which gets no gradient, so Adam
