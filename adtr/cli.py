@@ -25,6 +25,7 @@ from adtr.calibration import MIN_HELD_OUT
 from adtr.checkpoint import check_fit_target
 from adtr.config import (
     CALIBRATIONS,
+    LOSSES,
     MIN_FALSE_ALARM_RATE,
     MODEL_PRESETS,
     RESIDUAL_NORMS,
@@ -265,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"the norm of the image-averaged feature residual (semantic anomalies) (default: {ScoreConfig().image_score})",
     )
     p.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=TrainConfig().loss,
+        help="normal-only training loss: 'hard' weighs each batch's worst-reconstructed 10%% of positions "
+        "10x the others (Dinomaly's loose loss), 'mse' weighs all alike (docs/design.md) "
+        f"(default: {TrainConfig().loss})",
+    )
+    p.add_argument(
         "--residual-norm",
         choices=RESIDUAL_NORMS,
         default=ScoreConfig().residual_norm,
@@ -421,6 +430,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             val_fraction=args.val_fraction,
             false_alarm_rate=args.false_alarm_rate,
             calibration=args.calibration,
+            loss=args.loss,
         )
         score = ScoreConfig(smoothing_sigma=args.smoothing_sigma, image_score=args.image_score,
                             residual_norm=args.residual_norm)  # fmt: skip

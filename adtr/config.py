@@ -15,6 +15,7 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 CALIBRATIONS = ("auto", "held_out", "crossfit")
+LOSSES = ("hard", "mse")  # normal-only reconstruction losses (losses.reconstruction_loss)
 # A conformal threshold for rate r needs about 1/r good images; below this no set is large enough.
 MIN_FALSE_ALARM_RATE = 1e-6
 
@@ -96,12 +97,12 @@ class TrainConfig:
     lr_drop_at: float = 0.8
     grad_clip: float = 1.0
     warmup_epochs: int = 2
-    # Normal-only loss (losses.reconstruction_loss): "mse", or "hard": the error of positions
-    # below the batch's hard_quantile counts easy_weight times (Dinomaly's loose loss).
+    # Normal-only loss (losses.reconstruction_loss): "hard": the error of positions below the
+    # batch's hard_quantile counts easy_weight times (Dinomaly's loose loss), or "mse".
     # "auto": bf16 autocast for the reconstructor where the device computes bf16 natively
     # (CPUs with AVX-512 BF16 / AMX, recent GPUs), else fp32; "fp32" or "bf16" force one.
     precision: str = "auto"
-    loss: str = "mse"
+    loss: str = "hard"  # screened on the development sets (docs/design.md, fourth round)
     hard_quantile: float = 0.9
     easy_weight: float = 0.1
 
@@ -117,6 +118,7 @@ class TrainConfig:
                 f"false-alarm rate must be in [{MIN_FALSE_ALARM_RATE:g}, 1), got {self.false_alarm_rate}",
             ),
             (self.calibration in CALIBRATIONS, f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}"),
+            (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
             (self.calibration_folds >= 2, f"calibration folds must be >= 2, got {self.calibration_folds}"),
         ]
         for ok, message in checks:
@@ -173,7 +175,8 @@ class RunConfig:
             model=model,
             score=_build(ScoreConfig, {"residual_norm": "none", **data.get("score", {})}),
             # Runs saved before the step budget trained with the warm-up + x0.1 schedule.
-            train=_build(TrainConfig, {"schedule": "step", **data.get("train", {})}),
+            # Runs saved before the hard-position loss existed trained with the MSE.
+            train=_build(TrainConfig, {"schedule": "step", "loss": "mse", **data.get("train", {})}),
         )
 
 

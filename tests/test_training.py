@@ -114,3 +114,12 @@ def test_top_mean_image_score():
 def test_training_settings_are_checked(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
+
+
+def test_runs_saved_before_the_hard_loss_keep_the_mse():
+    old = RunConfig().to_dict()
+    del old["train"]["loss"]  # a config.json written before the key existed
+    assert RunConfig.from_dict(old).train.loss == "mse"
+    assert RunConfig.from_dict(RunConfig().to_dict()).train.loss == "hard" == TrainConfig().loss
+    with pytest.raises(ValueError, match="loss must be one of"):
+        TrainConfig(loss="l1")
