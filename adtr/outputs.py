@@ -208,6 +208,15 @@ def predict_to_folder(
     # next images (zlib and ONNX Runtime release the GIL; encoding a 900x900 overlay costs
     # about as much as scoring it). At most batch_size wait, each holding its full-size image.
     pending: deque[tuple[Future | None, dict[str, Any]]] = deque()
+
+    def drain(keep: int) -> None:
+        """Finish rows in order while their heatmap is done, or until at most `keep` wait."""
+        while pending and (len(pending) > keep or pending[0][0] is None or pending[0][0].done()):
+            job, row = pending.popleft()
+            if job is not None:
+                job.result()  # raises the writer's error here
+            finish(row)
+
     with (
         open(scores_dir / SCORES_CSV, "a", newline="", encoding="utf-8") as csv_file,
         open(scores_dir / SCORES_JSONL, "a", encoding="utf-8") as jsonl_file,
@@ -230,16 +239,8 @@ def predict_to_folder(
                 job = heatmap_writer.submit(_write_heatmap, target, pred.image, pred.anomaly_map, vrange)
                 row["heatmap"] = str(target)
             pending.append((job, row))
-            while pending and (len(pending) > batch_size or pending[0][0] is None or pending[0][0].done()):
-                job, row = pending.popleft()
-                if job is not None:
-                    job.result()  # raises the writer's error here
-                finish(row)
-        while pending:
-            job, row = pending.popleft()
-            if job is not None:
-                job.result()
-            finish(row)
+            drain(keep=batch_size)
+        drain(keep=0)
     doc = {"run": str(run_dir), "backend": backend, "predictions": rows, "failed": summary.failed}
     atomic_write_json(scores_dir / SCORES_JSON, doc)
     return summary
