@@ -37,7 +37,7 @@ from adtr.data.transforms import input_size_for  # noqa: E402
 from adtr.engine import TrainingData, extract_features, fit_reconstructor  # noqa: E402
 from adtr.evaluate import ResizedMaps  # noqa: E402
 from adtr.metrics import image_metrics, pixel_metrics  # noqa: E402
-from adtr.model import ADTR  # noqa: E402
+from adtr.model import ADTR, gaussian_kernel1d, map_image_score, upsample_map  # noqa: E402
 from adtr.runtime import configure_cpu  # noqa: E402
 
 _features: dict[tuple, dict] = {}
@@ -81,7 +81,7 @@ def run(name: str, root: Path, variant: dict) -> dict:
     with torch.no_grad():
         test = model.standardize(d["test"])
         outs = [model.score(test[i : i + 16]) for i in range(0, len(test), 16)]
-        extra = _residual_scores(model, f[train_idx], test, d)
+        extra = _residual_scores(model, f[train_idx], test, d, f[val_idx])
     scores = torch.cat([o.anomaly_score for o in outs]).double().numpy()
     maps = [m for o in outs for m in o.anomaly_map.numpy()]
     flat = torch.from_numpy(np.stack(maps)).flatten(1)
@@ -105,14 +105,18 @@ def run(name: str, root: Path, variant: dict) -> dict:
     return res
 
 
-def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: dict) -> dict:
+def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: dict, val: torch.Tensor) -> dict:
     """Alternative scores of the same fit, computed from the feature residual (screening only).
 
     plain: the residual as it is (residual_norm "none"); chan: residual divided by its
     per-channel RMS on the training images before the norm (no
     channel group dominates by count or by unpredictable texture); pos: grid error standardised
     per position with the training images' mean and std; pooled: the norm of the image-averaged
-    residual; pooled_chan: the same after the chan division; combo: see below.
+    residual; pooled_chan: the same after the chan division; combo: see below; sigma2 / sigma8:
+    pos_chan_half's grid smoothed with sigma 2 / 8 input pixels instead of the configured one;
+    held / trainval: pos_chan_half with its statistics (channel RMS, position mean and variance)
+    from the held-out good images `val` / from training and held-out images together (a
+    model fits its training images more closely than unseen good ones).
     Returns {name: (image scores (N,), maps list or None)}.
     """
 
@@ -143,6 +147,20 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
         var = w * c_train.var(0) + (1 - w) * c_train.var()
         o = model.score_maps(((c_test - mu) / var.sqrt().clamp_min(1e-6)).clamp_min(0))
         out[name_] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
+        if name_ == "pos_chan_half":
+            half_grid = ((c_test - mu) / var.sqrt().clamp_min(1e-6)).clamp_min(0)
+    for name_, sigma in (("sigma2", 2.0), ("sigma8", 8.0)):
+        m = upsample_map(half_grid, model.cfg.image_size, gaussian_kernel1d(sigma))
+        s_ = map_image_score(m, model.score_cfg, model.cfg.image_size)
+        out[name_] = (s_.double().numpy(), list(m[:, 0].numpy()))
+    if len(val) > 1:
+        r_val = residuals(val)
+        for name_, r_ref in (("held", r_val), ("trainval", torch.cat([r_train, r_val]))):
+            rms_ = r_ref.pow(2).mean(dim=(0, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
+            c_ref, c_t = torch.linalg.vector_norm(r_ref / rms_, dim=1), torch.linalg.vector_norm(r_test / rms_, dim=1)
+            mu, var = 0.5 * c_ref.mean(0) + 0.5 * c_ref.mean(), 0.5 * c_ref.var(0) + 0.5 * c_ref.var()
+            o = model.score_maps(((c_t - mu) / var.sqrt().clamp_min(1e-6)).clamp_min(0))
+            out[name_] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
     out["pooled"] = (torch.linalg.vector_norm(r_test.mean(dim=(2, 3)), dim=1).double().numpy(), None)
     out["pooled_chan"] = (torch.linalg.vector_norm((r_test / rms).mean(dim=(2, 3)), dim=1).double().numpy(), None)
     # combo: the chan map's top-1% mean and pooled_chan, each standardised by its mean and std
@@ -179,6 +197,8 @@ def main() -> None:
             "image_auroc_pos_chan", "pixel_auroc_pos_chan", "aupro_pos_chan", "image_auroc_pos_chan_half",
             "pixel_auroc_pos_chan_half", "aupro_pos_chan_half", "image_auroc_pooled",
             "image_auroc_pooled_chan", "image_auroc_combo",
+            *(f"{m}_{v}" for v in ("sigma2", "sigma8", "held", "trainval")
+              for m in ("image_auroc", "pixel_auroc", "aupro")),
             "val_loss", "fit_seconds"]  # fmt: skip
     rows = [[r["set"], json.dumps(r["variant"]), *(_fmt(r.get(k, "-")) for k in keys)] for r in results]
     md = (
@@ -213,6 +233,7 @@ def main() -> None:
                 "pooled: image",
                 "pooled chan: image",
                 "combo: image",
+                *(f"{v}: {m}" for v in ("sigma 2", "sigma 8", "held", "trainval") for m in ("image", "pixel", "AUPRO")),
                 "val loss",
                 "fit s",
             ],
