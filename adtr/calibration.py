@@ -75,6 +75,15 @@ def calibrate(
             "flagged; cross-fitting needs 2 good images, a false-alarm rate of %g about %d",
             n, "" if n == 1 else "s", false_alarm_rate, needed_images(false_alarm_rate),
         )  # fmt: skip
+    elif thresholds.method == "f1" and thresholds.implied_false_alarm_rate > false_alarm_rate:
+        # the F1-optimal threshold may lie below good scores: say how many it flags, not "above the highest"
+        flagged = round(thresholds.false_alarm_rate * n)
+        log.warning(
+            "the F1-optimal threshold (labelled anomalies given) flags %d of %d calibration good image%s (%s): "
+            "it implies a false-alarm rate of up to %d/%d = %.3g, not the requested %g",
+            flagged, n, "" if n == 1 else "s", SOURCES[source], flagged + 1, n + 1,
+            thresholds.implied_false_alarm_rate, false_alarm_rate,
+        )  # fmt: skip
     elif thresholds.implied_false_alarm_rate is not None and thresholds.implied_false_alarm_rate > false_alarm_rate:
         log.warning(
             "only %d calibration score%s (%s): a threshold above the highest implies a false-alarm rate of up to "

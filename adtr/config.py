@@ -45,14 +45,26 @@ class ModelConfig:
     # (UniAD's neighbor masked attention), so the input there cannot be copied; 0 = off.
     neighbor_mask: int = 0  # on attention weights (the paper: 0.1; 2x slower on CPUs)
     use_query: bool = True  # False: the decoder reads the encoder output (paper's ablation)
+    # Each transformer token holds a token_patch x token_patch block of the feature grid
+    # (space-to-depth), so the feature grid, the residual and the map are token_patch times
+    # finer than the token grid (max stride / token_patch) at nearly the same cost; 1 = the paper.
+    token_patch: int = 1
     normalize_features: bool = True  # per-channel standardisation with training statistics
 
     @property
     def grid_size(self) -> tuple[int, int]:
         if self.image_size is None:
             raise ValueError("the input size is not set yet (it is chosen from the data at fit time)")
-        s = max(self.strides)
+        s = self.feature_stride
         return self.image_size[0] // s, self.image_size[1] // s
+
+    @property
+    def feature_stride(self) -> int:
+        """Input pixels per position of the feature grid (and of the residual)."""
+        if self.token_patch < 1 or max(self.strides) % self.token_patch:
+            raise ValueError(f"token_patch must be >= 1 and divide the largest stride {max(self.strides)}, "
+                             f"got {self.token_patch}")  # fmt: skip
+        return max(self.strides) // self.token_patch
 
 
 RESIDUAL_NORMS = ("none", "channel", "channel_position")

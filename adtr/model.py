@@ -50,11 +50,16 @@ def align_features(maps: list[torch.Tensor], grid: tuple[int, int], mode: str = 
 
 
 class TransformerReconstructor(nn.Module):
-    """1x1 conv C -> D, reconstruction transformer over the h*w tokens, 1x1 conv D -> C."""
+    """1x1 conv C -> D, reconstruction transformer over the h*w tokens, 1x1 conv D -> C.
+
+    With cfg.token_patch = p > 1, each token is a p x p block of the feature grid (pixel
+    unshuffle: C p^2 channels on an (h/p, w/p) token grid), and the output is unfolded back."""
 
     def __init__(self, channels: int, cfg: ModelConfig):
         super().__init__()
-        h, w = cfg.grid_size
+        self.patch = p = cfg.token_patch
+        h, w = cfg.grid_size[0] // p, cfg.grid_size[1] // p
+        channels *= p * p
         self.proj_in = nn.Conv2d(channels, cfg.hidden_dim, 1)
         self.transformer = ReconstructionTransformer(
             h * w,
@@ -73,10 +78,13 @@ class TransformerReconstructor(nn.Module):
         self.feature_dropout = nn.Dropout(cfg.feature_dropout)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
+        if self.patch > 1:
+            f = F.pixel_unshuffle(f, self.patch)
         b, _, h, w = f.shape
         tokens = self.feature_dropout(self.proj_in(f).flatten(2).transpose(1, 2))  # (B, h*w, D)
         tokens = self.transformer(tokens)
-        return self.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w))
+        out = self.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w))
+        return F.pixel_shuffle(out, self.patch) if self.patch > 1 else out
 
 
 class MLPReconstructor(nn.Module):

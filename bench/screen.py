@@ -7,8 +7,8 @@ backbone features of the development sets, several image scores per fit.
 Cheaper than bench/suite.py for ablations: each set's features are extracted once per (input
 size, strides, alignment) and kept in memory; a variant then costs only its training. A
 variant sets any field of ModelConfig, ScoreConfig or TrainConfig (config.with_overrides),
-applied to the library's defaults (so `{}` is today's default) — `align`, `strides` and
-`image_size` change the features. Training uses the held-out good images only for the
+applied to the library's defaults (so `{}` is today's default) — `align`, `strides`,
+`image_size` and `token_patch` change the features. Training uses the held-out good images only for the
 validation loss; test images are only scored. Per fit: validation loss, image AUROC with the
 configured score and with the top-1% mean and the map maximum of the same maps, pixel AUROC
 and AUPRO (sets with masks). Writes OUT.json and OUT.md.
@@ -45,7 +45,7 @@ _features: dict[tuple, dict] = {}
 
 def features(name: str, root: Path, cfg: RunConfig) -> dict:
     """Raw aligned features of a set's training and test images, cached per feature setting."""
-    key = (name, cfg.model.image_size, cfg.model.strides, cfg.model.align, cfg.model.backbone)
+    key = (name, cfg.model.image_size, cfg.model.strides, cfg.model.align, cfg.model.backbone, cfg.model.grid_size)
     if key not in _features:
         train, test = train_samples(root), test_samples(root)
         model = ADTR(cfg.model)

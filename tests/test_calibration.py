@@ -61,6 +61,13 @@ def test_f1_threshold_states_its_implied_rate():
     assert t.false_alarm_rate == pytest.approx(1 / 3) and t.implied_false_alarm_rate == pytest.approx(2 / 4)
 
 
+def test_f1_warning_counts_the_flagged_good_images(caplog):
+    # the F1 threshold 2.5 lies below one of three good scores: not "above the highest"
+    calibrate(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0]), np.array([2.5, 6.0]), 0.01, "held_out")
+    assert "flags 1 of 3 calibration good images" in caplog.text and "2/4 = 0.5" in caplog.text
+    assert "above the highest" not in caplog.text
+
+
 def test_warning_gives_the_count_when_too_few(caplog):
     few = np.linspace(5.0, 9.0, 20)
     calibrate(few, few, None, 0.01, "crossfit")

@@ -108,3 +108,13 @@ def test_export_every_residual_norm(norm, tmp_path):
     if norm == "channel_position":
         assert float(model.position_std.std()) > 0  # statistics really set, not the identity
     assert export_onnx(model, tmp_path / "m.onnx") < 1e-4
+
+
+def test_export_token_patch(tmp_path):
+    """Tokens holding 2x2 blocks of the feature grid (pixel unshuffle / shuffle) export too."""
+    from adtr.config import ModelConfig
+    from adtr.model import ADTR
+
+    cfg = ModelConfig(image_size=(64, 96), align="area", hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1,
+                      num_heads=4, ffn_dim=64, token_patch=2)  # fmt: skip
+    assert export_onnx(ADTR(cfg).eval(), tmp_path / "m.onnx") < 1e-4

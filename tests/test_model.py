@@ -48,6 +48,33 @@ def test_no_query_ablation_has_no_query_parameter():
     assert m.reconstructor(f).shape == f.shape
 
 
+def test_token_patch_puts_a_block_of_the_feature_grid_in_each_token():
+    cfg = dataclasses.replace(SMALL, token_patch=2)
+    assert cfg.grid_size == (8, 12) and cfg.feature_stride == 8  # residual and map at stride 8
+    m = ADTR(cfg).eval()
+    rec = m.reconstructor
+    assert rec.transformer.pos_embed.shape[1] == 4 * 6  # tokens stay on the stride-16 grid
+    assert rec.proj_in.in_channels == 4 * m.channels
+    x = torch.rand(2, 3, 64, 96) * 255
+    f = m.standardize(m.extract(x))
+    assert f.shape == (2, m.channels, 8, 12)
+    with torch.no_grad():
+        out = rec(f)
+        # With the transformer bypassed, a change at one feature position must reach exactly
+        # the 2x2 block of its token: rows 2-3, cols 4-5 for position (3, 5) (token (1, 2)).
+        rec.transformer.forward = lambda t: t  # type: ignore[method-assign]
+        g = f.clone()
+        g[:, :, 3, 5] += 10
+        changed = (rec(g) - rec(f)).abs().amax(dim=(0, 1)) > 1e-6
+    expected = torch.zeros(8, 12, dtype=torch.bool)
+    expected[2:4, 4:6] = True
+    assert torch.equal(changed, expected)
+    assert out.shape == f.shape
+    assert m(x).anomaly_map.shape == (2, 64, 96)
+    with pytest.raises(ValueError, match="token_patch"):
+        _ = dataclasses.replace(SMALL, token_patch=3).grid_size
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_baseline_reconstructors_keep_shape(kind):
     m = ADTR(dataclasses.replace(SMALL, reconstructor=kind))
