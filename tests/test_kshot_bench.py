@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from kshot import _pool_size, _reference_metrics  # noqa: E402
+from kshot import _pool_size, _reference_metrics, summary  # noqa: E402
 
 from adtr.data.samples import Sample  # noqa: E402
 from adtr.metrics import image_metrics  # noqa: E402
@@ -40,3 +40,15 @@ def test_reference_metrics_equal_metrics_of_the_subset():
     assert got["image_auroc"] == pytest.approx(expected)
     assert got["image_auroc"] != pytest.approx(image_metrics(scores, np.array([s.label for s in test]))["image_auroc"])
     assert got["pixel_auroc"] is None and got["aupro"] is None  # no masks: image metrics only
+
+
+def test_summary_gives_mean_and_spread_over_draws():
+    rows = [
+        {"set": "s", "mode": "masks", "k": 5, "draw": d, "fit_seconds": t, "image_auroc": v, "pixel_auroc": None,
+         "aupro": None}
+        for d, (v, t) in enumerate([(0.8, 10.0), (0.9, 30.0), (1.0, 20.0)])
+    ] + [{"set": "s", "mode": "normal", "k": None, "draw": 0, "fit_seconds": 5.0, "image_auroc": 0.7,
+          "pixel_auroc": 0.9, "aupro": 0.6}]
+    table = summary(rows)
+    assert table[0] == ["s", "masks", 5, 3, "0.9000 ± 0.1000", "-", "-", "20"]  # sample std, median time
+    assert table[1] == ["s", "normal", "-", 1, "0.7000", "0.9000", "0.6000", "5"]
