@@ -26,7 +26,8 @@ class ModelConfig:
     # (height, width) fed to the backbone; None: chosen from the training images at fit time
     # (their aspect ratio at about 256x256 pixels, data.transforms.input_size_for)
     image_size: tuple[int, int] | None = None
-    strides: tuple[int, ...] = (2, 4, 8, 16)  # backbone stages used; the token grid is the largest
+    # backbone stages used; the token grid is the largest's (the feature grid token_patch times finer)
+    strides: tuple[int, ...] = (2, 4, 8, 16)
     # How finer stages reach the token grid (model.align_features): "bilinear" here, so that runs
     # saved before this field existed load as they were; the "cpu" preset uses "area".
     align: str = "bilinear"
@@ -55,8 +56,9 @@ class ModelConfig:
     def grid_size(self) -> tuple[int, int]:
         if self.image_size is None:
             raise ValueError("the input size is not set yet (it is chosen from the data at fit time)")
-        s = self.feature_stride
-        return self.image_size[0] // s, self.image_size[1] // s
+        p = max(self.strides) // self.feature_stride  # token_patch, validated
+        # whole tokens of p x p positions, whatever the input size
+        return self.image_size[0] // max(self.strides) * p, self.image_size[1] // max(self.strides) * p
 
     @property
     def feature_stride(self) -> int:

@@ -36,6 +36,7 @@ from common import DEFAULT_DATA, DEV_SETS, REPO, machine, md_table, write_result
 
 from adtr import ADTRDetector  # noqa: E402
 from adtr.config import TrainConfig  # noqa: E402
+from adtr.data.folder import has_masks  # noqa: E402
 from adtr.data.images import image_size, read_mask  # noqa: E402
 from adtr.data.mvtec import test_samples, train_samples  # noqa: E402
 from adtr.data.splits import kshot_split  # noqa: E402
@@ -59,11 +60,14 @@ def _reference_metrics(ref, test: list, keep: list) -> dict:
     labels = np.array([s.label for s in keep])
     out = dict.fromkeys(METRICS)
     out.update(image_metrics(ref.scores[idx], labels))
-    if all(s.mask_path is not None for s in keep if s.label == 1):
+    if has_masks(keep):
         sizes = [ref.original_sizes[i] for i in idx]
-        masks = [read_mask(s.mask_path, sz) if s.mask_path else np.zeros(sz, bool) for s, sz in zip(keep, sizes)]
-        maps = [resize_map(ref.maps[i], sz) for i, sz in zip(idx, sizes)]
-        out.update(pixel_metrics(maps, masks))
+        masks = [
+            read_mask(s.mask_path, sz) if s.mask_path else np.zeros(sz, bool) for s, sz in zip(keep, sizes, strict=True)
+        ]
+        if any(m.any() for m in masks) and not all(m.all() for m in masks):  # as evaluate.evaluate
+            maps = [resize_map(ref.maps[i], sz) for i, sz in zip(idx, sizes, strict=True)]
+            out.update(pixel_metrics(maps, masks))
     return {k: out.get(k) for k in METRICS}
 
 
@@ -73,6 +77,8 @@ def _pool_size(test: list, ks: list[int]) -> tuple[int, list[int]]:
     for s in test:
         if s.label == 1:
             per_type[s.defect] = per_type.get(s.defect, 0) + 1
+    if not per_type:
+        raise SystemExit("the test set holds no anomalous images")
     allowed = [k for k in ks if k < min(per_type.values())]
     if not allowed:
         raise SystemExit(f"no k in {ks} fits: the smallest defect type has {min(per_type.values())} images")
@@ -93,8 +99,19 @@ def bench_set(name: str, root: Path, args: argparse.Namespace, ks: list[int], mo
 
     def add(mode: str, k: int | None, fit_s: float | None, per_draw: dict[int, dict], **extra) -> None:
         for d, m in per_draw.items():
-            rows.append({"set": name, "mode": mode, "k": k, "draw": d, "fit_seconds": fit_s, **m, **extra,
-                         "remaining_images": len(draws[d]), "remaining_anomalous": sum(s.label for s in draws[d])})
+            rows.append(
+                {
+                    "set": name,
+                    "mode": mode,
+                    "k": k,
+                    "draw": d,
+                    "fit_seconds": fit_s,
+                    **m,
+                    **extra,
+                    "remaining_images": len(draws[d]),
+                    "remaining_anomalous": sum(s.label for s in draws[d]),
+                }
+            )
             print(rows[-1], flush=True)
 
     for ref_name in args.references:
@@ -121,7 +138,7 @@ def bench_set(name: str, root: Path, args: argparse.Namespace, ks: list[int], mo
         for gen in args.synthetic:
             det, fit_s = fit(synthetic=[gen], init=base)
             add(f"synthetic ({gen})", None, fit_s, {d: _metrics_of(det, r) for d, r in draws.items()})
-    if "external" in modes and args.external:
+    if "external" in modes:
         det, fit_s = fit(external=args.external, init=base)
         add("external", None, fit_s, {d: _metrics_of(det, r) for d, r in draws.items()})
     for d in args.draws:
@@ -183,9 +200,20 @@ def main() -> None:
     unknown = set(modes) - set(MODES)
     if unknown:
         raise SystemExit(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    if "external" in modes and args.external is None:
+        raise SystemExit("the external mode needs --external DIR (a folder of unrelated images)")
+    sets = [n.strip() for n in args.sets.split(",") if n.strip()]
+    for name in sets:  # every set's draws checked before the first fit
+        if name not in DEV_SETS:
+            raise SystemExit(f"unknown set {name!r}; choose from {sorted(DEV_SETS)}")
+        _pool_size(test_samples(args.data / DEV_SETS[name]), ks)
     rows: list[dict] = []
-    for name in args.sets.split(","):
+    for name in sets:
         rows += bench_set(name, args.data / DEV_SETS[name], args, ks, modes)
+        write(args, rows)  # after each set, so a later failure keeps the finished sets
+
+
+def write(args: argparse.Namespace, rows: list[dict]) -> None:
     md = (
         "# Anomaly-available training (leak-free k-shot)\n\n"
         f"Command: `python bench/kshot.py {shlex.join(sys.argv[1:])}`. Per set and draw, max(k) anomalies "

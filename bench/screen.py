@@ -149,7 +149,8 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
         out[name_] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
         if name_ == "pos_chan_half":
             half_grid = ((c_test - mu) / var.sqrt().clamp_min(1e-6)).clamp_min(0)
-    for name_, sigma in (("sigma2", 2.0), ("sigma8", 8.0)):
+    sigmas = (("sigma2", 2.0), ("sigma8", 8.0)) if model.score_cfg.image_score != "pooled_residual" else ()
+    for name_, sigma in sigmas:
         m = upsample_map(half_grid, model.cfg.image_size, gaussian_kernel1d(sigma))
         s_ = map_image_score(m, model.score_cfg, model.cfg.image_size)
         out[name_] = (s_.double().numpy(), list(m[:, 0].numpy()))

@@ -44,11 +44,29 @@ def test_reference_metrics_equal_metrics_of_the_subset():
 
 def test_summary_gives_mean_and_spread_over_draws():
     rows = [
-        {"set": "s", "mode": "masks", "k": 5, "draw": d, "fit_seconds": t, "image_auroc": v, "pixel_auroc": None,
-         "aupro": None}
+        {
+            "set": "s",
+            "mode": "masks",
+            "k": 5,
+            "draw": d,
+            "fit_seconds": t,
+            "image_auroc": v,
+            "pixel_auroc": None,
+            "aupro": None,
+        }
         for d, (v, t) in enumerate([(0.8, 10.0), (0.9, 30.0), (1.0, 20.0)])
-    ] + [{"set": "s", "mode": "normal", "k": None, "draw": 0, "fit_seconds": 5.0, "image_auroc": 0.7,
-          "pixel_auroc": 0.9, "aupro": 0.6}]
+    ] + [
+        {
+            "set": "s",
+            "mode": "normal",
+            "k": None,
+            "draw": 0,
+            "fit_seconds": 5.0,
+            "image_auroc": 0.7,
+            "pixel_auroc": 0.9,
+            "aupro": 0.6,
+        }
+    ]
     table = summary(rows)
     assert table[0] == ["s", "masks", 5, 3, "0.9000 ± 0.1000", "-", "-", "20"]  # sample std, median time
     assert table[1] == ["s", "normal", "-", 1, "0.7000", "0.9000", "0.6000", "5"]
