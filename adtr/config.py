@@ -56,9 +56,10 @@ class ModelConfig:
     def grid_size(self) -> tuple[int, int]:
         if self.image_size is None:
             raise ValueError("the input size is not set yet (it is chosen from the data at fit time)")
-        p = max(self.strides) // self.feature_stride  # token_patch, validated
+        s = max(self.strides)
+        p = s // self.feature_stride  # token_patch, validated by feature_stride
         # whole tokens of p x p positions, whatever the input size
-        return self.image_size[0] // max(self.strides) * p, self.image_size[1] // max(self.strides) * p
+        return self.image_size[0] // s * p, self.image_size[1] // s * p
 
     @property
     def feature_stride(self) -> int:
