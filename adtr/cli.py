@@ -25,6 +25,7 @@ from adtr.calibration import MIN_HELD_OUT
 from adtr.checkpoint import check_fit_target
 from adtr.config import (
     CALIBRATIONS,
+    LABELLED_ANOMALY_USES,
     LOSSES,
     MIN_FALSE_ALARM_RATE,
     MODEL_PRESETS,
@@ -284,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("anomaly-available training (FCDD-style losses L_px / L_img)")
     _add_anomaly_sources(g)
     g.add_argument(
+        "--labelled-anomalies",
+        choices=LABELLED_ANOMALY_USES,
+        default=TrainConfig().labelled_anomalies,
+        help="what the labelled anomalies train: 'head' keeps the normal-only reconstructor and fits a defect "
+        "head on its residual (much better with a few real defects, docs/design.md); 'loss' fine-tunes the "
+        f"reconstructor with the paper's L_px / L_img (default: {TrainConfig().labelled_anomalies})",
+    )
+    g.add_argument(
         "--synthetic",
         default="",
         help=f"comma-separated synthetic anomaly generators: {', '.join(sorted(GENERATORS))}",
@@ -431,6 +440,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             false_alarm_rate=args.false_alarm_rate,
             calibration=args.calibration,
             loss=args.loss,
+            labelled_anomalies=args.labelled_anomalies,
         )
         score = ScoreConfig(smoothing_sigma=args.smoothing_sigma, image_score=args.image_score,
                             residual_norm=args.residual_norm)  # fmt: skip

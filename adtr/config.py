@@ -16,6 +16,9 @@ from typing import Any
 SCHEMA_VERSION = 1
 CALIBRATIONS = ("auto", "held_out", "crossfit")
 LOSSES = ("hard", "mse")  # normal-only reconstruction losses (losses.reconstruction_loss)
+# What real labelled anomalies train: a defect head on the frozen residual, or the
+# reconstructor through SPEC section 2's L_px / L_img (the paper); docs/design.md, issue 15.
+LABELLED_ANOMALY_USES = ("head", "loss")
 # A conformal threshold for rate r needs about 1/r good images; below this no set is large enough.
 MIN_FALSE_ALARM_RATE = 1e-6
 
@@ -88,6 +91,9 @@ class ScoreConfig:
     # training maps' mean and variance, each averaged half and half with the whole grid's
     # (docs/design.md, "Scores"); "none": the plain residual (runs before this key).
     residual_norm: str = "channel_position"
+    # True in runs fitted with real anomalies under TrainConfig.labelled_anomalies == "head": the
+    # map adds a discriminative head's standardised logit (defect_head.py). Set by the fit.
+    defect_head: bool = False
 
     def __post_init__(self) -> None:
         if self.residual_norm not in RESIDUAL_NORMS:
@@ -120,6 +126,10 @@ class TrainConfig:
     loss: str = "hard"  # screened on the development sets (docs/design.md, fourth round)
     hard_quantile: float = 0.9
     easy_weight: float = 0.1
+    # "head": real labelled anomalies stay out of the reconstruction loss and fit a defect head
+    # on the residual (defect_head.py; masks give its token labels, image labels the residual
+    # map's top tokens); "loss": they enter L_px / L_img (SPEC section 2, the paper).
+    labelled_anomalies: str = "head"
 
     def __post_init__(self) -> None:
         checks = [
@@ -134,6 +144,10 @@ class TrainConfig:
             ),
             (self.calibration in CALIBRATIONS, f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}"),
             (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
+            (
+                self.labelled_anomalies in LABELLED_ANOMALY_USES,
+                f"labelled_anomalies must be one of {LABELLED_ANOMALY_USES}, got {self.labelled_anomalies!r}",
+            ),
             (self.calibration_folds >= 2, f"calibration folds must be >= 2, got {self.calibration_folds}"),
         ]
         for ok, message in checks:
@@ -191,7 +205,9 @@ class RunConfig:
             score=_build(ScoreConfig, {"residual_norm": "none", **data.get("score", {})}),
             # Runs saved before the step budget trained with the warm-up + x0.1 schedule.
             # Runs saved before the hard-position loss existed trained with the MSE.
-            train=_build(TrainConfig, {"schedule": "step", "loss": "mse", **data.get("train", {})}),
+            # Runs saved before the defect head trained the reconstructor with L_px on masked anomalies.
+            train=_build(TrainConfig, {"schedule": "step", "loss": "mse", "labelled_anomalies": "loss",
+                                       **data.get("train", {})}),  # fmt: skip
         )
 
 

@@ -39,6 +39,7 @@ from adtr.data.mvtec import train_samples
 from adtr.data.samples import Sample
 from adtr.data.splits import split_validation
 from adtr.data.transforms import input_size_for
+from adtr.defect_head import PSEUDO_SHARE, DefectHead, fit_defect_head, head_norm
 from adtr.drift import ImageInfo, InputProfile
 from adtr.engine import (
     AnomalyPool,
@@ -106,6 +107,7 @@ def fit_run(
     if init is not None:
         base, base_config, _ = load_run(init, device)
         config = dataclasses.replace(config, model=base_config.model, score=base_config.score)
+    config, base = with_defect_head(config, labelled, base)
     if config.model.image_size is None:
         size = input_size_for([image_size(s.path) for s in samples])
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, image_size=size))
@@ -116,9 +118,11 @@ def fit_run(
     if source == "crossfit":  # every image trains the final model; the folds' models score them
         train_idx, val_idx = list(range(len(samples))), []
     fold_init = copy.deepcopy(base) if base is not None and source == "crossfit" else None  # before fitting base
+    # with --init and masked defects for the head alone, the init's reconstructor is kept as it is
+    keep = base is not None and head_only(config, labelled, external_samples, generators)
     fitted = fit_on_features(config, samples, device, val_idx=val_idx, anomalies=labelled, external=external_samples,
                              generators=generators, init=base, state_dir=state_dir, resume=resume,
-                             progress=progress)  # fmt: skip
+                             progress=progress, train_reconstructor=not keep)  # fmt: skip
     if source == "crossfit":
         scores, maxima = crossfit_scores(config, samples, fitted.raw, device, anomalies=labelled,
                                          external=external_samples, generators=generators, init=fold_init,
@@ -150,6 +154,34 @@ def fit_run(
     provenance["replay"] = replay.summary()
     return fitted.model, RunRecord(config, thresholds, score_stats(scores), provenance, fitted.history, replay,
                                    InputProfile.from_infos(fitted.infos))  # fmt: skip
+
+
+def head_samples(config: RunConfig, anomalies: Images | None) -> list[Sample]:
+    """The labelled anomalies that fit the defect head: all real ones given as samples, under
+    labelled_anomalies == "head" (raw features always go to the loss, L_img)."""
+    if config.train.labelled_anomalies != "head" or anomalies is None or isinstance(anomalies, torch.Tensor):
+        return []
+    return list(anomalies)
+
+
+def with_defect_head(
+    config: RunConfig, anomalies: Images | None, model: ADTR | None = None
+) -> tuple[RunConfig, ADTR | None]:
+    """(config, model) with score.defect_head set when masked anomalies will fit a head; the
+    model (an init or parent, may be None) is copied with the new score settings."""
+    if config.score.defect_head or not head_samples(config, anomalies):
+        return config, model
+    config = dataclasses.replace(config, score=dataclasses.replace(config.score, defect_head=True))
+    return config, (model.with_score(config.score) if model is not None else None)
+
+
+def head_only(config: RunConfig, anomalies: Images | None, external: Images | None,
+              generators: Sequence[AnomalyGenerator] = ()) -> bool:  # fmt: skip
+    """True when every anomaly given fits the defect head: the reconstruction loss gains nothing
+    from them."""
+    n_anomalies = 0 if anomalies is None else len(anomalies)
+    n_head = len(head_samples(config, anomalies))
+    return n_head > 0 and n_head == n_anomalies and not generators and (external is None or len(external) == 0)
 
 
 def calibration_source(mode: str, n_good: int, n_held_out: int) -> str:
@@ -219,19 +251,25 @@ def fit_on_features(
     state_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    train_reconstructor: bool = True,
 ) -> FitResult:
     """Fit ADTR's reconstructor on good images, optionally with anomalies.
 
     good: good images (samples) or their raw features (N, C, h, w); positions in val_idx are
         held out (validation loss, thresholds), the others train.
-    anomalies: labelled real anomalies (samples: a mask gives pixel labels, L_px; else L_img)
-        or raw features (image-level). external: unrelated images used as image-level anomalies.
+    anomalies: labelled real anomalies (samples: a mask gives pixel labels, L_px, else L_img;
+        under labelled_anomalies == "head" they fit the defect head instead) or raw features
+        (image-level, L_img). A model whose score settings have a defect head, given no
+        anomalies for it, keeps its head's weights; the head's standardisation is refreshed.
+    external: unrelated images used as image-level anomalies.
     generators: synthetic anomaly generators applied to the training images (samples only);
         config.train.synthetic_copies versions of each.
     init: a fitted model to continue from (its feature statistics are kept); else a fresh one
         is built from config under config.train.seed.
     state_dir: save a resumable training state there after every epoch; resume: continue from
         it (the result equals an uninterrupted fit with the same seed).
+    train_reconstructor: False keeps init's reconstructor as it is (only the statistics and
+        the defect head are fitted).
     Run by every rank of a process group (adtr/distributed.py), each extracts the features of
     its block of the images and trains on its rows of each batch; rank 0 alone saves state_dir.
     Raises SettingsError for settings the model cannot be built from, synthetic anomalies
@@ -241,6 +279,7 @@ def fit_on_features(
         raise SettingsError("synthetic anomalies are made from images: pass image samples, not features")
     if resume and state_dir is None:
         raise SettingsError("resume needs the state_dir of the interrupted fit")
+    config, init = with_defect_head(config, anomalies, init)
     cfg = config.train
     held = set(val_idx)
     train_idx = [i for i in range(len(good)) if i not in held]
@@ -266,7 +305,11 @@ def fit_on_features(
             synthetic = synthetic_pools(model, train_samples[part.start : part.stop], generators, cfg.synthetic_copies,
                                         cfg.seed, device, progress=progress, first=part.start)  # fmt: skip
             synthetic = [distributed.gather_pool(pool) for pool in synthetic]
+        for_head = head_samples(config, anomalies)
+        if for_head:
+            anomalies = None
         pool = _anomaly_pool(model, anomalies, external, device, progress)
+        head_pool = anomaly_pool(model, for_head, device, progress=progress) if for_head else None
         feature_seconds = time.perf_counter() - t0 if not isinstance(good, torch.Tensor) else 0.0
         data = TrainingData(features[train_idx], synthetic, pool)
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -282,13 +325,50 @@ def fit_on_features(
             if state_dir is not None and distributed.is_main():
                 save_train_state(state_dir, model, opt, generator, epoch + 1, history, config)
 
-        fit_reconstructor(model, data, features[val_idx] if val_idx else None, cfg, device, generator,
-                          progress=progress, start_epoch=start_epoch, optimizer=optimizer,
-                          on_epoch_end=on_epoch_end, parallel=distributed.data_parallel(cfg.seed, device))  # fmt: skip
+        if train_reconstructor:
+            parallel = distributed.data_parallel(cfg.seed, device)
+            fit_reconstructor(model, data, features[val_idx] if val_idx else None, cfg, device, generator,
+                              progress=progress, start_epoch=start_epoch, optimizer=optimizer,
+                              on_epoch_end=on_epoch_end, parallel=parallel)  # fmt: skip
     model.eval()
     if config.score.residual_norm != "none":
         model.set_residual_scale(features[train_idx])
+    if model.score_cfg.defect_head:
+        fit_head(model, features[train_idx], head_pool)
+    if head_pool is not None:
+        pool = head_pool if pool is None else AnomalyPool.cat([pool, head_pool])
     return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds, all_raw, infos)
+
+
+@torch.no_grad()
+def fit_head(model: ADTR, good: torch.Tensor, defects: AnomalyPool | None, batch_size: int = 32) -> None:
+    """Fit the model's defect head (defect_head.py) on standardised good training features
+    (N, C, h, w) and labelled defects: a mask gives a defect's token labels; an image label,
+    the tokens of its residual map within PSEUDO_SHARE of the map's maximum (positives only).
+    Without defects, keep the head's weights and refresh only its standardisation (the
+    reconstructor changed, e.g. in an update with good images only)."""
+    device = model.head_weight.device
+
+    def residuals(f: torch.Tensor) -> torch.Tensor:
+        return torch.cat([model.residual(f[i : i + batch_size].to(device)).cpu() for i in range(0, len(f), batch_size)])
+
+    good_residual = residuals(good)
+    good_map = model.residual_grid(good_residual.to(device)).cpu()
+    if defects is None:
+        head = DefectHead(model.head_weight.flatten().cpu(), float(model.head_bias), model.head_norm.cpu())
+        head.norm = head_norm(good_residual, good_map, head.weight, head.bias)
+    else:
+        defect_residual = residuals(defects.features)
+        labels = defects.token_labels.clone()
+        image_level = ~defects.pixel_level
+        if image_level.any():
+            grid = model.residual_grid(defect_residual[image_level].to(device)).cpu()
+            labels[image_level] = (grid >= PSEUDO_SHARE * grid.flatten(1).amax(1).view(-1, 1, 1)).float()
+        try:
+            head = fit_defect_head(good_residual, good_map, defect_residual, labels, defects.pixel_level)
+        except ValueError as e:  # every mask empty
+            raise DataError(f"{e} (or fit with --labelled-anomalies loss)") from None
+    model.set_defect_head(head)
 
 
 def _raw_features(

@@ -18,6 +18,8 @@ from torch import nn
 
 from adtr.backbones import build_backbone
 from adtr.config import ModelConfig, ScoreConfig
+from adtr.defect_head import DefectHead
+from adtr.defect_head import combine as combine_defect_head
 from adtr.transformer import ReconstructionTransformer
 
 
@@ -162,6 +164,12 @@ class ADTR(nn.Module):
         grid = cfg.grid_size
         self.register_buffer("position_mean", torch.zeros(1, *grid), persistent=norm == "channel_position")
         self.register_buffer("position_std", torch.ones(1, *grid), persistent=norm == "channel_position")
+        # The defect head (defect_head.py), fitted with labelled anomalies' masks; stored only
+        # in runs that have one (score.defect_head), so runs without load unchanged.
+        head = self.score_cfg.defect_head
+        self.register_buffer("head_weight", torch.zeros(1, self.channels, 1, 1), persistent=head)
+        self.register_buffer("head_bias", torch.zeros(1), persistent=head)
+        self.register_buffer("head_norm", torch.tensor([0.0, 1.0, 0.0, 1.0]), persistent=head)
         sigma = self.score_cfg.smoothing_sigma
         self.register_buffer(
             "smooth_kernel", gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1), persistent=False
@@ -215,17 +223,48 @@ class ADTR(nn.Module):
             self.position_mean.copy_(mean.unsqueeze(0))
             self.position_std.copy_(var.sqrt().clamp_min(1e-6).unsqueeze(0))
 
+    def residual(self, f: torch.Tensor) -> torch.Tensor:
+        """Standardised features (B, C, h, w) -> scaled residual (f - f_hat) / residual_scale."""
+        return (f - self.reconstructor(f)) / self.residual_scale
+
     def grid_error(self, f: torch.Tensor) -> torch.Tensor:
         """Standardised features (B, C, h, w) -> norm of the scaled residual per token (B, h, w)."""
-        return torch.linalg.vector_norm((f - self.reconstructor(f)) / self.residual_scale, dim=1)
+        return torch.linalg.vector_norm(self.residual(f), dim=1)
 
-    def score(self, f: torch.Tensor) -> AnomalyOutput:
-        """Standardised features (B, C, h, w) -> map at input size and image score."""
-        residual = (f - self.reconstructor(f)) / self.residual_scale  # (B, C, h, w)
+    def residual_grid(self, residual: torch.Tensor) -> torch.Tensor:
+        """Scaled residual (B, C, h, w) -> the map on the token grid before the defect head (B, h, w)."""
         grid = torch.linalg.vector_norm(residual, dim=1)
         if self.score_cfg.residual_norm == "channel_position":
             grid = ((grid - self.position_mean) / self.position_std).clamp_min(0)
+        return grid
+
+    def score(self, f: torch.Tensor) -> AnomalyOutput:
+        """Standardised features (B, C, h, w) -> map at input size and image score."""
+        residual = self.residual(f)  # (B, C, h, w)
+        grid = self.residual_grid(residual)
+        if self.score_cfg.defect_head:
+            logit = (residual * self.head_weight).sum(1) + self.head_bias
+            grid = combine_defect_head(grid, logit, self.head_norm)
         return self.score_maps(grid, residual)
+
+    @torch.no_grad()
+    def set_defect_head(self, head: DefectHead) -> None:
+        """Store a fitted defect head (defect_head.py); score.defect_head must be set."""
+        if not self.score_cfg.defect_head:
+            raise ValueError("this model's score settings have no defect head (ScoreConfig.defect_head)")
+        self.head_weight.copy_(head.weight.view(1, -1, 1, 1))
+        self.head_bias.fill_(head.bias)
+        self.head_norm.copy_(head.norm)
+
+    def with_score(self, score: ScoreConfig) -> ADTR:
+        """A copy with other score settings and the same weights and statistics (e.g. to add
+        a defect head to a model that had none)."""
+        other = ADTR(self.cfg, score).to(self.feature_mean.device)
+        other.load_state_dict(self.state_dict(), strict=False)
+        # buffers a persistent-state copy misses: the ones this model does not store
+        for name, buf in self.named_buffers():
+            other.get_buffer(name).copy_(buf)
+        return other.train(self.training)
 
     def score_maps(self, grid_map: torch.Tensor, residual: torch.Tensor | None = None) -> AnomalyOutput:
         """Grid error (B, h, w) -> map at input size (B, H, W) and image score (B,).

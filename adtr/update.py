@@ -42,7 +42,7 @@ from adtr.data.splits import split_validation
 from adtr.drift import ImageInfo, InputProfile
 from adtr.engine import extract_features
 from adtr.errors import ForgettingError, RunFolderError, SettingsError
-from adtr.fit import fit_on_features
+from adtr.fit import fit_on_features, head_only, with_defect_head
 from adtr.model import ADTR
 from adtr.replay import REPLAY_FILE, make_replay
 
@@ -120,9 +120,12 @@ def update_run(
     feature_seconds = time.perf_counter() - t0
     features = torch.cat([replay.good.float(), new_raw[new_train], replay.val.float(), new_raw[new_val]])
     n_train = len(replay.good) + len(new_train)
+    config, model = with_defect_head(config, labelled, model)
+    # new masked defects alone only fit the defect head: the reconstructor has nothing to learn
+    keep = not new_good and head_only(config, labelled, new_external)
     fitted = fit_on_features(config, features, device, val_idx=range(n_train, len(features)),
                              anomalies=labelled or None, external=new_external or None, init=model,
-                             progress=progress)  # fmt: skip
+                             progress=progress, train_reconstructor=not keep)  # fmt: skip
     real = fitted.anomalies.of_kind("real").features if fitted.anomalies is not None else None
     source = "held_out" if len(fitted.val) else "training"
     scores, maxima = feature_scores(fitted.model, fitted.val if len(fitted.val) else fitted.train, device)
@@ -148,7 +151,7 @@ def update_run(
                 "good_val": file_list_summary([new_good[i].path for i in new_val], contents=True),
                 "external": file_list_summary([s.path for s in new_external], contents=True),
             },
-            "steps": steps,
+            "steps": 0 if keep else steps,  # 0: only the defect head was fitted
             "forgetting_guard": guard,
         },
         "fit_seconds": time.perf_counter() - t0,

@@ -10,8 +10,12 @@ references of a draw are evaluated on the SAME remaining images (ks above what a
 allows are skipped, said in the output). Modes:
 - normal: the default fit on the good images (independent of the draw: fitted once per set);
 - synthetic: + each generator's synthetic anomalies (once per set, from the normal model);
-- masks: + k real anomalies per defect type with their masks (L_px), from the normal model;
-- labels: the same anomalies with image labels only (masks dropped: L_img);
+- masks: + k real anomalies per defect type with their masks, from the normal model: the
+  default use, a defect head on the normal model's residual (adtr/defect_head.py);
+- masks_loss: the same through the paper's L_px (fine-tuning the normal model; --labelled-anomalies loss);
+- labels: the same anomalies with image labels only (masks dropped): the defect head on
+  pseudo-labels (the residual map's top tokens);
+- labels_loss: the same through the paper's L_img (--labelled-anomalies loss);
 - external: + the images of --external as image-level anomalies (once per set).
 The references (bench/references.py) cannot use the anomalies: fitted once per set on the
 good images and scored on every test image; each draw's metrics are computed on its
@@ -45,7 +49,7 @@ from adtr.metrics import image_metrics, pixel_metrics  # noqa: E402
 from adtr.runtime import configure_cpu  # noqa: E402
 
 METRICS = ["image_auroc", "pixel_auroc", "aupro"]
-MODES = ("normal", "synthetic", "masks", "labels", "external")
+MODES = ("normal", "synthetic", "masks", "masks_loss", "labels", "labels_loss", "external")
 
 
 def _metrics_of(det: ADTRDetector, samples: list) -> dict:
@@ -92,8 +96,8 @@ def bench_set(name: str, root: Path, args: argparse.Namespace, ks: list[int], mo
     if skipped:
         print(f"{name}: k = {skipped} skipped (too few images of a defect type)", flush=True)
     draws = {d: kshot_split(test, 0, d, pool_size=pool)[1] for d in args.draws}
-    if "masks" in modes and not all(s.mask_path for s in test if s.label == 1):
-        modes = [m for m in modes if m != "masks"]  # image labels only: "labels" is the k-shot mode
+    if {"masks", "masks_loss"} & set(modes) and not all(s.mask_path for s in test if s.label == 1):
+        modes = [m for m in modes if m not in ("masks", "masks_loss")]  # image labels only: "labels" is the mode
         print(f"{name}: no masks, the masks mode is skipped", flush=True)
     rows: list[dict] = []
 
@@ -124,14 +128,20 @@ def bench_set(name: str, root: Path, args: argparse.Namespace, ks: list[int], mo
 
     base = args.runs / name / "normal"
 
-    def fit(**fit_args) -> tuple[ADTRDetector, float]:
+    def fit(labelled_anomalies: str = "head", **fit_args) -> tuple[ADTRDetector, float]:
         t0 = time.perf_counter()
-        train_cfg = TrainConfig() if args.steps is None else TrainConfig(steps=args.steps)
+        train_cfg = TrainConfig(labelled_anomalies=labelled_anomalies)
+        train_cfg = train_cfg if args.steps is None else dataclasses.replace(train_cfg, steps=args.steps)
         det = ADTRDetector(train=train_cfg, progress=False).fit(root, **fit_args)
         return det, round(time.perf_counter() - t0, 1)
 
-    normal, fit_s = fit()
-    normal.save(base)
+    if args.reuse and base.is_dir():  # the normal-only fit does not depend on the draw or the mode
+        normal = ADTRDetector.load(base, progress=False)
+        fit_s = round(normal.record_.provenance["fit_seconds"], 1)
+        print(f"{name}: normal-only run loaded from {base}", flush=True)
+    else:
+        normal, fit_s = fit()
+        normal.save(base)
     if "normal" in modes:
         add("normal", None, fit_s, {d: _metrics_of(normal, r) for d, r in draws.items()})
     if "synthetic" in modes:
@@ -149,10 +159,16 @@ def bench_set(name: str, root: Path, args: argparse.Namespace, ks: list[int], mo
             if "masks" in modes:
                 det, fit_s = fit(anomalies=anomalies, init=base)
                 add("masks", k, fit_s, {d: _metrics_of(det, rest)}, train_anomalies=files)
+            if "masks_loss" in modes:
+                det, fit_s = fit("loss", anomalies=anomalies, init=base)
+                add("masks_loss", k, fit_s, {d: _metrics_of(det, rest)}, train_anomalies=files)
+            unmasked = [dataclasses.replace(s, mask_path=None) for s in anomalies]
             if "labels" in modes:
-                unmasked = [dataclasses.replace(s, mask_path=None) for s in anomalies]
                 det, fit_s = fit(anomalies=unmasked, init=base)
                 add("labels", k, fit_s, {d: _metrics_of(det, rest)}, train_anomalies=files)
+            if "labels_loss" in modes:
+                det, fit_s = fit("loss", anomalies=unmasked, init=base)
+                add("labels_loss", k, fit_s, {d: _metrics_of(det, rest)}, train_anomalies=files)
     return rows
 
 
@@ -190,6 +206,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="steps of every fit (default: the library's)")
     p.add_argument("--out", type=Path, default=REPO / "results" / "kshot")
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "kshot")
+    p.add_argument("--reuse", action="store_true", help="load the normal-only runs an earlier call saved in --runs")
     args = p.parse_args()
     configure_cpu(2)
     ks = sorted({int(k) for k in args.ks.split(",") if k.strip()})

@@ -1,0 +1,181 @@
+"""The defect head (adtr/defect_head.py): a logistic regression on the frozen residual, fitted
+with labelled anomalies' masks; the fit, update, save/load and ONNX paths that carry it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, write_png
+from PIL import Image
+
+from adtr import ADTRDetector
+from adtr.config import RunConfig, ScoreConfig, TrainConfig
+from adtr.defect_head import combine, fit_defect_head
+from adtr.errors import DataError
+from adtr.model import ADTR
+
+
+def _residuals(n: int, seed: int, c: int = 8, hw: int = 4) -> torch.Tensor:
+    return torch.randn(n, c, hw, hw, generator=torch.Generator().manual_seed(seed))
+
+
+def test_head_separates_a_defect_direction_and_standardises_on_good_tokens():
+    good = _residuals(20, 0)
+    defects = _residuals(4, 1)
+    labels = torch.zeros(4, 4, 4)
+    labels[:, 1:3, 1:3] = 1.0
+    defects[:, 3] += 4.0 * labels  # the defect moves channel 3 where the mask is
+    good_map = good.norm(dim=1)
+    head = fit_defect_head(good, good_map, defects, labels)
+    assert head.weight.shape == (8,) and int(head.weight.abs().argmax()) == 3 and head.weight[3] > 0
+    logit = (defects * head.weight.view(1, -1, 1, 1)).sum(1) + head.bias
+    assert logit[labels > 0].min() > logit[labels == 0].max()
+    # on the good tokens both standardised maps have mean 0 and std 1
+    good_logit = (good * head.weight.view(1, -1, 1, 1)).sum(1) + head.bias
+    z = (good_logit - head.norm[2]) / head.norm[3]
+    assert abs(float(z.mean())) < 1e-4 and abs(float(z.std()) - 1) < 1e-3
+    assert torch.allclose(head.norm[:2], torch.stack([good_map.mean(), good_map.std()]), atol=1e-5)
+    # combine: the sum of the two standardised maps, negative values set to 0
+    grid, lg = torch.tensor([[[3.0, 0.0]]]), torch.tensor([[[1.0, -5.0]]])
+    norm = torch.tensor([1.0, 2.0, 0.0, 0.5])
+    assert torch.equal(combine(grid, lg, norm), torch.tensor([[[3.0, 0.0]]]))
+
+
+def test_small_defects_give_positives_and_empty_masks_are_refused():
+    good, defects = _residuals(10, 0), _residuals(2, 1)
+    labels = torch.zeros(2, 4, 4)
+    labels[0, 2, 2], labels[1, 0, 1] = 0.2, 0.15  # a pit covers a fifth of one token at most
+    defects[:, 5] += 6.0 * (labels > 0)
+    head = fit_defect_head(good, good.norm(dim=1), defects, labels)
+    assert int(head.weight.abs().argmax()) == 5
+    with pytest.raises(ValueError, match="empty"):
+        fit_defect_head(good, good.norm(dim=1), defects, torch.zeros(2, 4, 4))
+
+
+def test_pseudo_labelled_defects_give_positives_only():
+    good, defects = _residuals(10, 0), _residuals(2, 1)
+    shifted = torch.zeros(2, 4, 4, dtype=torch.bool)
+    shifted[:, 1, 1:3] = True  # two defect tokens per image ...
+    defects[:, 2] += 5.0 * shifted
+    labels = torch.zeros(2, 4, 4)
+    labels[:, 1, 1] = 1.0  # ... of which the pseudo-labels found one
+    head = fit_defect_head(good, good.norm(dim=1), defects, labels, known_negatives=torch.tensor([False, False]))
+    logit = (defects * head.weight.view(1, -1, 1, 1)).sum(1) + head.bias
+    good_logit = (good * head.weight.view(1, -1, 1, 1)).sum(1) + head.bias
+    assert logit[:, 1, 2].min() > good_logit.max()  # the unlabelled defect token was not taught "good"
+
+
+def test_with_score_keeps_the_weights_and_a_model_without_head_refuses_one():
+    torch.manual_seed(0)
+    model = ADTR(TINY).eval()
+    f = torch.randn(2, model.channels, 4, 4)
+    model.residual_scale.fill_(2.0)
+    headed = model.with_score(ScoreConfig(defect_head=True)).eval()
+    # an all-zero head with the identity standardisation adds nothing
+    assert torch.allclose(headed.score(f).anomaly_map, model.score(f).anomaly_map, atol=1e-6)
+    with pytest.raises(ValueError, match="no defect head"):
+        model.set_defect_head(fit_defect_head(_residuals(4, 0, model.channels), torch.ones(4, 4, 4),
+                                              _residuals(1, 1, model.channels), torch.ones(1, 4, 4)))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> Path:
+    """16 good noise images, 4 defects (a bright square, masked) and 4 test defects."""
+    root = tmp_path_factory.mktemp("parts")
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        write_png(root / "train" / "good" / f"{i:03d}.png", rng.integers(100, 140, (64, 64, 3), dtype=np.uint8))
+    for split in ("defects", "probe"):
+        for i in range(4):
+            image = rng.integers(100, 140, (64, 64, 3), dtype=np.uint8)
+            mask = np.zeros((64, 64), np.uint8)
+            mask[16 + 4 * i : 40, 8 + 4 * i : 40] = 255
+            image[mask > 0] = (200, 90, 90)
+            write_png(root / split / "spot" / f"{i:03d}.png", image)
+            write_png(root / split / "ground_truth" / "spot" / f"{i:03d}_mask.png", mask)
+    return root
+
+
+TRAIN = TrainConfig(epochs=2, batch_size=4, calibration="held_out", val_fraction=0.25)
+
+
+def test_fit_with_masks_trains_a_head_that_raises_defect_scores_and_round_trips(parts, tmp_path):
+    good = parts / "train" / "good"
+    plain = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(parts / "train")
+    det = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(parts / "train",
+                                                                              anomalies=parts / "defects")
+    assert det.config.score.defect_head and not plain.config.score.defect_head
+    # the masked defects stayed out of the loss: the same reconstructor as the normal-only fit
+    for a, b in zip(plain.model_.reconstructor.state_dict().values(), det.model_.reconstructor.state_dict().values(),
+                    strict=True):  # fmt: skip
+        assert torch.equal(a, b)
+    probe = sorted((parts / "probe" / "spot").iterdir())
+    val = [good / f"{i:03d}.png" for i in range(16)]
+
+    def margin(d: ADTRDetector) -> float:  # unseen defects' median score over good images' highest
+        return np.median([p.anomaly_score for p in d.predict(probe)]) / max(p.anomaly_score for p in d.predict(val))
+
+    assert margin(det) > margin(plain)
+    det.save(tmp_path / "run")
+    loaded = ADTRDetector.load(tmp_path / "run", progress=False, backend="torch")
+    assert loaded.config.score.defect_head
+    assert [p.anomaly_score for p in loaded.predict(probe)] == [p.anomaly_score for p in det.predict(probe)]
+    onnx = ADTRDetector.load(tmp_path / "run", progress=False, backend="onnx")
+    got = [p.anomaly_score for p in onnx.predict(probe)]
+    assert np.allclose(got, [p.anomaly_score for p in det.predict(probe)], rtol=1e-3, atol=1e-4)
+    # the paper's use (L_px) trains no head and changes the reconstructor
+    loss = ADTRDetector(TINY, train=dataclasses.replace(TRAIN, labelled_anomalies="loss"), progress=False,
+                        backend="torch").fit(parts / "train", anomalies=parts / "defects")  # fmt: skip
+    assert not loss.config.score.defect_head
+
+
+def test_init_with_masks_only_keeps_the_reconstructor_and_update_adds_a_head(parts, tmp_path):
+    base = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(parts / "train")
+    base.save(tmp_path / "base")
+    det = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(
+        parts / "train", anomalies=parts / "defects", init=tmp_path / "base"
+    )
+    assert det.config.score.defect_head and det.history_ == []
+    for a, b in zip(base.model_.reconstructor.state_dict().values(), det.model_.reconstructor.state_dict().values(),
+                    strict=True):  # fmt: skip
+        assert torch.equal(a, b)
+    # adtr update with masked defects alone: only the head is fitted, recorded as 0 steps
+    new = ADTRDetector.load(tmp_path / "base", progress=False, backend="torch").update(anomalies=parts / "defects")
+    assert new.config.score.defect_head and new.record_.provenance["update"]["steps"] == 0
+    probe = sorted((parts / "probe" / "spot").iterdir())
+    assert np.allclose([p.anomaly_score for p in new.predict(probe)], [p.anomaly_score for p in det.predict(probe)],
+                       rtol=1e-4)  # fmt: skip
+
+
+def test_image_labelled_defects_fit_a_head_from_the_residual_maps_top_tokens(parts, tmp_path):
+    unmasked = tmp_path / "unmasked"
+    for f in sorted((parts / "defects" / "spot").iterdir()):
+        write_png(unmasked / "spot" / f.name, np.asarray(Image.open(f)))
+    plain = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(parts / "train")
+    det = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(parts / "train", anomalies=unmasked)
+    assert det.config.score.defect_head and det.record_.provenance["data"]["n_pixel_labelled"] == 0
+    probe = sorted((parts / "probe" / "spot").iterdir())
+    good = sorted((parts / "train" / "good").iterdir())
+
+    def margin(d: ADTRDetector) -> float:
+        return np.median([p.anomaly_score for p in d.predict(probe)]) / max(p.anomaly_score for p in d.predict(good))
+
+    assert margin(det) > margin(plain)
+
+
+def test_empty_masks_name_the_problem(parts, tmp_path):
+    root = tmp_path / "empty"
+    for i in range(2):
+        write_png(root / "spot" / f"{i:03d}.png", np.full((64, 64, 3), 200, np.uint8))
+        write_png(root / "ground_truth" / "spot" / f"{i:03d}_mask.png", np.zeros((64, 64), np.uint8))
+    with pytest.raises(DataError, match="empty"):
+        ADTRDetector(TINY, train=TRAIN, progress=False).fit(parts / "train", anomalies=root)
+
+
+def test_runs_without_the_key_load_as_trained_with_the_loss():
+    config = RunConfig.from_dict({"schema_version": 1, "model": {"image_size": [64, 64]}, "score": {}, "train": {}})
+    assert config.train.labelled_anomalies == "loss" and not config.score.defect_head
