@@ -72,6 +72,7 @@ class FitResult:
     feature_seconds: float  # spent extracting features (0 for precomputed ones)
     raw: torch.Tensor  # (N, C, h, w) raw features of all good images, in their order (cross-fitting reuses them)
     infos: list[ImageInfo]  # size and colour mode of each good image file, in order ([] for features)
+    head_defects: AnomalyPool | None = None  # standardised defects the defect head was fitted on
 
 
 def fit_run(
@@ -150,7 +151,7 @@ def fit_run(
         "feature_seconds": fitted.feature_seconds,
         "processes": distributed.world_size(),
     }
-    replay = make_replay(fitted.model, fitted.train, fitted.val, config.train.seed)
+    replay = make_replay(fitted.model, fitted.train, fitted.val, config.train.seed, fitted.head_defects)
     provenance["replay"] = replay.summary()
     return fitted.model, RunRecord(config, thresholds, score_stats(scores), provenance, fitted.history, replay,
                                    InputProfile.from_infos(fitted.infos))  # fmt: skip
@@ -252,6 +253,7 @@ def fit_on_features(
     resume: bool = False,
     progress: bool = True,
     train_reconstructor: bool = True,
+    prior_defects: AnomalyPool | None = None,
 ) -> FitResult:
     """Fit ADTR's reconstructor on good images, optionally with anomalies.
 
@@ -270,6 +272,8 @@ def fit_on_features(
         it (the result equals an uninterrupted fit with the same seed).
     train_reconstructor: False keeps init's reconstructor as it is (only the statistics and
         the defect head are fitted).
+    prior_defects: standardised defects the defect head was fitted on before (an update's
+        replay.ReplayData.defect_pool): fitted again together with the new ones.
     Run by every rank of a process group (adtr/distributed.py), each extracts the features of
     its block of the images and trains on its rows of each batch; rank 0 alone saves state_dir.
     Raises SettingsError for settings the model cannot be built from, synthetic anomalies
@@ -333,11 +337,14 @@ def fit_on_features(
     model.eval()
     if config.score.residual_norm != "none":
         model.set_residual_scale(features[train_idx])
-    if model.score_cfg.defect_head:
-        fit_head(model, features[train_idx], head_pool)
     if head_pool is not None:
         pool = head_pool if pool is None else AnomalyPool.cat([pool, head_pool])
-    return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds, all_raw, infos)
+    head_defects = AnomalyPool.cat([p for p in (prior_defects, head_pool) if p is not None]) if (
+        prior_defects is not None or head_pool is not None) else None  # fmt: skip
+    if model.score_cfg.defect_head:
+        fit_head(model, features[train_idx], head_defects)
+    return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds, all_raw, infos,
+                     head_defects if model.score_cfg.defect_head else None)  # fmt: skip
 
 
 @torch.no_grad()

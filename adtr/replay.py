@@ -7,7 +7,11 @@ it learnt. ADTR's backbone is frozen, so its features stand in for the images:
 
     RUN/replay.safetensors   "good": (N, C, h, w) raw backbone features of a seeded sample of
                              the training images; "val": (M, C, h, w) those of the held-out good
-                             images (thresholds and the forgetting guard of an update); float16
+                             images (thresholds and the forgetting guard of an update); float16;
+                             in runs with a defect head also "defects": (K, C, h, w) the labelled
+                             defects it was fitted on, "defect_labels": (K, h, w) their token
+                             labels, "defect_masked": (K,) uint8 (1: the labels come from a mask),
+                             so that an update fits the head on the old defects and the new ones
 
 Bound: at most MAX_IMAGES images per set and MAX_BYTES for the file. Lite0 at 256x256 has
 192 x 16 x 16 values an image, 96 KiB in float16: bottle keeps 64 + 21 images, 8.4 MB.
@@ -24,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from adtr.engine import AnomalyPool
 from adtr.errors import RunFolderError
 from adtr.fileio import atomic_write
 from adtr.model import ADTR
@@ -40,12 +45,24 @@ class ReplayData:
 
     good: torch.Tensor  # (N, C, h, w) a seeded sample of the training images
     val: torch.Tensor  # (M, C, h, w) the held-out good images (all of them, up to the bound)
+    defects: AnomalyPool | None = None  # the defect head's labelled defects, raw features (float16)
 
     def summary(self) -> dict[str, Any]:
         """What config.json records about the file: counts, size and bound."""
-        n_bytes = sum(t.numel() * t.element_size() for t in (self.good, self.val))
-        return {"file": REPLAY_FILE, "good": len(self.good), "val": len(self.val), "dtype": "float16",
+        tensors = [self.good, self.val] + ([self.defects.features] if self.defects is not None else [])
+        n_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        return {"file": REPLAY_FILE, "good": len(self.good), "val": len(self.val),
+                "defects": len(self.defects) if self.defects is not None else 0, "dtype": "float16",
                 "bytes": n_bytes, "max_images": MAX_IMAGES, "max_bytes": MAX_BYTES}  # fmt: skip
+
+    def defect_pool(self, model: ADTR) -> AnomalyPool | None:
+        """The kept defects with standardised float32 features (for fit.fit_on_features), or None."""
+        if self.defects is None:
+            return None
+        d = self.defects
+        device = model.feature_mean.device
+        features = model.standardize(d.features.float().to(device)).cpu()
+        return AnomalyPool(features, d.token_labels.float(), d.pixel_level, d.kinds)
 
 
 def capacity(feature_shape: tuple[int, ...]) -> int:
@@ -63,17 +80,25 @@ def subsample(features: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
     return features[keep.sort().values]
 
 
-def make_replay(model: ADTR, train: torch.Tensor, val: torch.Tensor, seed: int) -> ReplayData:
+def make_replay(
+    model: ADTR, train: torch.Tensor, val: torch.Tensor, seed: int, defects: AnomalyPool | None = None
+) -> ReplayData:
     """What a fitted run keeps, from the standardised features (N, C, h, w) it was fitted on
     (fit.FitResult's train and val): each set subsampled to `capacity`, back to raw features
-    (model.unstandardize), float16."""
+    (model.unstandardize), float16; and the defect head's defects (fit.FitResult.head_defects,
+    standardised), the latest MAX_IMAGES of them."""
     limit = capacity(tuple(train.shape[1:]))
     device = model.feature_mean.device
 
     def raw(f: torch.Tensor) -> torch.Tensor:
-        return model.unstandardize(subsample(f, limit, seed).to(device)).cpu().to(DTYPE).contiguous()
+        return model.unstandardize(f.to(device)).cpu().to(DTYPE).contiguous()
 
-    return ReplayData(raw(train), raw(val))
+    kept = None
+    if defects is not None and len(defects):
+        last = slice(max(0, len(defects) - limit), len(defects))
+        kept = AnomalyPool(raw(defects.features[last]), defects.token_labels[last].to(DTYPE).contiguous(),
+                           defects.pixel_level[last], defects.kinds[last])  # fmt: skip
+    return ReplayData(raw(subsample(train, limit, seed)), raw(subsample(val, limit, seed)), kept)
 
 
 def save_replay(run_dir: Path | str, replay: ReplayData | None) -> None:
@@ -83,6 +108,10 @@ def save_replay(run_dir: Path | str, replay: ReplayData | None) -> None:
         path.unlink(missing_ok=True)
         return
     tensors = {"good": replay.good.contiguous(), "val": replay.val.contiguous()}
+    if replay.defects is not None:
+        d = replay.defects
+        tensors.update(defects=d.features.contiguous(), defect_labels=d.token_labels.to(DTYPE).contiguous(),
+                       defect_masked=d.pixel_level.to(torch.uint8).contiguous())  # fmt: skip
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "adtr-replay"}))
 
 
@@ -104,4 +133,15 @@ def load_replay(run_dir: Path | str, feature_shape: tuple[int, ...]) -> ReplayDa
             found = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
             raise RunFolderError(f"{path}: tensor {name!r} is {found}; the run's model needs (N, *{feature_shape}) "
                                  "float16")  # fmt: skip
-    return ReplayData(tensors["good"], tensors["val"])
+    defects = None
+    if "defects" in tensors:
+        f, labels, masked = tensors["defects"], tensors.get("defect_labels"), tensors.get("defect_masked")
+        k = len(f)
+        if (f.dim() != 4 or tuple(f.shape[1:]) != tuple(feature_shape) or f.dtype != DTYPE or labels is None
+                or tuple(labels.shape) != (k, *feature_shape[1:]) or masked is None or tuple(masked.shape) != (k,)):
+            raise RunFolderError(f"{path}: the defect tensors do not match: defects {tuple(f.shape)} {f.dtype}, "
+                                 f"labels {None if labels is None else tuple(labels.shape)}, "
+                                 f"masked {None if masked is None else tuple(masked.shape)}; the run's model needs "
+                                 f"(K, *{feature_shape})")  # fmt: skip
+        defects = AnomalyPool(f, labels.float(), masked.bool(), ("real",) * k)
+    return ReplayData(tensors["good"], tensors["val"], defects)

@@ -4,7 +4,12 @@ are learnt in minutes, without the original training data, and an update that fo
 The update is the fit sequence (fit.fit_on_features) started from the parent's weights, its
 feature statistics kept, for a small number of steps (DEFAULT_STEPS) on
   good:      the parent's replay sample (replay.py) + the training part of the new good images;
-  anomalies: the new labelled defects (a mask gives L_px, else L_img) and external images;
+  anomalies: the new labelled defects and external images. Under the run's
+             labelled_anomalies == "head" (runs fitted since the defect head) the defects fit
+             the defect head on the replay features (defect_head.py) and, when nothing else is
+             added, the reconstructor is kept as it is (recorded as 0 steps: seconds, not
+             minutes); the head is fitted on the parent's kept defects (replay.py) + the new.
+             Under "loss" they enter L_px (a mask) or L_img, as the parent's fit did;
   held out:  the parent's validation features + the held-out part of the new good images
              (TrainConfig.val_fraction, seeded): the validation loss and the new thresholds
              (calibration.py; without held-out images, from the training features, which
@@ -125,7 +130,8 @@ def update_run(
     keep = not new_good and head_only(config, labelled, new_external)
     fitted = fit_on_features(config, features, device, val_idx=range(n_train, len(features)),
                              anomalies=labelled or None, external=new_external or None, init=model,
-                             progress=progress, train_reconstructor=not keep)  # fmt: skip
+                             progress=progress, train_reconstructor=not keep,
+                             prior_defects=replay.defect_pool(model))  # fmt: skip
     real = fitted.anomalies.of_kind("real").features if fitted.anomalies is not None else None
     source = "held_out" if len(fitted.val) else "training"
     scores, maxima = feature_scores(fitted.model, fitted.val if len(fitted.val) else fitted.train, device)
@@ -157,7 +163,7 @@ def update_run(
         "fit_seconds": time.perf_counter() - t0,
         "feature_seconds": feature_seconds,  # the new good images' (the anomalies' are in fit_seconds)
     }  # fmt: skip
-    new_replay = make_replay(fitted.model, fitted.train, fitted.val, train.seed)
+    new_replay = make_replay(fitted.model, fitted.train, fitted.val, train.seed, fitted.head_defects)
     provenance["replay"] = new_replay.summary()
     inputs = record.inputs
     if inputs is not None and infos:  # a parent without a profile (saved before it) keeps none

@@ -149,6 +149,16 @@ def test_init_with_masks_only_keeps_the_reconstructor_and_update_adds_a_head(par
     probe = sorted((parts / "probe" / "spot").iterdir())
     assert np.allclose([p.anomaly_score for p in new.predict(probe)], [p.anomaly_score for p in det.predict(probe)],
                        rtol=1e-4)  # fmt: skip
+    # the run keeps the head's defects, so a later update fits the head on the old ones and the new
+    kept = new.record_.replay.defects
+    assert len(kept) == 4 and kept.pixel_level.all() and kept.features.dtype == torch.float16
+    new.save(tmp_path / "v2")
+    loaded = ADTRDetector.load(tmp_path / "v2", progress=False, backend="torch")
+    assert torch.equal(loaded.record_.replay.defects.features, kept.features)
+    assert torch.equal(loaded.record_.replay.defects.token_labels, kept.token_labels.float())
+    v3 = loaded.update(anomalies=parts / "probe")
+    assert len(v3.record_.replay.defects) == 8 and v3.record_.provenance["replay"]["defects"] == 8
+    assert not torch.equal(v3.model_.head_weight, loaded.model_.head_weight)
 
 
 def test_image_labelled_defects_fit_a_head_from_the_residual_maps_top_tokens(parts, tmp_path):

@@ -1,0 +1,131 @@
+"""How to use a few labelled defects: variants of a defect head on a saved normal-only run.
+
+    python bench/defect_head_probe.py RUN DATA [--draws 0] [--desc r|abs|rabs] [--wds 1e-3]
+                                      [--holdout TYPE] [--pseudo SHARE]
+
+The probe behind adtr/defect_head.py (docs/design.md, "The defect head"). RUN is a normal-only
+run of the category DATA (e.g. bench/kshot.py's RUNS/<set>/normal); per draw, 5 test anomalies
+per defect type are drawn as bench/kshot.py draws them (pool 5) and leave the test set. A
+class-balanced logistic regression is fitted on token descriptors of the scaled residual r of
+the good training images (label 0) and of the drawn defects (mask share > 0.5: 1, 0: 0):
+--desc r (signed, the default kept), abs (|r|) or rabs (both). Printed per weight decay
+(--wds): image AUROC, pixel AUROC, AUPRO of the normal run and of the maps "head" (the head's
+logit alone, standardised on good tokens), "sum" (standardised residual map + standardised
+logit: what adtr does), "sum.5" (half the logit), "max" (the larger of the two).
+--holdout TYPE drops that defect type's drawn images from training and scores only the good
+and TYPE test images (a defect type the head never saw). --pseudo SHARE drops the masks:
+positives are the tokens whose residual map is >= SHARE x its maximum (image labels only).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adtr import ADTRDetector
+from adtr.data.images import image_size, read_mask
+from adtr.data.mvtec import test_samples, train_samples
+from adtr.data.splits import kshot_split
+from adtr.data.transforms import resize_map
+from adtr.engine import anomaly_pool, extract_features
+from adtr.metrics import image_metrics, pixel_metrics
+from adtr.runtime import configure_cpu
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path)
+    p.add_argument("data", type=Path)
+    p.add_argument("--draws", default="0")
+    p.add_argument("--desc", choices=("r", "abs", "rabs"), default="r")
+    p.add_argument("--wds", default="1e-3")
+    p.add_argument("--holdout", default=None)
+    p.add_argument("--pseudo", type=float, default=None)
+    args = p.parse_args()
+    configure_cpu(2)
+    model = ADTRDetector.load(args.run, progress=False).model_.eval()
+    dev = torch.device("cpu")
+    test = test_samples(args.data)
+    index = {s.path: i for i, s in enumerate(test)}
+    f_train = model.standardize(extract_features(model, train_samples(args.data), dev, progress=False))
+    f_test = model.standardize(extract_features(model, test, dev, progress=False))
+
+    @torch.no_grad()
+    def residual(f: torch.Tensor) -> torch.Tensor:
+        return torch.cat([model.residual(f[i : i + 16]) for i in range(0, len(f), 16)])
+
+    def grid(r: torch.Tensor) -> torch.Tensor:
+        return model.residual_grid(r)
+
+    def desc(r: torch.Tensor) -> torch.Tensor:  # (N, C, h, w) -> (N, h, w, D)
+        d = {"r": r, "abs": r.abs(), "rabs": torch.cat([r, r.abs()], 1)}[args.desc]
+        return d.permute(0, 2, 3, 1)
+
+    def metrics(g: torch.Tensor, samples: list) -> dict:
+        with torch.no_grad():
+            out = model.score_maps(g)
+        m = image_metrics(out.anomaly_score.double().numpy(), np.array([s.label for s in samples]))
+        maps, masks = [], []
+        for s, mp in zip(samples, out.anomaly_map.numpy(), strict=True):
+            w, h = image_size(s.path)
+            masks.append(read_mask(s.mask_path, (h, w)) if s.mask_path else np.zeros((h, w), bool))
+            maps.append(resize_map(mp, (h, w)))
+        m.update(pixel_metrics(maps, masks))
+        return {k: round(float(m[k]), 4) for k in ("image_auroc", "pixel_auroc", "aupro")}
+
+    def train_head(xg: torch.Tensor, xa: torch.Tensor, ya: torch.Tensor, wd: float):
+        x = torch.cat([xg, xa])
+        y = torch.cat([torch.zeros(len(xg)), ya])
+        mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+        x = (x - mu) / sd
+        t = (y > 0.5).float()
+        weight = torch.where(t > 0, len(y) / (2 * t.sum()), len(y) / (2 * (len(y) - t.sum())))
+        lin = torch.nn.Linear(x.shape[1], 1)
+        opt = torch.optim.LBFGS(lin.parameters(), max_iter=300, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = (F.binary_cross_entropy_with_logits(lin(x)[:, 0], t, reduction="none") * weight).mean()
+            loss = loss + wd * lin.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return lambda d: lin((d - mu) / sd)[..., 0].detach()
+
+    r_train, r_test = residual(f_train), residual(f_test)
+    for draw in [int(x) for x in args.draws.split(",")]:
+        anomalies, rest = kshot_split(test, 5, draw, pool_size=5)
+        if args.holdout:
+            anomalies = [s for s in anomalies if Path(s.path).parent.name != args.holdout]
+            rest = [s for s in rest if Path(s.path).parent.name in (args.holdout, "good")]
+        pool = anomaly_pool(model, anomalies, dev, progress=False)
+        r_anom, labels = residual(pool.features), pool.token_labels
+        base = grid(r_test[[index[s.path] for s in rest]])
+        print("draw", draw, "normal", metrics(base, rest), flush=True)
+        if args.pseudo is not None:
+            g = grid(r_anom)
+            labels = (g >= args.pseudo * g.flatten(1).amax(1).view(-1, 1, 1)).float()
+            keep = labels > 0.5
+        else:
+            keep = (labels > 0.5) | (labels == 0)
+        xa, ya = desc(r_anom)[keep], labels[keep]
+        xg = desc(r_train).reshape(-1, xa.shape[1])
+        g_train = grid(r_train)
+        for wd in [float(x) for x in args.wds.split(",")]:
+            head = train_head(xg, xa, ya, wd)
+            with torch.no_grad():
+                l_train = head(desc(r_train))
+                zh = (head(desc(r_test[[index[s.path] for s in rest]])) - l_train.mean()) / l_train.std()
+            zb = (base - g_train.mean()) / g_train.std()
+            variants = {"head": zh, "sum": zb + zh, "sum.5": zb + 0.5 * zh, "max": torch.maximum(zb, zh)}
+            for name, g in variants.items():
+                print("draw", draw, "wd", wd, name, metrics(g.clamp_min(0), rest), flush=True)
+
+
+if __name__ == "__main__":
+    main()
