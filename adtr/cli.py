@@ -456,9 +456,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     last = det.history_[-1] if det.history_ else {}
     chosen = det.selected_backend()
     validation = f"validation loss {last['val_loss']:.4f}" if "val_loss" in last else "no held-out images"
+    trained = (f"final loss {last.get('loss', float('nan')):.4f}, {validation}" if det.history_
+               else "reconstructor kept from --init, defect head fitted")  # fmt: skip
     print(
-        f"fitted in {det.record_.provenance['fit_seconds']:.0f} s; final loss {last.get('loss', float('nan')):.4f}, "
-        f"{validation}; run saved to {args.out}\n{det.thresholds_.describe()}\n"
+        f"fitted in {det.record_.provenance['fit_seconds']:.0f} s; {trained}; run saved to {args.out}\n"
+        f"{det.thresholds_.describe()}\n"
         f"backend for predict / test / serve: {chosen.name} ({chosen.reason})"
     )
     return 0

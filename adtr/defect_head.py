@@ -68,7 +68,8 @@ def fit_defect_head(
     negative = ((defect_labels == 0) & known.view(-1, 1, 1)).reshape(-1)
     d = tokens(defect_residual)
     if not positive.any():
-        raise ValueError("every mask of the labelled anomalies is empty: a defect head needs masked defect pixels")
+        raise ValueError("no token of the labelled anomalies is marked as a defect (empty masks, or residual maps "
+                         "without any error): a defect head needs defect tokens")
     x = torch.cat([tokens(good_residual), d[negative], d[positive]]).double()
     n_pos = int(positive.sum())
     y = torch.cat([torch.zeros(len(x) - n_pos, dtype=x.dtype), torch.ones(n_pos, dtype=x.dtype)])

@@ -53,7 +53,7 @@ from adtr.engine import (
 )
 from adtr.errors import DataError, SettingsError
 from adtr.model import ADTR
-from adtr.replay import make_replay
+from adtr.replay import load_replay, make_replay
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,12 @@ def fit_run(
         generators = [get_generator(name) for name in synthetic]
     except ValueError as e:
         raise SettingsError(str(e)) from None
-    base = None
+    base, prior = None, None
     if init is not None:
         base, base_config, _ = load_run(init, device)
         config = dataclasses.replace(config, model=base_config.model, score=base_config.score)
+        replay = load_replay(init, (base.channels, *base_config.model.grid_size))
+        prior = replay.defect_pool(base) if replay is not None else None  # an init's head keeps its defects
     config, base = with_defect_head(config, labelled, base)
     if config.model.image_size is None:
         size = input_size_for([image_size(s.path) for s in samples])
@@ -123,15 +125,15 @@ def fit_run(
     keep = base is not None and head_only(config, labelled, external_samples, generators)
     fitted = fit_on_features(config, samples, device, val_idx=val_idx, anomalies=labelled, external=external_samples,
                              generators=generators, init=base, state_dir=state_dir, resume=resume,
-                             progress=progress, train_reconstructor=not keep)  # fmt: skip
+                             progress=progress, train_reconstructor=not keep, prior_defects=prior)  # fmt: skip
     if source == "crossfit":
         scores, maxima = crossfit_scores(config, samples, fitted.raw, device, anomalies=labelled,
                                          external=external_samples, generators=generators, init=fold_init,
-                                         progress=progress)  # fmt: skip
+                                         progress=progress, train_reconstructor=not keep,
+                                         prior_defects=prior)  # fmt: skip
     else:
         scores, maxima = feature_scores(fitted.model, fitted.val if source == "held_out" else fitted.train, device)
-    real = fitted.anomalies.of_kind("real").features if fitted.anomalies is not None else None
-    anomalous = feature_scores(fitted.model, real, device)[0] if real is not None and len(real) else None
+    anomalous = threshold_anomaly_scores(fitted, device)
     thresholds = calibrate(scores, maxima, anomalous, config.train.false_alarm_rate, source)
     log.info("%s", thresholds.describe())
     provenance = {
@@ -172,6 +174,9 @@ def with_defect_head(
     model (an init or parent, may be None) is copied with the new score settings."""
     if config.score.defect_head or not head_samples(config, anomalies):
         return config, model
+    if config.score.image_score == "pooled_residual":
+        raise SettingsError("the pooled_residual image score ignores the map, so a defect head would change no "
+                            "decision: choose another image score, or --labelled-anomalies loss")  # fmt: skip
     config = dataclasses.replace(config, score=dataclasses.replace(config.score, defect_head=True))
     return config, (model.with_score(config.score) if model is not None else None)
 
@@ -183,6 +188,17 @@ def head_only(config: RunConfig, anomalies: Images | None, external: Images | No
     n_anomalies = 0 if anomalies is None else len(anomalies)
     n_head = len(head_samples(config, anomalies))
     return n_head > 0 and n_head == n_anomalies and not generators and (external is None or len(external) == 0)
+
+
+def threshold_anomaly_scores(fitted: FitResult, device: torch.device) -> np.ndarray | None:
+    """Scores of the real labelled anomalies for the F1-optimal threshold, or None (thresholds
+    from good images alone). None when the defect head was fitted on them: their in-sample
+    scores sit far above unseen defects', and the F1 threshold would land on the weakest of them
+    (missing unseen defects that score many times the good parts)."""
+    if fitted.anomalies is None or fitted.head_defects is not None:
+        return None
+    real = fitted.anomalies.of_kind("real").features
+    return feature_scores(fitted.model, real, device)[0] if len(real) else None
 
 
 def calibration_source(mode: str, n_good: int, n_held_out: int) -> str:
@@ -207,6 +223,8 @@ def crossfit_scores(
     generators: Sequence[AnomalyGenerator] = (),
     init: ADTR | None = None,
     progress: bool = True,
+    train_reconstructor: bool = True,
+    prior_defects: AnomalyPool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores and map maxima (N,) of every good image, each from a model fitted without it.
 
@@ -214,7 +232,9 @@ def crossfit_scores(
     fold's model is fitted with the same settings, anomalies and init as the final one, on
     the raw features raw (N, C, h, w) of the good images (or on the files, which synthetic
     anomalies need): K more fits with the same step budget, on (K - 1) / K of the images each.
-    init is copied per fold. Every rank of a process group runs the same folds.
+    init is copied per fold; train_reconstructor and prior_defects as fit_on_features's (with
+    init and a head alone to fit, each fold fits only its head, as the final model did). Every
+    rank of a process group runs the same folds.
     """
     n = len(good)
     k = min(config.train.calibration_folds, n)
@@ -225,7 +245,8 @@ def crossfit_scores(
         log.info("calibration: cross-fitting fold %d of %d (%d of %d good images held out)", j + 1, k, len(held), n)
         fold = fit_on_features(config, good if generators else raw, device, val_idx=held, anomalies=anomalies,
                                external=external, generators=generators,
-                               init=copy.deepcopy(init) if init is not None else None, progress=progress)  # fmt: skip
+                               init=copy.deepcopy(init) if init is not None else None, progress=progress,
+                               train_reconstructor=train_reconstructor, prior_defects=prior_defects)  # fmt: skip
         scores[held], maxima[held] = feature_scores(fold.model, fold.val, device)
     return scores, maxima
 
@@ -314,6 +335,8 @@ def fit_on_features(
             anomalies = None
         pool = _anomaly_pool(model, anomalies, external, device, progress)
         head_pool = anomaly_pool(model, for_head, device, progress=progress) if for_head else None
+        if head_pool is not None:
+            check_masks(for_head, head_pool)
         feature_seconds = time.perf_counter() - t0 if not isinstance(good, torch.Tensor) else 0.0
         data = TrainingData(features[train_idx], synthetic, pool)
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -347,6 +370,15 @@ def fit_on_features(
                      head_defects if model.score_cfg.defect_head else None)  # fmt: skip
 
 
+def check_masks(samples: Sequence[Sample], pool: AnomalyPool) -> None:
+    """DataError naming the first defect whose mask marks no pixel: the head would learn its
+    defect tokens as good ones."""
+    for s, labels, masked in zip(samples, pool.token_labels, pool.pixel_level, strict=True):
+        if masked and not labels.any():
+            raise DataError(f"{s.mask_path}: the mask of {s.path} marks no defect pixel; fix or remove it (an image "
+                            "without a mask is used with its image label)")  # fmt: skip
+
+
 @torch.no_grad()
 def fit_head(model: ADTR, good: torch.Tensor, defects: AnomalyPool | None, batch_size: int = 32) -> None:
     """Fit the model's defect head (defect_head.py) on standardised good training features
@@ -370,11 +402,12 @@ def fit_head(model: ADTR, good: torch.Tensor, defects: AnomalyPool | None, batch
         image_level = ~defects.pixel_level
         if image_level.any():
             grid = model.residual_grid(defect_residual[image_level].to(device)).cpu()
-            labels[image_level] = (grid >= PSEUDO_SHARE * grid.flatten(1).amax(1).view(-1, 1, 1)).float()
+            top = grid.flatten(1).amax(1).view(-1, 1, 1)
+            labels[image_level] = ((grid >= PSEUDO_SHARE * top) & (grid > 0)).float()  # an all-zero map: none
         try:
             head = fit_defect_head(good_residual, good_map, defect_residual, labels, defects.pixel_level)
-        except ValueError as e:  # every mask empty
-            raise DataError(f"{e} (or fit with --labelled-anomalies loss)") from None
+        except ValueError as e:  # no labelled token at all
+            raise DataError(str(e)) from None
     model.set_defect_head(head)
 
 

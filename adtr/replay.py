@@ -19,7 +19,6 @@ Bound: at most MAX_IMAGES images per set and MAX_BYTES for the file. Lite0 at 25
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,10 @@ class ReplayData:
 
     def summary(self) -> dict[str, Any]:
         """What config.json records about the file: counts, size and bound."""
-        tensors = [self.good, self.val] + ([self.defects.features] if self.defects is not None else [])
+        d = self.defects
+        tensors = [self.good, self.val]
+        if d is not None:
+            tensors += [d.features, d.token_labels.to(DTYPE), d.pixel_level]
         n_bytes = sum(t.numel() * t.element_size() for t in tensors)
         return {"file": REPLAY_FILE, "good": len(self.good), "val": len(self.val),
                 "defects": len(self.defects) if self.defects is not None else 0, "dtype": "float16",
@@ -65,11 +67,13 @@ class ReplayData:
         return AnomalyPool(features, d.token_labels.float(), d.pixel_level, d.kinds)
 
 
-def capacity(feature_shape: tuple[int, ...]) -> int:
+def capacity(feature_shape: tuple[int, ...], sets: int = 2) -> int:
     """Images each set may keep for features of shape (C, h, w): MAX_IMAGES, or fewer so that
-    both sets together stay within MAX_BYTES."""
-    per_image = math.prod(feature_shape) * torch.finfo(DTYPE).bits // 8
-    return max(1, min(MAX_IMAGES, MAX_BYTES // (2 * per_image)))
+    the sets together (good, val, and the head's defects where kept: 3) stay within MAX_BYTES
+    (a defect's token labels add h * w values)."""
+    c, h, w = feature_shape
+    per_image = (c + (sets > 2)) * h * w * torch.finfo(DTYPE).bits // 8
+    return max(1, min(MAX_IMAGES, MAX_BYTES // (sets * per_image)))
 
 
 def subsample(features: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
@@ -87,14 +91,15 @@ def make_replay(
     (fit.FitResult's train and val): each set subsampled to `capacity`, back to raw features
     (model.unstandardize), float16; and the defect head's defects (fit.FitResult.head_defects,
     standardised), the latest MAX_IMAGES of them."""
-    limit = capacity(tuple(train.shape[1:]))
+    has_defects = defects is not None and len(defects) > 0
+    limit = capacity(tuple(train.shape[1:]), 3 if has_defects else 2)
     device = model.feature_mean.device
 
     def raw(f: torch.Tensor) -> torch.Tensor:
         return model.unstandardize(f.to(device)).cpu().to(DTYPE).contiguous()
 
     kept = None
-    if defects is not None and len(defects):
+    if has_defects:
         last = slice(max(0, len(defects) - limit), len(defects))
         kept = AnomalyPool(raw(defects.features[last]), defects.token_labels[last].to(DTYPE).contiguous(),
                            defects.pixel_level[last], defects.kinds[last])  # fmt: skip
@@ -133,15 +138,30 @@ def load_replay(run_dir: Path | str, feature_shape: tuple[int, ...]) -> ReplayDa
             found = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
             raise RunFolderError(f"{path}: tensor {name!r} is {found}; the run's model needs (N, *{feature_shape}) "
                                  "float16")  # fmt: skip
+    names = ("defects", "defect_labels", "defect_masked")
     defects = None
-    if "defects" in tensors:
-        f, labels, masked = tensors["defects"], tensors.get("defect_labels"), tensors.get("defect_masked")
-        k = len(f)
-        if (f.dim() != 4 or tuple(f.shape[1:]) != tuple(feature_shape) or f.dtype != DTYPE or labels is None
-                or tuple(labels.shape) != (k, *feature_shape[1:]) or masked is None or tuple(masked.shape) != (k,)):
-            raise RunFolderError(f"{path}: the defect tensors do not match: defects {tuple(f.shape)} {f.dtype}, "
-                                 f"labels {None if labels is None else tuple(labels.shape)}, "
-                                 f"masked {None if masked is None else tuple(masked.shape)}; the run's model needs "
-                                 f"(K, *{feature_shape})")  # fmt: skip
-        defects = AnomalyPool(f, labels.float(), masked.bool(), ("real",) * k)
+    if any(n in tensors for n in names):  # a run with a defect head
+        defects = _defects(path, *(tensors.get(n) for n in names), feature_shape)
     return ReplayData(tensors["good"], tensors["val"], defects)
+
+
+def _defects(
+    path: Path, f: torch.Tensor | None, labels: torch.Tensor | None, masked: torch.Tensor | None,
+    feature_shape: tuple[int, ...],
+) -> AnomalyPool:  # fmt: skip
+    """The kept defects of a replay file, checked; RunFolderError naming what is wrong."""
+    k = len(f) if f is not None and f.dim() else -1
+    ok = (f is not None and f.dim() == 4 and tuple(f.shape[1:]) == tuple(feature_shape) and f.dtype == DTYPE
+          and labels is not None and tuple(labels.shape) == (k, *feature_shape[1:]) and labels.dtype == DTYPE
+          and masked is not None and tuple(masked.shape) == (k,) and masked.dtype == torch.uint8)  # fmt: skip
+    if ok and k > 0:
+        ok = bool(torch.isfinite(f).all() and torch.isfinite(labels).all() and labels.min() >= 0
+                  and labels.max() <= 1 and masked.max() <= 1)  # fmt: skip
+    if not ok:
+        shape = lambda t: None if t is None else f"{tuple(t.shape)} {t.dtype}"  # noqa: E731
+        raise RunFolderError(
+            f"{path}: invalid defect tensors: defects {shape(f)}, defect_labels {shape(labels)}, defect_masked "
+            f"{shape(masked)}; expected finite float16 (K, *{feature_shape}), float16 (K, h, w) in [0, 1] and "
+            "uint8 (K,) of 0 / 1"
+        )
+    return AnomalyPool(f, labels.float(), masked.bool(), ("real",) * k)

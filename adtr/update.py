@@ -47,7 +47,7 @@ from adtr.data.splits import split_validation
 from adtr.drift import ImageInfo, InputProfile
 from adtr.engine import extract_features
 from adtr.errors import ForgettingError, RunFolderError, SettingsError
-from adtr.fit import fit_on_features, head_only, with_defect_head
+from adtr.fit import fit_on_features, head_only, threshold_anomaly_scores, with_defect_head
 from adtr.model import ADTR
 from adtr.replay import REPLAY_FILE, make_replay
 
@@ -132,10 +132,9 @@ def update_run(
                              anomalies=labelled or None, external=new_external or None, init=model,
                              progress=progress, train_reconstructor=not keep,
                              prior_defects=replay.defect_pool(model))  # fmt: skip
-    real = fitted.anomalies.of_kind("real").features if fitted.anomalies is not None else None
     source = "held_out" if len(fitted.val) else "training"
     scores, maxima = feature_scores(fitted.model, fitted.val if len(fitted.val) else fitted.train, device)
-    anomalous = feature_scores(fitted.model, real, device)[0] if real is not None and len(real) else None
+    anomalous = threshold_anomaly_scores(fitted, device)
     thresholds = calibrate(scores, maxima, anomalous, train.false_alarm_rate, source)
     old_val = fitted.val[: len(replay.val)]  # the parent's validation images come first
     old_scores = feature_scores(fitted.model, old_val, device)[0]

@@ -3,6 +3,7 @@ with labelled anomalies' masks; the fit, update, save/load and ONNX paths that c
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -11,12 +12,14 @@ import pytest
 import torch
 from conftest import TINY, write_png
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from adtr import ADTRDetector
 from adtr.config import RunConfig, ScoreConfig, TrainConfig
 from adtr.defect_head import combine, fit_defect_head
-from adtr.errors import DataError
+from adtr.errors import DataError, RunFolderError, SettingsError
 from adtr.model import ADTR
+from adtr.replay import REPLAY_FILE
 
 
 def _residuals(n: int, seed: int, c: int = 8, hw: int = 4) -> torch.Tensor:
@@ -119,7 +122,9 @@ def test_fit_with_masks_trains_a_head_that_raises_defect_scores_and_round_trips(
     def margin(d: ADTRDetector) -> float:  # unseen defects' median score over good images' highest
         return np.median([p.anomaly_score for p in d.predict(probe)]) / max(p.anomaly_score for p in d.predict(val))
 
-    assert margin(det) > margin(plain)
+    # the head itself, not its standardisation, separates: the same model with a zeroed head does much worse
+    assert margin(det) > 1.3 * margin(_zero_head(det)) and margin(det) > margin(plain)
+    assert det.thresholds_.method != "f1"  # in-sample defect scores do not set the threshold
     det.save(tmp_path / "run")
     loaded = ADTRDetector.load(tmp_path / "run", progress=False, backend="torch")
     assert loaded.config.score.defect_head
@@ -131,6 +136,15 @@ def test_fit_with_masks_trains_a_head_that_raises_defect_scores_and_round_trips(
     loss = ADTRDetector(TINY, train=dataclasses.replace(TRAIN, labelled_anomalies="loss"), progress=False,
                         backend="torch").fit(parts / "train", anomalies=parts / "defects")  # fmt: skip
     assert not loss.config.score.defect_head
+    assert any(not torch.equal(a, b) for a, b in zip(plain.model_.reconstructor.state_dict().values(),
+                                                     loss.model_.reconstructor.state_dict().values(), strict=True))
+
+
+def _zero_head(det: ADTRDetector) -> ADTRDetector:
+    zeroed = copy.deepcopy(det)
+    zeroed.model_.head_weight.zero_()
+    zeroed.model_.head_bias.zero_()
+    return zeroed
 
 
 def test_init_with_masks_only_keeps_the_reconstructor_and_update_adds_a_head(parts, tmp_path):
@@ -184,6 +198,52 @@ def test_empty_masks_name_the_problem(parts, tmp_path):
         write_png(root / "ground_truth" / "spot" / f"{i:03d}_mask.png", np.zeros((64, 64), np.uint8))
     with pytest.raises(DataError, match="empty"):
         ADTRDetector(TINY, train=TRAIN, progress=False).fit(parts / "train", anomalies=root)
+
+
+def test_mixed_empty_mask_names_the_file_and_pooled_residual_is_refused(parts, tmp_path):
+    root = tmp_path / "mixed"
+    for f in sorted((parts / "defects" / "spot").iterdir())[:2]:
+        write_png(root / "spot" / f.name, np.asarray(Image.open(f)))
+        write_png(root / "ground_truth" / "spot" / f"{f.stem}_mask.png",
+                  np.asarray(Image.open(parts / "defects" / "ground_truth" / "spot" / f"{f.stem}_mask.png")))
+    write_png(root / "spot" / "009.png", np.full((64, 64, 3), 200, np.uint8))
+    write_png(root / "ground_truth" / "spot" / "009_mask.png", np.zeros((64, 64), np.uint8))
+    with pytest.raises(DataError, match="009_mask.png.*no defect pixel"):
+        ADTRDetector(TINY, train=TRAIN, progress=False).fit(parts / "train", anomalies=root)
+    with pytest.raises(SettingsError, match="pooled_residual"):
+        ADTRDetector(TINY, ScoreConfig(image_score="pooled_residual"), TRAIN, progress=False).fit(
+            parts / "train", anomalies=parts / "defects")
+
+
+def test_crossfit_with_init_and_defects_fits_heads_only(parts, tmp_path, monkeypatch):
+    import adtr.fit
+
+    base = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(parts / "train")
+    base.save(tmp_path / "base")
+    calls = []
+    original = adtr.fit.fit_reconstructor
+    monkeypatch.setattr(adtr.fit, "fit_reconstructor", lambda *a, **k: calls.append(1) or original(*a, **k))
+    crossfit = dataclasses.replace(TRAIN, calibration="crossfit", calibration_folds=2)
+    det = ADTRDetector(TINY, train=crossfit, progress=False, backend="torch").fit(
+        parts / "train", anomalies=parts / "defects", init=tmp_path / "base")
+    assert calls == [] and det.thresholds_.source == "crossfit" and det.config.score.defect_head
+
+
+def test_corrupt_kept_defects_are_refused(parts, tmp_path):
+    det = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(parts / "train",
+                                                                              anomalies=parts / "defects")
+    det.save(tmp_path / "run")
+    path = tmp_path / "run" / REPLAY_FILE
+    tensors = load_file(str(path))
+    assert set(tensors) == {"good", "val", "defects", "defect_labels", "defect_masked"}
+    tensors["defect_labels"] = torch.full_like(tensors["defect_labels"], float("nan"))
+    save_file(tensors, str(path))
+    with pytest.raises(RunFolderError, match="invalid defect tensors"):
+        ADTRDetector.load(tmp_path / "run", progress=False)
+    del tensors["defects"]
+    save_file(tensors, str(path))
+    with pytest.raises(RunFolderError, match="invalid defect tensors"):
+        ADTRDetector.load(tmp_path / "run", progress=False)
 
 
 def test_runs_without_the_key_load_as_trained_with_the_loss():

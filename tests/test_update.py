@@ -117,7 +117,8 @@ def test_update_learns_new_data_records_its_parent_and_leaves_it_untouched(paren
     assert added["good_train"]["n"] == 8 and added["good_val"]["n"] == 2 and added["external"]["n"] == 0
     assert len(added["anomalies"]["content_sha256"]) == 64 and update["steps"] == 40
     # thresholds from the parent's 5 validation images + the 2 new held-out ones; replay grows
-    assert again.thresholds_.n_good == 7 and again.thresholds_.method == "f1"
+    # (the defects fitted the defect head: their in-sample scores do not set the threshold)
+    assert again.thresholds_.n_good == 7 and again.thresholds_.method == "good_quantile"
     assert again.record_.replay.good.shape[0] == 15 + 8 and again.record_.replay.val.shape[0] == 7
     assert update["forgetting_guard"]["passed"] and update["forgetting_guard"]["n"] == 5
     # it learnt the product change: unseen striped parts now score lower against the old good parts
@@ -128,9 +129,16 @@ def test_update_learns_new_data_records_its_parent_and_leaves_it_untouched(paren
 
 
 def test_forgetting_guard_refuses_or_warns(parent, tmp_path, run_cli, caplog):
-    """Defects that are in fact the parent's validation good images (a labelling mistake): the
-    new threshold must flag them, so most of the old good images would be false alarms."""
-    root, run = parent
+    """Defects that are in fact the parent's validation good images (a labelling mistake), in a
+    run whose defects go to the losses (--labelled-anomalies loss): the new F1 threshold must
+    flag them, so most of the old good images would be false alarms. (With the defect head the
+    threshold comes from good images alone and cannot move this way.)"""
+    root, parent_run = parent
+    run = tmp_path / "loss_run"
+    shutil.copytree(parent_run, run)
+    doc = json.loads((run / CONFIG_FILE).read_text())
+    doc["train"]["labelled_anomalies"] = "loss"
+    (run / CONFIG_FILE).write_text(json.dumps(doc))
     for path in _val_files(root):
         dest = tmp_path / "mislabelled" / "defect" / path.name
         dest.parent.mkdir(parents=True, exist_ok=True)
