@@ -236,7 +236,9 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         f"Command: `python bench/kshot.py {shlex.join(sys.argv[1:])}`. Per set and draw, max(k) anomalies "
         "per defect type leave the test set; every mode and reference of a draw is tested on the same "
         "remaining images. Metrics: mean ± sample std over the draws (one value: one draw). The anomaly "
-        "modes start from the normal-only model and train the default budget again. fit s: median.\n\n"
+        "modes start from the normal-only model: masks / labels keep its reconstructor and fit the defect "
+        "head (fit s: features of the good images + the head); the other modes train the default budget "
+        "again. fit s: median.\n\n"
         + md_table(["set", "mode", "k", "draws", "image AUROC", "pixel AUROC", "AUPRO", "fit s"], summary(rows))
         + "\n"
     )
