@@ -389,7 +389,7 @@ def fit_head(model: ADTR, good: torch.Tensor, defects: AnomalyPool | None, batch
     device = model.head_weight.device
 
     def residuals(f: torch.Tensor) -> torch.Tensor:
-        return torch.cat([model.residual(f[i : i + batch_size].to(device)).cpu() for i in range(0, len(f), batch_size)])
+        return torch.cat([r.cpu() for r in model.residual_batches(f, batch_size)])
 
     good_residual = residuals(good)
     good_map = model.residual_grid(good_residual.to(device)).cpu()

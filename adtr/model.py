@@ -10,6 +10,7 @@ Higher scores mean more anomalous, everywhere in this package.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -206,16 +207,13 @@ class ADTR(nn.Module):
         Dividing by it before the norm weighs every channel by how well good parts are
         reconstructed in it: a whitening of the residual (diagonal), the same idea as
         normalising each stage's error by its training error (Dinomaly, CVPR 2025, sec. 3)."""
-        device = self.residual_scale.device
-        total = torch.zeros(self.channels, dtype=torch.float64, device=device)
-        for i in range(0, len(features), batch_size):
-            f = features[i : i + batch_size].to(device)
-            total += (f - self.reconstructor(f)).double().pow(2).sum(dim=(0, 2, 3))
+        total = torch.zeros(self.channels, dtype=torch.float64, device=self.residual_scale.device)
+        for r in self.residual_batches(features, batch_size, scaled=False):
+            total += r.double().pow(2).sum(dim=(0, 2, 3))
         count = len(features) * features.shape[2] * features.shape[3]
         self.residual_scale.copy_((total / max(1, count)).sqrt().clamp_min(1e-6).float().view(1, -1, 1, 1))
         if self.score_cfg.residual_norm == "channel_position":
-            grids = torch.cat([self.grid_error(features[i : i + batch_size].to(device))
-                               for i in range(0, len(features), batch_size)])  # fmt: skip
+            grids = torch.cat([torch.linalg.vector_norm(r, dim=1) for r in self.residual_batches(features, batch_size)])
             # Half per-position, half whole-grid: unaligned parts (a plate anywhere in the image)
             # get less of the per-position estimate's noise (screened, docs/design.md).
             mean = 0.5 * grids.mean(0) + 0.5 * grids.mean()
@@ -223,13 +221,20 @@ class ADTR(nn.Module):
             self.position_mean.copy_(mean.unsqueeze(0))
             self.position_std.copy_(var.sqrt().clamp_min(1e-6).unsqueeze(0))
 
+    def residual_batches(
+        self, features: torch.Tensor, batch_size: int = 16, scaled: bool = True
+    ) -> Iterator[torch.Tensor]:
+        """Standardised features (N, C, h, w), on any device -> the residual f - f_hat of each
+        batch (b, C, h, w) on the model's device, divided by residual_scale when `scaled`; in
+        the model's current mode (call it in eval mode, under no_grad for scoring)."""
+        device = self.residual_scale.device
+        for i in range(0, len(features), batch_size):
+            f = features[i : i + batch_size].to(device)
+            yield self.residual(f) if scaled else f - self.reconstructor(f)
+
     def residual(self, f: torch.Tensor) -> torch.Tensor:
         """Standardised features (B, C, h, w) -> scaled residual (f - f_hat) / residual_scale."""
         return (f - self.reconstructor(f)) / self.residual_scale
-
-    def grid_error(self, f: torch.Tensor) -> torch.Tensor:
-        """Standardised features (B, C, h, w) -> norm of the scaled residual per token (B, h, w)."""
-        return torch.linalg.vector_norm(self.residual(f), dim=1)
 
     def residual_grid(self, residual: torch.Tensor) -> torch.Tensor:
         """Scaled residual (B, C, h, w) -> the map on the token grid before the defect head (B, h, w)."""

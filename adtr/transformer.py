@@ -117,9 +117,14 @@ class ReconstructionTransformer(nn.Module):
         """neighbor_mask > 0 (needs grid = (h, w), h * w = num_tokens): no token attends to the
         neighbor_mask x neighbor_mask window of grid positions around its own, so that no
         layer can copy a position's input to its output (UniAD, You et al., NeurIPS 2022,
-        "neighbor masked attention")."""
+        "neighbor masked attention"). ValueError with use_query False: the decoder's input is
+        then the encoder output, whose residual path carries each token's own features past
+        the mask (measured: the same validation loss as without it, docs/design.md)."""
         super().__init__()
         mask = None
+        if neighbor_mask > 0 and not use_query:
+            raise ValueError("neighbor_mask needs the learnable query (use_query): without it the decoder "
+                             "reads each token's own features through its residual path, past the mask")  # fmt: skip
         if neighbor_mask > 0:
             if grid is None or grid[0] * grid[1] != num_tokens:
                 raise ValueError(f"neighbor_mask needs the token grid; got {grid} for {num_tokens} tokens")

@@ -56,7 +56,7 @@ def main() -> None:
 
     @torch.no_grad()
     def residual(f: torch.Tensor) -> torch.Tensor:
-        return torch.cat([model.residual(f[i : i + 16]) for i in range(0, len(f), 16)])
+        return torch.cat(list(model.residual_batches(f)))
 
     def grid(r: torch.Tensor) -> torch.Tensor:
         return model.residual_grid(r)

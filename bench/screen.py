@@ -12,11 +12,16 @@ applied to the library's defaults (so `{}` is today's default) — `align`, `str
 validation loss; test images are only scored. Per fit: validation loss, image AUROC with the
 configured score and with the top-1% mean and the map maximum of the same maps, pixel AUROC
 and AUPRO (sets with masks). Writes OUT.json and OUT.md.
+
+Ensembles: `--keep DIR` saves each fit's test token-grid maps; `--ensembles '[[{}, {"use_query":
+false}]]' --combine sum|max` scores the members' maps combined (members already in DIR are
+loaded, others fitted first), e.g. to see whether two reconstructors' errors complement.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -29,12 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, DEV_SETS, REPO, machine, md_table, write_results  # noqa: E402
 
 from adtr import ADTRDetector  # noqa: E402
+from adtr.anomalies import get_generator  # noqa: E402
 from adtr.config import RunConfig, with_overrides  # noqa: E402
 from adtr.data.images import image_size, read_mask  # noqa: E402
 from adtr.data.mvtec import test_samples, train_samples  # noqa: E402
 from adtr.data.splits import split_validation  # noqa: E402
 from adtr.data.transforms import input_size_for  # noqa: E402
-from adtr.engine import TrainingData, extract_features, fit_reconstructor  # noqa: E402
+from adtr.engine import TrainingData, extract_features, fit_reconstructor, synthetic_pools  # noqa: E402
 from adtr.evaluate import ResizedMaps  # noqa: E402
 from adtr.metrics import image_metrics, pixel_metrics  # noqa: E402
 from adtr.model import ADTR, gaussian_kernel1d, map_image_score, upsample_map  # noqa: E402
@@ -60,7 +66,10 @@ def features(name: str, root: Path, cfg: RunConfig) -> dict:
     return _features[key]
 
 
-def run(name: str, root: Path, variant: dict) -> dict:
+def run(name: str, root: Path, variant: dict, keep: Path | None = None) -> dict:
+    """Fit one variant on one set and score its test images. keep: a folder where the test
+    images' token-grid maps (the default score's, before the defect head) are saved for
+    ensembles (`--ensembles`), with the result."""
     cfg = with_overrides(RunConfig(model=ADTRDetector().config.model), variant)
     if cfg.model.image_size is None:
         cfg = with_overrides(cfg, {"image_size": input_size_for([image_size(s.path) for s in train_samples(root)])})
@@ -82,6 +91,7 @@ def run(name: str, root: Path, variant: dict) -> dict:
         test = model.standardize(d["test"])
         outs = [model.score(test[i : i + 16]) for i in range(0, len(test), 16)]
         extra = _residual_scores(model, f[train_idx], test, d, f[val_idx])
+        grids = torch.cat([model.residual_grid(r) for r in model.residual_batches(test)])
     scores = torch.cat([o.anomaly_score for o in outs]).double().numpy()
     maps = [m for o in outs for m in o.anomaly_map.numpy()]
     flat = torch.from_numpy(np.stack(maps)).flatten(1)
@@ -102,6 +112,62 @@ def run(name: str, root: Path, variant: dict) -> dict:
         if masks is not None and maps_ is not None:
             pm = pixel_metrics(ResizedMaps(maps_, d["sizes"]), masks)
             res[f"pixel_auroc_{name_}"], res[f"aupro_{name_}"] = pm["pixel_auroc"], pm["aupro"]
+    res.update(_proxy(model, root, f[val_idx], val_idx, cfg.train.seed))
+    if keep is not None:
+        path = _kept(keep, name, variant)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"grids": grids, "result": json.dumps(res)}, path)  # scratch cache, not a checkpoint
+    return res
+
+
+def _proxy(model: ADTR, root: Path, val: torch.Tensor, val_idx: np.ndarray, seed: int, copies: int = 4) -> dict:
+    """Test-free figures of a fit: the held-out good images against `copies` synthetic
+    anomalies (CutPaste or confetti, one picked per copy) made from each of them. proxy_image:
+    image AUROC; proxy_token: AUROC of the token-grid map against the changed tokens."""
+    held = [train_samples(root)[i] for i in val_idx]
+    gens = [get_generator("cutpaste"), get_generator("confetti")]
+    pools = synthetic_pools(model, held, gens, copies, seed, torch.device("cpu"), progress=False)
+    with torch.no_grad():
+        good = torch.cat([model.score(val[i : i + 16]).anomaly_score for i in range(0, len(val), 16)])
+        bad = torch.cat([model.score(p.features[i : i + 16]).anomaly_score for p in pools
+                         for i in range(0, len(p.features), 16)])  # fmt: skip
+        grid = torch.cat([model.residual_grid(r) for p in pools for r in model.residual_batches(p.features)])
+    labels = torch.cat([p.token_labels for p in pools]) > 0
+    image = torch.cat([good, bad]).double().numpy()
+    y = np.r_[np.zeros(len(good)), np.ones(len(bad))]
+    token = image_metrics(grid.flatten().double().numpy(), labels.flatten().numpy())["image_auroc"]
+    return {"proxy_image": image_metrics(image, y)["image_auroc"], "proxy_token": token}
+
+
+def _kept(keep: Path, name: str, variant: dict) -> Path:
+    key = hashlib.sha1(json.dumps(variant, sort_keys=True).encode()).hexdigest()[:12]
+    return keep / name / f"{key}.pt"
+
+
+def ensemble(name: str, root: Path, members: list[dict], keep: Path, combine: str = "sum") -> dict:
+    """The members' token-grid maps (each already standardised per position on its own
+    training images: residual_norm "channel_position") combined by `combine` ("sum" or
+    "max"), scored like one model's map. Members fitted before with the same `keep` folder
+    are loaded, not refitted."""
+    grids = []
+    for v in members:
+        path = _kept(keep, name, v)
+        if not path.exists():
+            print(json.dumps(run(name, root, v, keep)), flush=True)
+        grids.append(torch.load(path)["grids"])
+    cfg = with_overrides(RunConfig(model=ADTRDetector().config.model), members[0])
+    if cfg.model.image_size is None:
+        cfg = with_overrides(cfg, {"image_size": input_size_for([image_size(s.path) for s in train_samples(root)])})
+    model = ADTR(cfg.model, cfg.score)
+    o = model.score_maps(sum(grids) if combine == "sum" else torch.stack(grids).amax(0))
+    test = test_samples(root)
+    labels, sizes = np.array([s.label for s in test]), [image_size(s.path) for s in test]
+    res = {"set": name, "variant": {"ensemble": members, "combine": combine},
+           "image_auroc": image_metrics(o.anomaly_score.double().numpy(), labels)["image_auroc"]}  # fmt: skip
+    if labels.any() and all(s.mask_path is not None for s in test if s.label == 1):
+        masks = [read_mask(s.mask_path, z) if s.mask_path else np.zeros(z, bool)
+                 for s, z in zip(test, sizes, strict=True)]  # fmt: skip
+        res.update(pixel_metrics(ResizedMaps(list(o.anomaly_map.numpy()), sizes), masks))
     return res
 
 
@@ -121,7 +187,7 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
     """
 
     def residuals(f: torch.Tensor) -> torch.Tensor:
-        return torch.cat([f[i : i + 16] - model.reconstructor(f[i : i + 16]) for i in range(0, len(f), 16)])
+        return torch.cat(list(model.residual_batches(f, scaled=False)))
 
     r_train, r_test = residuals(train), residuals(test)
     rms = r_train.pow(2).mean(dim=(0, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
@@ -183,13 +249,22 @@ def main() -> None:
     p.add_argument("--sets", default="metal_plate,transistor")
     p.add_argument("--variants", default="[{}]", help="JSON list of settings objects")
     p.add_argument("--out", type=Path, default=REPO / "results" / "screen")
+    p.add_argument("--keep", type=Path, default=None, help="folder for the fits' test maps (ensembles reuse them)")
+    p.add_argument("--ensembles", default="[]", help="JSON list of lists of settings objects: combined maps")
+    p.add_argument("--combine", choices=("sum", "max"), default="sum", help="how an ensemble combines its maps")
     args = p.parse_args()
     configure_cpu(2)
-    variants = json.loads(args.variants)
+    variants, ensembles = json.loads(args.variants), json.loads(args.ensembles)
+    if ensembles and args.keep is None:
+        p.error("--ensembles needs --keep (the folder of the members' maps)")
     results = []
     for v in variants:
         for name in args.sets.split(","):
-            results.append(run(name, args.data / DEV_SETS[name], v))
+            results.append(run(name, args.data / DEV_SETS[name], v, args.keep))
+            print(json.dumps(results[-1]), flush=True)
+    for members in ensembles:
+        for name in args.sets.split(","):
+            results.append(ensemble(name, args.data / DEV_SETS[name], members, args.keep, args.combine))
             print(json.dumps(results[-1]), flush=True)
     keys = ["image_auroc", "image_auroc_top1", "image_auroc_max", "pixel_auroc", "aupro", "image_auroc_plain",
             "pixel_auroc_plain", "aupro_plain", "image_auroc_chan_sqrt", "pixel_auroc_chan_sqrt", "aupro_chan_sqrt",
@@ -200,7 +275,7 @@ def main() -> None:
             "image_auroc_pooled_chan", "image_auroc_combo",
             *(f"{m}_{v}" for v in ("sigma2", "sigma8", "held", "trainval")
               for m in ("image_auroc", "pixel_auroc", "aupro")),
-            "val_loss", "fit_seconds"]  # fmt: skip
+            "proxy_image", "proxy_token", "val_loss", "fit_seconds"]  # fmt: skip
     rows = [[r["set"], json.dumps(r["variant"]), *(_fmt(r.get(k, "-")) for k in keys)] for r in results]
     md = (
         f"# Recipe screening\n\nCommand: `python bench/screen.py {' '.join(sys.argv[1:])}`\n\n"
@@ -235,6 +310,8 @@ def main() -> None:
                 "pooled chan: image",
                 "combo: image",
                 *(f"{v}: {m}" for v in ("sigma 2", "sigma 8", "held", "trainval") for m in ("image", "pixel", "AUPRO")),
+                "proxy: image",
+                "proxy: token",
                 "val loss",
                 "fit s",
             ],

@@ -7,6 +7,7 @@ import torch
 
 from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig
 from adtr.model import ADTR
+from adtr.transformer import ReconstructionTransformer
 
 SMALL = ModelConfig(
     image_size=(64, 96), hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4, ffn_dim=64
@@ -46,6 +47,24 @@ def test_no_query_ablation_has_no_query_parameter():
     assert m.reconstructor.transformer.query_embed is None
     f = torch.randn(1, m.channels, 4, 6)
     assert m.reconstructor(f).shape == f.shape
+
+
+def test_neighbor_mask_keeps_a_token_from_reading_its_own_neighbourhood():
+    # One decoder layer, no encoder layer: the output at a token depends on the input only
+    # outside the 3x3 window around it (UniAD's neighbor masked attention). Deeper models can
+    # still pass information around in two hops, as in UniAD.
+    t = ReconstructionTransformer(4 * 6, 16, 2, 32, 0, 1, 0.0, grid=(4, 6), neighbor_mask=3).eval()
+    x = torch.randn(1, 24, 16)
+    inside, outside = x.clone(), x.clone()
+    inside[0, 1 * 6 + 2] += 5.0  # row 1, column 2: next to token (2, 3)
+    outside[0, 0 * 6 + 0] += 5.0  # row 0, column 0: two rows and three columns away
+    with torch.no_grad():
+        out, out_in, out_out = t(x), t(inside), t(outside)
+    token = 2 * 6 + 3
+    assert torch.equal(out[0, token], out_in[0, token])
+    assert not torch.allclose(out[0, token], out_out[0, token])
+    with pytest.raises(ValueError, match="needs the learnable query"):
+        ReconstructionTransformer(24, 16, 2, 32, 1, 1, 0.0, use_query=False, grid=(4, 6), neighbor_mask=3)
 
 
 def test_token_patch_puts_a_block_of_the_feature_grid_in_each_token():
