@@ -46,8 +46,9 @@ class ModelConfig:
     feature_dropout: float = 0.0
     attention_dropout: float = 0.0
     # > 0: attention never reaches the n x n window of tokens around a token's own position
-    # (UniAD's neighbor masked attention), so the input there cannot be copied; 0 = off.
-    neighbor_mask: int = 0  # on attention weights (the paper: 0.1; 2x slower on CPUs)
+    # (UniAD's neighbor masked attention), so the input there cannot be copied; 0 = off. Needs
+    # the learnable query (use_query); about 2x slower on CPUs (no fused attention kernel).
+    neighbor_mask: int = 0
     use_query: bool = True  # False: the decoder reads the encoder output (paper's ablation)
     # Each transformer token holds a token_patch x token_patch block of the feature grid
     # (space-to-depth), so the feature grid, the residual and the map are token_patch times

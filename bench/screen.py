@@ -112,7 +112,8 @@ def run(name: str, root: Path, variant: dict, keep: Path | None = None) -> dict:
         if masks is not None and maps_ is not None:
             pm = pixel_metrics(ResizedMaps(maps_, d["sizes"]), masks)
             res[f"pixel_auroc_{name_}"], res[f"aupro_{name_}"] = pm["pixel_auroc"], pm["aupro"]
-    res.update(_proxy(model, root, f[val_idx], val_idx, cfg.train.seed))
+    if val_idx:  # no held-out images (val_fraction 0, tiny sets): no proxy
+        res.update(_proxy(model, root, f[val_idx], val_idx, cfg.train.seed))
     if keep is not None:
         path = _kept(keep, name, variant)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,11 +121,12 @@ def run(name: str, root: Path, variant: dict, keep: Path | None = None) -> dict:
     return res
 
 
-def _proxy(model: ADTR, root: Path, val: torch.Tensor, val_idx: np.ndarray, seed: int, copies: int = 4) -> dict:
+def _proxy(model: ADTR, root: Path, val: torch.Tensor, val_idx: list[int], seed: int, copies: int = 4) -> dict:
     """Test-free figures of a fit: the held-out good images against `copies` synthetic
     anomalies (CutPaste or confetti, one picked per copy) made from each of them. proxy_image:
     image AUROC; proxy_token: AUROC of the token-grid map against the changed tokens."""
-    held = [train_samples(root)[i] for i in val_idx]
+    train = train_samples(root)
+    held = [train[i] for i in val_idx]
     gens = [get_generator("cutpaste"), get_generator("confetti")]
     pools = synthetic_pools(model, held, gens, copies, seed, torch.device("cpu"), progress=False)
     with torch.no_grad():
@@ -144,16 +146,19 @@ def _kept(keep: Path, name: str, variant: dict) -> Path:
     return keep / name / f"{key}.pt"
 
 
-def ensemble(name: str, root: Path, members: list[dict], keep: Path, combine: str = "sum") -> dict:
+def ensemble(name: str, root: Path, members: list[dict], keep: Path, combine: str = "sum") -> list[dict]:
     """The members' token-grid maps (each already standardised per position on its own
     training images: residual_norm "channel_position") combined by `combine` ("sum" or
     "max"), scored like one model's map. Members fitted before with the same `keep` folder
-    are loaded, not refitted."""
-    grids = []
+    are loaded, not refitted. Returns the results of the members fitted here, then the ensemble's."""
+    grids, fitted = [], []
     for v in members:
+        if with_overrides(RunConfig(), v).score.residual_norm != "channel_position":
+            raise SystemExit(f"ensemble member {v}: the maps add unweighted only as channel_position maps")
         path = _kept(keep, name, v)
         if not path.exists():
-            print(json.dumps(run(name, root, v, keep)), flush=True)
+            fitted.append(run(name, root, v, keep))
+            print(json.dumps(fitted[-1]), flush=True)
         grids.append(torch.load(path)["grids"])
     cfg = with_overrides(RunConfig(model=ADTRDetector().config.model), members[0])
     if cfg.model.image_size is None:
@@ -168,7 +173,7 @@ def ensemble(name: str, root: Path, members: list[dict], keep: Path, combine: st
         masks = [read_mask(s.mask_path, z) if s.mask_path else np.zeros(z, bool)
                  for s, z in zip(test, sizes, strict=True)]  # fmt: skip
         res.update(pixel_metrics(ResizedMaps(list(o.anomaly_map.numpy()), sizes), masks))
-    return res
+    return [*fitted, res]
 
 
 def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: dict, val: torch.Tensor) -> dict:
@@ -264,7 +269,7 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     for members in ensembles:
         for name in args.sets.split(","):
-            results.append(ensemble(name, args.data / DEV_SETS[name], members, args.keep, args.combine))
+            results.extend(ensemble(name, args.data / DEV_SETS[name], members, args.keep, args.combine))
             print(json.dumps(results[-1]), flush=True)
     keys = ["image_auroc", "image_auroc_top1", "image_auroc_max", "pixel_auroc", "aupro", "image_auroc_plain",
             "pixel_auroc_plain", "aupro_plain", "image_auroc_chan_sqrt", "pixel_auroc_chan_sqrt", "aupro_chan_sqrt",
