@@ -50,6 +50,9 @@ class ModelConfig:
     # the learnable query (use_query); about 2x slower on CPUs (no fused attention kernel).
     neighbor_mask: int = 0
     use_query: bool = True  # False: the decoder reads the encoder output (paper's ablation)
+    # True: every decoder layer starts from its own learnable query and reaches the previous
+    # layer's output only through attention (UniAD's layer-wise query); needs use_query.
+    layer_query: bool = False
     # Each transformer token holds a token_patch x token_patch block of the feature grid
     # (space-to-depth), so the feature grid, the residual and the map are token_patch times
     # finer than the token grid (max stride / token_patch) at nearly the same cost; 1 = the paper.

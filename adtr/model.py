@@ -76,6 +76,7 @@ class TransformerReconstructor(nn.Module):
             cfg.attention_dropout,
             grid=(h, w),
             neighbor_mask=cfg.neighbor_mask,
+            layer_query=cfg.layer_query,
         )
         self.proj_out = nn.Conv2d(cfg.hidden_dim, channels, 1)
         self.feature_dropout = nn.Dropout(cfg.feature_dropout)

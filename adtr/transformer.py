@@ -91,6 +91,32 @@ class DecoderLayer(nn.Module):
         return self.norm3(tgt + self.ffn(tgt))
 
 
+class LayerQueryDecoderLayer(nn.Module):
+    """A decoder layer that starts from its own learnable query (UniAD's layer-wise query, You et
+    al., NeurIPS 2022, section 3.3): the query attends to the encoder output, then to the
+    previous layer's output, then a feed-forward block. No residual path carries the previous
+    layer's output, so reaching it costs attention: (B, K, D) -> (B, K, D)."""
+
+    def __init__(self, num_tokens: int, dim: int, heads: int, ffn_dim: int, dropout: float,
+                 attention_dropout: float = 0.0):  # fmt: skip
+        super().__init__()
+        self.query_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
+        nn.init.normal_(self.query_embed, std=0.02)
+        self.memory_attn = Attention(dim, heads, attention_dropout)
+        self.previous_attn = Attention(dim, heads, attention_dropout)
+        self.ffn = _feed_forward(dim, ffn_dim, dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, previous: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        tgt = self.query_embed.expand(memory.shape[0], -1, -1)
+        tgt = self.norm1(tgt + self.drop(self.memory_attn(tgt + pos, memory + pos, memory, mask)))
+        tgt = self.norm2(tgt + self.drop(self.previous_attn(tgt + pos, previous + pos, previous, mask)))
+        return self.norm3(tgt + self.ffn(tgt))
+
+
 def _feed_forward(dim: int, ffn_dim: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim), nn.Dropout(dropout)
@@ -113,8 +139,12 @@ class ReconstructionTransformer(nn.Module):
         attention_dropout: float = 0.0,
         grid: tuple[int, int] | None = None,
         neighbor_mask: int = 0,
+        layer_query: bool = False,
     ):
-        """neighbor_mask > 0 (needs grid = (h, w), h * w = num_tokens): no token attends to the
+        """layer_query: every decoder layer starts from its own learnable query
+        (LayerQueryDecoderLayer) instead of the previous layer's output; needs use_query.
+
+        neighbor_mask > 0 (needs grid = (h, w), h * w = num_tokens): no token attends to the
         neighbor_mask x neighbor_mask window of grid positions around its own, so that no
         layer can copy a position's input to its output (UniAD, You et al., NeurIPS 2022,
         "neighbor masked attention"). ValueError with use_query False: the decoder's input is
@@ -122,6 +152,8 @@ class ReconstructionTransformer(nn.Module):
         the mask (measured: the same validation loss as without it, docs/design.md)."""
         super().__init__()
         mask = None
+        if layer_query and not use_query:
+            raise ValueError("layer_query is a learnable query per decoder layer: it needs use_query")
         if neighbor_mask > 0 and not use_query:
             raise ValueError("neighbor_mask needs the learnable query (use_query): without it the decoder "
                              "reads each token's own features through its residual path, past the mask")  # fmt: skip
@@ -131,16 +163,23 @@ class ReconstructionTransformer(nn.Module):
             mask = neighbor_attention_mask(grid, neighbor_mask)
         self.register_buffer("attention_mask", mask, persistent=False)
         self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
-        self.query_embed = nn.Parameter(torch.empty(1, num_tokens, dim)) if use_query else None
+        # with layer_query each decoder layer holds its own query (the first reads the encoder output)
+        self.query_embed = nn.Parameter(torch.empty(1, num_tokens, dim)) if use_query and not layer_query else None
         nn.init.normal_(self.pos_embed, std=0.02)
         if self.query_embed is not None:
             nn.init.normal_(self.query_embed, std=0.02)
         self.encoder = nn.ModuleList(
             EncoderLayer(dim, heads, ffn_dim, dropout, attention_dropout) for _ in range(num_encoder_layers)
         )
-        self.decoder = nn.ModuleList(
-            DecoderLayer(dim, heads, ffn_dim, dropout, attention_dropout) for _ in range(num_decoder_layers)
-        )
+        if layer_query:
+            self.decoder = nn.ModuleList(
+                LayerQueryDecoderLayer(num_tokens, dim, heads, ffn_dim, dropout, attention_dropout)
+                for _ in range(num_decoder_layers)
+            )
+        else:
+            self.decoder = nn.ModuleList(
+                DecoderLayer(dim, heads, ffn_dim, dropout, attention_dropout) for _ in range(num_decoder_layers)
+            )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         pos = self.pos_embed
@@ -150,8 +189,8 @@ class ReconstructionTransformer(nn.Module):
             memory = layer(memory, pos, mask)
         if self.query_embed is not None:
             tgt = self.query_embed.expand(tokens.shape[0], -1, -1)
-        else:
-            tgt = memory  # ablation: the decoder sees the features it must reconstruct
+        else:  # no-query ablation: the features it must reconstruct; layer_query: the first layer's "previous"
+            tgt = memory
         for layer in self.decoder:
             tgt = layer(tgt, memory, pos, mask)
         return tgt

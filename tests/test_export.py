@@ -118,3 +118,13 @@ def test_export_token_patch(tmp_path):
     cfg = ModelConfig(image_size=(64, 96), align="area", hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1,
                       num_heads=4, ffn_dim=64, token_patch=2)  # fmt: skip
     assert export_onnx(ADTR(cfg).eval(), tmp_path / "m.onnx") < 1e-4
+
+
+def test_export_layer_query(tmp_path):
+    """UniAD's layer-wise query (a query per decoder layer) exports too."""
+    from adtr.config import ModelConfig
+    from adtr.model import ADTR
+
+    cfg = ModelConfig(image_size=(64, 96), hidden_dim=32, num_encoder_layers=1, num_decoder_layers=2, num_heads=4,
+                      ffn_dim=64, layer_query=True)  # fmt: skip
+    assert export_onnx(ADTR(cfg).eval(), tmp_path / "m.onnx") < 1e-4

@@ -66,6 +66,24 @@ def test_neighbor_mask_keeps_a_token_from_reading_its_own_neighbourhood():
     assert not torch.allclose(out[0, token], out_out[0, token])
     with pytest.raises(ValueError, match="needs the learnable query"):
         ReconstructionTransformer(24, 16, 2, 32, 1, 1, 0.0, use_query=False, grid=(4, 6), neighbor_mask=3)
+    # the same guarantee for UniAD's layer-wise query: both of its attentions are masked
+    lq = ReconstructionTransformer(24, 16, 2, 32, 0, 1, 0.0, grid=(4, 6), neighbor_mask=3, layer_query=True).eval()
+    with torch.no_grad():
+        out, out_in, out_out = lq(x), lq(inside), lq(outside)
+    assert torch.equal(out[0, token], out_in[0, token])
+    assert not torch.allclose(out[0, token], out_out[0, token])
+
+
+def test_layer_query_gives_each_decoder_layer_its_own_query():
+    m = ADTR(dataclasses.replace(SMALL, num_decoder_layers=2, layer_query=True))
+    t = m.reconstructor.transformer
+    assert t.query_embed is None
+    f = m.standardize(m.extract(torch.rand(2, 3, 64, 96) * 255))
+    ((m.reconstructor(f) - f) ** 2).mean().backward()
+    queries = [layer.query_embed for layer in t.decoder]
+    assert len(queries) == 2 and all(q.shape == (1, 24, 32) and q.grad.abs().sum() > 0 for q in queries)
+    with pytest.raises(ValueError, match="needs use_query"):
+        ADTR(dataclasses.replace(SMALL, use_query=False, layer_query=True))
 
 
 def test_token_patch_puts_a_block_of_the_feature_grid_in_each_token():
