@@ -159,7 +159,7 @@ def ensemble(name: str, root: Path, members: list[dict], keep: Path, combine: st
         if not path.exists():
             fitted.append(run(name, root, v, keep))
             print(json.dumps(fitted[-1]), flush=True)
-        grids.append(torch.load(path)["grids"])
+        grids.append(torch.load(path, weights_only=True)["grids"])
     cfg = with_overrides(RunConfig(model=ADTRDetector().config.model), members[0])
     if cfg.model.image_size is None:
         cfg = with_overrides(cfg, {"image_size": input_size_for([image_size(s.path) for s in train_samples(root)])})
