@@ -67,7 +67,10 @@ def model_fingerprint(model: ADTR) -> str:
     """sha256 of everything an exported graph is built from: every tensor of the model (frozen
     backbone, reconstructor, feature statistics) and its model and score settings. A graph
     stored with another fingerprint was built from other weights or settings (backend.py)."""
-    settings = json.dumps({"model": asdict(model.cfg), "score": asdict(model.score_cfg)}, sort_keys=True)
+    score = asdict(model.score_cfg)
+    if not score["defect_head"] or score["head_gain"] == 1.0:  # as before the key: cached graphs stay valid
+        del score["head_gain"]
+    settings = json.dumps({"model": asdict(model.cfg), "score": score}, sort_keys=True)
     return _state_hash(model.state_dict(), settings.encode())
 
 

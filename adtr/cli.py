@@ -35,6 +35,7 @@ from adtr.config import (
     parse_image_size,
 )
 from adtr.data.images import PIXEL_LIMIT_ENV
+from adtr.defect_head import DEFAULT_GAIN, MASK_GAIN, MIN_MASKED
 from adtr.errors import ADTRError, DataError, SettingsError
 from adtr.runtime import configure_cpu
 from adtr.update import DEFAULT_STEPS
@@ -285,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("anomaly-available training (FCDD-style losses L_px / L_img)")
     _add_anomaly_sources(g)
     g.add_argument(
+        "--head-gain",
+        type=_positive_float,
+        default=None,
+        help="weight of the defect head's logit against the residual map in the anomaly map: larger finds the "
+        "labelled defect types better, smaller keeps types the head never saw as visible as without it "
+        f"(docs/design.md) (default: {MASK_GAIN:g} with at least {MIN_MASKED} masked anomalies, else {DEFAULT_GAIN:g})",
+    )
+    g.add_argument(
         "--labelled-anomalies",
         choices=LABELLED_ANOMALY_USES,
         default=TrainConfig().labelled_anomalies,
@@ -443,7 +452,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             labelled_anomalies=args.labelled_anomalies,
         )
         score = ScoreConfig(smoothing_sigma=args.smoothing_sigma, image_score=args.image_score,
-                            residual_norm=args.residual_norm)  # fmt: skip
+                            residual_norm=args.residual_norm, head_gain=args.head_gain)  # fmt: skip
     except ValueError as e:  # a config's own checks
         raise SettingsError(str(e)) from None
     det = ADTRDetector(model, score, train, device=args.device, progress=not args.quiet)

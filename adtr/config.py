@@ -98,12 +98,18 @@ class ScoreConfig:
     # True in runs fitted with real anomalies under TrainConfig.labelled_anomalies == "head": the
     # map adds a discriminative head's standardised logit (defect_head.py). Set by the fit.
     defect_head: bool = False
+    # The head's standardised logit weighs this many times the standardised residual map in the
+    # map; None: set when the head is fitted, 4 with at least 3 masked defects, else 1
+    # (defect_head.default_gain; docs/design.md, "The head's weight"; runs saved before this key: 1).
+    head_gain: float | None = None
 
     def __post_init__(self) -> None:
         if self.residual_norm not in RESIDUAL_NORMS:
             raise ValueError(f"residual_norm must be one of {RESIDUAL_NORMS}, got {self.residual_norm!r}")
         if not 0 <= self.smoothing_sigma < math.inf:
             raise ValueError(f"smoothing sigma must be a finite number >= 0, got {self.smoothing_sigma}")
+        if self.head_gain is not None and not 0 < self.head_gain < math.inf:
+            raise ValueError(f"head gain must be a finite number > 0, got {self.head_gain}")
 
 
 @dataclass
@@ -204,9 +210,11 @@ class RunConfig:
         model = _build(ModelConfig, data.get("model", {}))
         model.image_size = tuple(model.image_size) if model.image_size is not None else None
         model.strides = tuple(model.strides)
+        score = data.get("score", {})
+        old_head = {"head_gain": 1.0} if score.get("defect_head") else {}  # heads saved before the gain: weight 1
         return cls(
             model=model,
-            score=_build(ScoreConfig, {"residual_norm": "none", **data.get("score", {})}),
+            score=_build(ScoreConfig, {"residual_norm": "none", **old_head, **score}),
             # Runs saved before the step budget trained with the warm-up + x0.1 schedule.
             # Runs saved before the hard-position loss existed trained with the MSE.
             # Runs saved before the defect head trained the reconstructor with L_px on masked anomalies.

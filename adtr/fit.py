@@ -39,7 +39,7 @@ from adtr.data.mvtec import train_samples
 from adtr.data.samples import Sample
 from adtr.data.splits import split_validation
 from adtr.data.transforms import input_size_for
-from adtr.defect_head import PSEUDO_SHARE, DefectHead, fit_defect_head, head_norm
+from adtr.defect_head import PSEUDO_SHARE, DefectHead, default_gain, fit_defect_head, head_norm
 from adtr.drift import ImageInfo, InputProfile
 from adtr.engine import (
     AnomalyPool,
@@ -91,7 +91,8 @@ def fit_run(
     """A run from folders or samples: (fitted model, its record: settings, calibration,
     provenance, history). The arguments are ADTRDetector.fit's; the record's config has the
     input size filled in (from the training images' aspect ratio when unset) and, with init,
-    that run's model and score settings; record.replay keeps good features for later updates
+    that run's model and score settings (but a head fitted now takes config's head gain, or the
+    default rule when it is None); record.replay keeps good features for later updates
     (replay.py), record.inputs profiles the good images (drift.InputProfile). DataError /
     SettingsError / RunFolderError for bad input.
     """
@@ -104,10 +105,16 @@ def fit_run(
         generators = [get_generator(name) for name in synthetic]
     except ValueError as e:
         raise SettingsError(str(e)) from None
+    if config.score.head_gain is not None and not head_samples(config, labelled):
+        log.warning("the head gain (--head-gain) is ignored: no defect head is fitted now (it needs labelled anomalies and "
+                    "--labelled-anomalies head)")  # fmt: skip
     base, prior = None, None
     if init is not None:
         base, base_config, _ = load_run(init, device)
-        config = dataclasses.replace(config, model=base_config.model, score=base_config.score)
+        score = base_config.score
+        if head_samples(config, labelled):  # a head fitted now takes the caller's gain (None: the fit's rule)
+            score = dataclasses.replace(score, head_gain=config.score.head_gain)
+        config = dataclasses.replace(config, model=base_config.model, score=score)
         replay = load_replay(init, (base.channels, *base_config.model.grid_size))
         prior = replay.defect_pool(base) if replay is not None else None  # an init's head keeps its defects
     config, base = with_defect_head(config, labelled, base)
@@ -126,6 +133,7 @@ def fit_run(
     fitted = fit_on_features(config, samples, device, val_idx=val_idx, anomalies=labelled, external=external_samples,
                              generators=generators, init=base, state_dir=state_dir, resume=resume,
                              progress=progress, train_reconstructor=not keep, prior_defects=prior)  # fmt: skip
+    config = dataclasses.replace(config, score=fitted.model.score_cfg)  # with the head's gain, if chosen
     if source == "crossfit":
         scores, maxima = crossfit_scores(config, samples, fitted.raw, device, anomalies=labelled,
                                          external=external_samples, generators=generators, init=fold_init,
@@ -170,15 +178,18 @@ def head_samples(config: RunConfig, anomalies: Images | None) -> list[Sample]:
 def with_defect_head(
     config: RunConfig, anomalies: Images | None, model: ADTR | None = None
 ) -> tuple[RunConfig, ADTR | None]:
-    """(config, model) with score.defect_head set when masked anomalies will fit a head; the
+    """(config, model) with score.defect_head set when labelled anomalies will fit a head; the
     model (an init or parent, may be None) is copied with the new score settings."""
-    if config.score.defect_head or not head_samples(config, anomalies):
+    samples = head_samples(config, anomalies)
+    if not samples:
         return config, model
     if config.score.image_score == "pooled_residual":
         raise SettingsError("the pooled_residual image score ignores the map, so a defect head would change no "
                             "decision: choose another image score, or --labelled-anomalies loss")  # fmt: skip
     config = dataclasses.replace(config, score=dataclasses.replace(config.score, defect_head=True))
-    return config, (model.with_score(config.score) if model is not None else None)
+    if model is not None and model.score_cfg != config.score:
+        model = model.with_score(config.score)
+    return config, model
 
 
 def head_only(config: RunConfig, anomalies: Images | None, external: Images | None,
@@ -385,7 +396,8 @@ def fit_head(model: ADTR, good: torch.Tensor, defects: AnomalyPool | None, batch
     (N, C, h, w) and labelled defects: a mask gives a defect's token labels; an image label,
     the tokens of its residual map within PSEUDO_SHARE of the map's maximum (positives only).
     Without defects, keep the head's weights and refresh only its standardisation (the
-    reconstructor changed, e.g. in an update with good images only)."""
+    reconstructor changed, e.g. in an update with good images only). An unset gain
+    (score.head_gain None) is set by defect_head.default_gain."""
     device = model.head_weight.device
 
     def residuals(f: torch.Tensor) -> torch.Tensor:
@@ -408,6 +420,9 @@ def fit_head(model: ADTR, good: torch.Tensor, defects: AnomalyPool | None, batch
             head = fit_defect_head(good_residual, good_map, defect_residual, labels, defects.pixel_level)
         except ValueError as e:  # no labelled token at all
             raise DataError(str(e)) from None
+    if model.score_cfg.head_gain is None:  # set now, then kept (a run's updates keep it)
+        gain = default_gain(0 if defects is None else int(defects.pixel_level.sum()))
+        model.score_cfg = dataclasses.replace(model.score_cfg, head_gain=gain)
     model.set_defect_head(head)
 
 

@@ -250,8 +250,15 @@ class ADTR(nn.Module):
         grid = self.residual_grid(residual)
         if self.score_cfg.defect_head:
             logit = (residual * self.head_weight).sum(1) + self.head_bias
-            grid = combine_defect_head(grid, logit, self.head_norm)
+            grid = combine_defect_head(grid, logit, self.head_norm, self.head_gain)
         return self.score_maps(grid, residual)
+
+    @property
+    def head_gain(self) -> float:
+        """The defect head's weight in the map (ScoreConfig.head_gain); ValueError while unset."""
+        if self.score_cfg.head_gain is None:
+            raise ValueError("the defect head's gain is unset: the fit sets it (ScoreConfig.head_gain)")
+        return self.score_cfg.head_gain
 
     @torch.no_grad()
     def set_defect_head(self, head: DefectHead) -> None:

@@ -1,17 +1,20 @@
 """How to use a few labelled defects: variants of a defect head on a saved normal-only run.
 
-    python bench/defect_head_probe.py RUN DATA [--draws 0] [--desc r|abs|rabs] [--wds 1e-3]
-                                      [--holdout TYPE] [--pseudo SHARE]
+    python bench/defect_head_probe.py RUN DATA [--draws 0] [--desc r|abs|rabs|ctx|fr|frctx]
+                                      [--hidden H] [--wds 1e-3] [--holdout TYPE] [--pseudo SHARE]
 
 The probe behind adtr/defect_head.py (docs/design.md, "The defect head"). RUN is a normal-only
 run of the category DATA (e.g. bench/kshot.py's RUNS/<set>/normal); per draw, 5 test anomalies
 per defect type are drawn as bench/kshot.py draws them (pool 5) and leave the test set. A
-class-balanced logistic regression is fitted on token descriptors of the scaled residual r of
-the good training images (label 0) and of the drawn defects (mask share > 0.5: 1, 0: 0):
---desc r (signed, the default kept), abs (|r|) or rabs (both). Printed per weight decay
-(--wds): image AUROC, pixel AUROC, AUPRO of the normal run and of the maps "head" (the head's
-logit alone, standardised on good tokens), "sum" (standardised residual map + standardised
-logit: what adtr does), "sum.5" (half the logit), "max" (the larger of the two).
+class-balanced logistic regression is fitted on token descriptors of the good training images
+(label 0) and of the drawn defects (mask share > 0.5: 1, 0: 0; --desc r: adtr.defect_head's
+own fit and token labels): --desc r (the scaled residual), abs (|r|), rabs (both), ctx (r and
+its 3x3 neighbourhood's mean), fr (the standardised feature beside r), frctx (all three);
+--hidden H: an MLP with H hidden units instead. Printed per weight decay (--wds): image AUROC
+(the library's top-1% score, and the map's maximum), pixel AUROC, AUPRO of the normal run and of
+the maps "head" (the head's logit alone, standardised on good tokens), "sum" (standardised
+residual map + standardised logit), "sum.5" / "sum2" / "sum4" (the logit weighed 0.5 / 2 / 4:
+the head's gain), "max" (the larger of the two).
 --holdout TYPE drops that defect type's drawn images from training and scores only the good
 and TYPE test images (a defect type the head never saw). --pseudo SHARE drops the masks:
 positives are the tokens whose residual map is >= SHARE x its maximum (image labels only).
@@ -31,6 +34,7 @@ from adtr.data.images import image_size, read_mask
 from adtr.data.mvtec import test_samples, train_samples
 from adtr.data.splits import kshot_split
 from adtr.data.transforms import resize_map
+from adtr.defect_head import fit_defect_head
 from adtr.engine import anomaly_pool, extract_features
 from adtr.metrics import image_metrics, pixel_metrics
 from adtr.runtime import configure_cpu
@@ -41,7 +45,8 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("data", type=Path)
     p.add_argument("--draws", default="0")
-    p.add_argument("--desc", choices=("r", "abs", "rabs"), default="r")
+    p.add_argument("--desc", choices=("r", "abs", "rabs", "ctx", "fr", "frctx"), default="r")
+    p.add_argument("--hidden", type=int, default=0, help="an MLP head with this many hidden units (0: linear)")
     p.add_argument("--wds", default="1e-3")
     p.add_argument("--holdout", default=None)
     p.add_argument("--pseudo", type=float, default=None)
@@ -61,21 +66,34 @@ def main() -> None:
     def grid(r: torch.Tensor) -> torch.Tensor:
         return model.residual_grid(r)
 
-    def desc(r: torch.Tensor) -> torch.Tensor:  # (N, C, h, w) -> (N, h, w, D)
-        d = {"r": r, "abs": r.abs(), "rabs": torch.cat([r, r.abs()], 1)}[args.desc]
+    def desc(r: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # (N, C, h, w) -> (N, h, w, D)
+        if args.desc == "r":
+            d = r
+        elif args.desc == "abs":
+            d = r.abs()
+        elif args.desc == "rabs":
+            d = torch.cat([r, r.abs()], 1)
+        elif args.desc == "ctx":  # the token's residual and its 3x3 neighbourhood's mean
+            d = torch.cat([r, F.avg_pool2d(r, 3, 1, 1, count_include_pad=False)], 1)
+        elif args.desc == "fr":  # the token's feature beside its residual
+            d = torch.cat([f, r], 1)
+        else:
+            d = torch.cat([f, r, F.avg_pool2d(r, 3, 1, 1, count_include_pad=False)], 1)
         return d.permute(0, 2, 3, 1)
 
     def metrics(g: torch.Tensor, samples: list) -> dict:
         with torch.no_grad():
             out = model.score_maps(g)
-        m = image_metrics(out.anomaly_score.double().numpy(), np.array([s.label for s in samples]))
+        labels = np.array([s.label for s in samples])
+        m = image_metrics(out.anomaly_score.double().numpy(), labels)
+        m["image_max"] = image_metrics(out.anomaly_map.flatten(1).amax(1).double().numpy(), labels)["image_auroc"]
         maps, masks = [], []
         for s, mp in zip(samples, out.anomaly_map.numpy(), strict=True):
-            w, h = image_size(s.path)
-            masks.append(read_mask(s.mask_path, (h, w)) if s.mask_path else np.zeros((h, w), bool))
-            maps.append(resize_map(mp, (h, w)))
+            size = image_size(s.path)  # (height, width)
+            masks.append(read_mask(s.mask_path, size) if s.mask_path else np.zeros(size, bool))
+            maps.append(resize_map(mp, size))
         m.update(pixel_metrics(maps, masks))
-        return {k: round(float(m[k]), 4) for k in ("image_auroc", "pixel_auroc", "aupro")}
+        return {k: round(float(m[k]), 4) for k in ("image_auroc", "image_max", "pixel_auroc", "aupro")}
 
     def train_head(xg: torch.Tensor, xa: torch.Tensor, ya: torch.Tensor, wd: float):
         x = torch.cat([xg, xa])
@@ -84,13 +102,18 @@ def main() -> None:
         x = (x - mu) / sd
         t = (y > 0.5).float()
         weight = torch.where(t > 0, len(y) / (2 * t.sum()), len(y) / (2 * (len(y) - t.sum())))
-        lin = torch.nn.Linear(x.shape[1], 1)
+        if args.hidden:
+            torch.manual_seed(0)
+            lin = torch.nn.Sequential(torch.nn.Linear(x.shape[1], args.hidden), torch.nn.GELU(),
+                                      torch.nn.Linear(args.hidden, 1))
+        else:
+            lin = torch.nn.Linear(x.shape[1], 1)
         opt = torch.optim.LBFGS(lin.parameters(), max_iter=300, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
             loss = (F.binary_cross_entropy_with_logits(lin(x)[:, 0], t, reduction="none") * weight).mean()
-            loss = loss + wd * lin.weight.pow(2).sum()
+            loss = loss + wd * sum(m.weight.pow(2).sum() for m in lin.modules() if isinstance(m, torch.nn.Linear))
             loss.backward()
             return loss
 
@@ -113,16 +136,26 @@ def main() -> None:
             keep = labels > 0.5
         else:
             keep = (labels > 0.5) | (labels == 0)
-        xa, ya = desc(r_anom)[keep], labels[keep]
-        xg = desc(r_train).reshape(-1, xa.shape[1])
+        xa, ya = desc(r_anom, pool.features)[keep], labels[keep]
+        xg = desc(r_train, f_train).reshape(-1, xa.shape[1])
         g_train = grid(r_train)
         for wd in [float(x) for x in args.wds.split(",")]:
-            head = train_head(xg, xa, ya, wd)
+            if args.desc == "r" and not args.hidden:  # the product's fit (float64, zero start)
+                known = torch.zeros(len(labels), dtype=torch.bool) if args.pseudo is not None else None
+                h = fit_defect_head(r_train, g_train, r_anom, labels, known, weight_decay=wd)
+
+                def head(d: torch.Tensor, h=h) -> torch.Tensor:
+                    return d.double() @ h.weight.double() + h.bias
+            else:
+                head = train_head(xg, xa, ya, wd)
             with torch.no_grad():
-                l_train = head(desc(r_train))
-                zh = (head(desc(r_test[[index[s.path] for s in rest]])) - l_train.mean()) / l_train.std()
+                l_train = head(desc(r_train, f_train))
+                sel = [index[s.path] for s in rest]
+                zh = (head(desc(r_test[sel], f_test[sel])) - l_train.mean()) / l_train.std()
             zb = (base - g_train.mean()) / g_train.std()
-            variants = {"head": zh, "sum": zb + zh, "sum.5": zb + 0.5 * zh, "max": torch.maximum(zb, zh)}
+            zh = zh.float()
+            variants = {"head": zh, "sum": zb + zh, "sum.5": zb + 0.5 * zh, "sum2": zb + 2 * zh, "sum4": zb + 4 * zh,
+                        "max": torch.maximum(zb, zh)}
             for name, g in variants.items():
                 print("draw", draw, "wd", wd, name, metrics(g.clamp_min(0), rest), flush=True)
 

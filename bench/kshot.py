@@ -2,7 +2,8 @@
 
     python bench/kshot.py [--sets metal_plate,bsdata,transistor] [--ks 1,3,5,10] [--draws 0,1,2]
                           [--modes normal,synthetic,masks,labels] [--synthetic confetti,cutpaste]
-                          [--external DIR] [--references patchcore,padim] [--out results/kshot]
+                          [--external DIR] [--references patchcore,padim] [--head-gain G]
+                          [--out results/kshot]
 
 Per set and draw (seed), max(ks) test anomalies per defect type are drawn (adtr.data.splits.
 kshot_split); the first k train and ALL of them leave the test set, so every mode and both
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, DEV_SETS, REPO, machine, md_table, write_results  # noqa: E402
 
 from adtr import ADTRDetector  # noqa: E402
-from adtr.config import TrainConfig  # noqa: E402
+from adtr.config import ScoreConfig, TrainConfig  # noqa: E402
 from adtr.data.folder import has_masks  # noqa: E402
 from adtr.data.images import image_size, read_mask  # noqa: E402
 from adtr.data.mvtec import test_samples, train_samples  # noqa: E402
@@ -132,7 +133,8 @@ def bench_set(name: str, root: Path, args: argparse.Namespace, ks: list[int], mo
         t0 = time.perf_counter()
         train_cfg = TrainConfig(labelled_anomalies=labelled_anomalies)
         train_cfg = train_cfg if args.steps is None else dataclasses.replace(train_cfg, steps=args.steps)
-        det = ADTRDetector(train=train_cfg, progress=False).fit(root, **fit_args)
+        det = ADTRDetector(score=ScoreConfig(head_gain=args.head_gain), train=train_cfg, progress=False)
+        det.fit(root, **fit_args)
         return det, round(time.perf_counter() - t0, 1)
 
     if args.reuse and base.is_dir():  # the normal-only fit does not depend on the draw or the mode
@@ -158,14 +160,16 @@ def bench_set(name: str, root: Path, args: argparse.Namespace, ks: list[int], mo
             files = [str(s.path) for s in anomalies]
             if "masks" in modes:
                 det, fit_s = fit(anomalies=anomalies, init=base)
-                add("masks", k, fit_s, {d: _metrics_of(det, rest)}, train_anomalies=files)
+                add("masks", k, fit_s, {d: _metrics_of(det, rest)}, train_anomalies=files,
+                    head_gain=det.config.score.head_gain)
             if "masks_loss" in modes:
                 det, fit_s = fit("loss", anomalies=anomalies, init=base)
                 add("masks_loss", k, fit_s, {d: _metrics_of(det, rest)}, train_anomalies=files)
             unmasked = [dataclasses.replace(s, mask_path=None) for s in anomalies]
             if "labels" in modes:
                 det, fit_s = fit(anomalies=unmasked, init=base)
-                add("labels", k, fit_s, {d: _metrics_of(det, rest)}, train_anomalies=files)
+                add("labels", k, fit_s, {d: _metrics_of(det, rest)}, train_anomalies=files,
+                    head_gain=det.config.score.head_gain)
             if "labels_loss" in modes:
                 det, fit_s = fit("loss", anomalies=unmasked, init=base)
                 add("labels_loss", k, fit_s, {d: _metrics_of(det, rest)}, train_anomalies=files)
@@ -204,6 +208,8 @@ def main() -> None:
     p.add_argument("--external", type=Path, default=None, help="folder of unrelated images (external mode)")
     p.add_argument("--references", default="patchcore,padim", help="reference methods ('' = none)")
     p.add_argument("--steps", type=int, default=None, help="steps of every fit (default: the library's)")
+    p.add_argument("--head-gain", type=float, default=None,
+                   help="the defect head's gain (default: the library's, defect_head.default_gain)")
     p.add_argument("--out", type=Path, default=REPO / "results" / "kshot")
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "kshot")
     p.add_argument("--reuse", action="store_true", help="load the normal-only runs an earlier call saved in --runs")

@@ -15,8 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from adtr import ADTRDetector
+from adtr.checkpoint import model_fingerprint
 from adtr.config import RunConfig, ScoreConfig, TrainConfig
-from adtr.defect_head import combine, fit_defect_head
+from adtr.defect_head import DEFAULT_GAIN, MASK_GAIN, combine, default_gain, fit_defect_head
 from adtr.errors import DataError, RunFolderError, SettingsError
 from adtr.model import ADTR
 from adtr.replay import REPLAY_FILE
@@ -42,10 +43,15 @@ def test_head_separates_a_defect_direction_and_standardises_on_good_tokens():
     z = (good_logit - head.norm[2]) / head.norm[3]
     assert abs(float(z.mean())) < 1e-4 and abs(float(z.std()) - 1) < 1e-3
     assert torch.allclose(head.norm[:2], torch.stack([good_map.mean(), good_map.std()]), atol=1e-5)
-    # combine: the sum of the two standardised maps, negative values set to 0
-    grid, lg = torch.tensor([[[3.0, 0.0]]]), torch.tensor([[[1.0, -5.0]]])
+    # combine: the standardised residual map + gain x the standardised logit, negatives set to 0
+    grid, lg = torch.tensor([[[3.0, 0.0, 3.0]]]), torch.tensor([[[1.0, -5.0, -0.25]]])
     norm = torch.tensor([1.0, 2.0, 0.0, 0.5])
-    assert torch.equal(combine(grid, lg, norm), torch.tensor([[[3.0, 0.0]]]))
+    assert torch.equal(combine(grid, lg, norm, 1.0), torch.tensor([[[3.0, 0.0, 0.5]]]))
+    assert torch.equal(combine(grid, lg, norm, 4.0), torch.tensor([[[9.0, 0.0, 0.0]]]))
+
+
+def test_default_gain_needs_several_masked_defects():
+    assert [default_gain(n) for n in range(5)] == [1.0, 1.0, 1.0, 4.0, 4.0]
 
 
 def test_small_defects_give_positives_and_empty_masks_are_refused():
@@ -77,9 +83,14 @@ def test_with_score_keeps_the_weights_and_a_model_without_head_refuses_one():
     model = ADTR(TINY).eval()
     f = torch.randn(2, model.channels, 4, 4)
     model.residual_scale.fill_(2.0)
-    headed = model.with_score(ScoreConfig(defect_head=True)).eval()
+    headed = model.with_score(ScoreConfig(defect_head=True, head_gain=1.0)).eval()
     # an all-zero head with the identity standardisation adds nothing
     assert torch.allclose(headed.score(f).anomaly_map, model.score(f).anomaly_map, atol=1e-6)
+    # the gain is part of what a cached graph was built from, unless it means what runs before it did
+    four = model.with_score(ScoreConfig(defect_head=True, head_gain=4.0))
+    assert model_fingerprint(four) != model_fingerprint(headed)
+    old = model_fingerprint(model.with_score(ScoreConfig(head_gain=4.0)))  # no head: the gain is unused
+    assert old == model_fingerprint(model)
     with pytest.raises(ValueError, match="no defect head"):
         model.set_defect_head(fit_defect_head(_residuals(4, 0, model.channels), torch.ones(4, 4, 4),
                                               _residuals(1, 1, model.channels), torch.ones(1, 4, 4)))  # fmt: skip
@@ -157,9 +168,31 @@ def test_init_with_masks_only_keeps_the_reconstructor_and_update_adds_a_head(par
     for a, b in zip(base.model_.reconstructor.state_dict().values(), det.model_.reconstructor.state_dict().values(),
                     strict=True):  # fmt: skip
         assert torch.equal(a, b)
+    # 4 masked defects: the head weighs MASK_GAIN times, kept in the run; a gain given by the caller
+    # wins over the rule and the init's: the same head, its logit weighed 1x
+    assert det.config.score.head_gain == MASK_GAIN and det.model_.score_cfg == det.config.score
+    one = ADTRDetector(TINY, ScoreConfig(head_gain=1.0), train=TRAIN, progress=False, backend="torch").fit(
+        parts / "train", anomalies=parts / "defects", init=tmp_path / "base"
+    )
+    assert one.config.score.head_gain == 1.0 and torch.equal(one.model_.head_weight, det.model_.head_weight)
+    one.save(tmp_path / "one")
+    # an update keeps its parent's gain; a fit from it with new defects takes the rule's, not the init's
+    kept = ADTRDetector.load(tmp_path / "one", progress=False, backend="torch").update(anomalies=parts / "probe")
+    assert kept.config.score.head_gain == 1.0
+    again = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(
+        parts / "train", anomalies=parts / "probe", init=tmp_path / "one"
+    )
+    assert again.config.score.head_gain == MASK_GAIN
+    f = det.model_.standardize(torch.randn(2, det.model_.channels, 4, 4))
+    r = det.model_.residual(f)
+    logit = (r * det.model_.head_weight).sum(1) + det.model_.head_bias
+    for d, gain in ((det, det.config.score.head_gain), (one, 1.0)):
+        want = combine(d.model_.residual_grid(r), logit, d.model_.head_norm, gain)
+        assert torch.allclose(d.model_.score_maps(want).anomaly_map, d.model_.score(f).anomaly_map)
     # adtr update with masked defects alone: only the head is fitted, recorded as 0 steps
     new = ADTRDetector.load(tmp_path / "base", progress=False, backend="torch").update(anomalies=parts / "defects")
     assert new.config.score.defect_head and new.record_.provenance["update"]["steps"] == 0
+    assert new.config.score.head_gain == MASK_GAIN and new.model_.score_cfg == new.config.score
     probe = sorted((parts / "probe" / "spot").iterdir())
     assert np.allclose([p.anomaly_score for p in new.predict(probe)], [p.anomaly_score for p in det.predict(probe)],
                        rtol=1e-4)  # fmt: skip
@@ -168,6 +201,7 @@ def test_init_with_masks_only_keeps_the_reconstructor_and_update_adds_a_head(par
     assert len(kept) == 4 and kept.pixel_level.all() and kept.features.dtype == torch.float16
     new.save(tmp_path / "v2")
     loaded = ADTRDetector.load(tmp_path / "v2", progress=False, backend="torch")
+    assert loaded.config.score.head_gain == MASK_GAIN
     assert torch.equal(loaded.record_.replay.defects.features, kept.features)
     assert torch.equal(loaded.record_.replay.defects.token_labels, kept.token_labels.float())
     v3 = loaded.update(anomalies=parts / "probe")
@@ -182,6 +216,7 @@ def test_image_labelled_defects_fit_a_head_from_the_residual_maps_top_tokens(par
     plain = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(parts / "train")
     det = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(parts / "train", anomalies=unmasked)
     assert det.config.score.defect_head and det.record_.provenance["data"]["n_pixel_labelled"] == 0
+    assert det.config.score.head_gain == DEFAULT_GAIN == 1.0  # pseudo-labels only: the residual map's weight
     probe = sorted((parts / "probe" / "spot").iterdir())
     good = sorted((parts / "train" / "good").iterdir())
 
@@ -249,3 +284,10 @@ def test_corrupt_kept_defects_are_refused(parts, tmp_path):
 def test_runs_without_the_key_load_as_trained_with_the_loss():
     config = RunConfig.from_dict({"schema_version": 1, "model": {"image_size": [64, 64]}, "score": {}, "train": {}})
     assert config.train.labelled_anomalies == "loss" and not config.score.defect_head
+    # heads saved before the gain added their logit with weight 1; new runs leave it to the fit
+    assert config.score.head_gain is None and ScoreConfig().head_gain is None
+    old = RunConfig.from_dict({"schema_version": 1, "model": {"image_size": [64, 64]},
+                               "score": {"defect_head": True}, "train": {"labelled_anomalies": "head"}})  # fmt: skip
+    assert old.score.head_gain == 1.0
+    with pytest.raises(ValueError, match="head gain"):
+        ScoreConfig(head_gain=0.0)
