@@ -106,8 +106,8 @@ def fit_run(
     except ValueError as e:
         raise SettingsError(str(e)) from None
     if config.score.head_gain is not None and not head_samples(config, labelled):
-        log.warning("the head gain (--head-gain) is ignored: no defect head is fitted now (it needs labelled anomalies and "
-                    "--labelled-anomalies head)")  # fmt: skip
+        log.warning("the head gain (--head-gain) is ignored: no defect head is fitted now (it needs labelled "
+                    "anomalies and --labelled-anomalies head)")  # fmt: skip
     base, prior = None, None
     if init is not None:
         base, base_config, _ = load_run(init, device)
