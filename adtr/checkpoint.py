@@ -278,6 +278,18 @@ def check_fit_target(run_dir: Path | str, resume: bool = False, force: bool = Fa
         raise RunFolderError(f"{run_dir}: no interrupted fit to resume")
 
 
+def _training_settings(config: Any) -> Any:
+    """A saved or current config as JSON, with keys added since filled in (RunConfig.from_dict), so
+    that a state saved by an earlier version resumes; without the defect head's gain, which is set
+    after training and does not change it."""
+    try:
+        doc = json.loads(json.dumps(RunConfig.from_dict(config).to_dict()))  # as JSON: tuples are lists there
+    except (TypeError, ValueError, AttributeError):
+        return config
+    doc["score"].pop("head_gain", None)
+    return doc
+
+
 def load_train_state(
     run_dir: Path | str,
     model: ADTR,
@@ -297,7 +309,7 @@ def load_train_state(
             saved_epoch = (f.metadata() or {}).get("epoch")
     except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as e:
         raise RunFolderError(f"{state_dir}: unreadable training state ({e})") from None
-    if doc.get("config") != json.loads(json.dumps(config.to_dict())):  # as JSON: tuples are lists there
+    if _training_settings(doc.get("config")) != _training_settings(config.to_dict()):
         raise RunFolderError(f"{json_path}: the run was started with other settings; resume with the same ones")
     epoch = int(doc["epoch"])
     if saved_epoch != str(epoch):

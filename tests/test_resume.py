@@ -75,6 +75,12 @@ def test_resume_refuses_other_settings(tiny_run, tmp_path):
     save_train_state(tmp_path, det.model_, opt, gen, 1, [{"loss": 1.0}], det.config)
     epoch, history = load_train_state(tmp_path, det.model_, opt, gen, det.config)
     assert epoch == 1 and history == [{"loss": 1.0}]
+    # a state saved before a settings key existed (here the head's gain) resumes
+    state = tmp_path / STATE_DIR / STATE_JSON
+    doc = json.loads(state.read_text())
+    del doc["config"]["score"]["head_gain"]
+    state.write_text(json.dumps(doc))
+    assert load_train_state(tmp_path, det.model_, opt, gen, det.config)[0] == 1
     other = RunConfig.from_dict(det.config.to_dict())
     other.train.seed += 1
     with pytest.raises(CheckpointError, match="other settings"):
