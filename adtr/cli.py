@@ -344,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"optimisation steps from RUN's weights (default: {DEFAULT_STEPS})",
     )
     p.add_argument(
+        "--head-gain",
+        type=_positive_float,
+        default=None,
+        help="weight of the defect head's logit against the residual map, instead of RUN's (a run without one "
+        f"gets {MASK_GAIN:g} with at least {MIN_MASKED} masked anomalies, else {DEFAULT_GAIN:g}); 1 keeps defect "
+        "types the head never saw as visible as without it (docs/design.md)",
+    )
+    p.add_argument(
         "--allow-forgetting",
         action="store_true",
         help="save the update with a warning when the forgetting guard fails (default: refuse, nothing written)",
@@ -484,7 +492,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     _output(args.out, "--out", folder=True)
     det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet)
     new = det.update(anomalies=args.anomalies, good=args.good, external=args.external, steps=args.steps,
-                     allow_forgetting=args.allow_forgetting)  # fmt: skip
+                     allow_forgetting=args.allow_forgetting, head_gain=args.head_gain)  # fmt: skip
     new.save(args.out)  # also writes and checks RUN2/model.onnx for the default backend, as fit does
     update, seconds = new.record_.provenance["update"], new.record_.provenance["fit_seconds"]
     guard = update["forgetting_guard"]

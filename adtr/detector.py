@@ -108,13 +108,15 @@ class ADTRDetector:
         external: str | Path | Sequence[Sample] | None = None,
         steps: int = DEFAULT_STEPS,
         allow_forgetting: bool = False,
+        head_gain: float | None = None,
     ) -> ADTRDetector:
         """A new detector: this saved run continued with new data, without its training images
         (update.update_run; save it to a new folder). This detector and its folder are unchanged.
 
         anomalies: new labelled defects (as in fit). good: new good images (an MVTec category or
             folder with good/, or a plain folder of images). external: unrelated images.
-        steps: optimisation steps from this run's weights. Raises ForgettingError when more of
+        steps: optimisation steps from this run's weights. head_gain: the defect head's weight in
+        the map instead of this run's (ScoreConfig.head_gain). Raises ForgettingError when more of
         this run's validation good images would be flagged (false-alarm rate above this run's
         + 1 point), unless allow_forgetting; RunFolderError for a run saved before adtr kept
         replay features; SettingsError when called before save() or load().
@@ -124,7 +126,7 @@ class ADTRDetector:
             raise SettingsError("save() this detector or load() it first: an update records its parent's folder")
         model, record = update_run(self.model_, self.record_, self.run_dir_, self.device, anomalies=anomalies,
                                    good=good, external=external, steps=steps, allow_forgetting=allow_forgetting,
-                                   progress=self.progress)  # fmt: skip
+                                   head_gain=head_gain, progress=self.progress)  # fmt: skip
         det = ADTRDetector(record.config.model, record.config.score, record.config.train, self.device, self.progress,
                            self.backend)  # fmt: skip
         det.run_dir_ = None  # new weights: no run folder until save()

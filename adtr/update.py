@@ -85,6 +85,7 @@ def update_run(
     external: Folder = None,
     steps: int = DEFAULT_STEPS,
     allow_forgetting: bool = False,
+    head_gain: float | None = None,
     progress: bool = True,
 ) -> tuple[ADTR, RunRecord]:
     """The parent run (model, record, its folder) continued with new data: (model, record).
@@ -95,6 +96,8 @@ def update_run(
         a plain folder of images, or samples. external: unrelated images (image-level anomalies).
     The parent model is not changed (a copy is trained). The new record names the parent
     (folder and weights hash) and what was added (counts, hashes of paths and contents).
+    head_gain: the defect head's weight in the map (ScoreConfig.head_gain) instead of the
+    parent's; SettingsError when the new run has no head.
     Raises RunFolderError for a parent without replay features (saved before they existed),
     SettingsError for nothing to add or a bad step count, DataError for unreadable data,
     ForgettingError when the guard fails and allow_forgetting is False.
@@ -126,6 +129,15 @@ def update_run(
     features = torch.cat([replay.good.float(), new_raw[new_train], replay.val.float(), new_raw[new_val]])
     n_train = len(replay.good) + len(new_train)
     config, model = with_defect_head(config, labelled, model)
+    if head_gain is not None:
+        if not config.score.defect_head:
+            raise SettingsError("--head-gain: this run has no defect head and the update fits none (it needs "
+                                "labelled anomalies)")  # fmt: skip
+        try:
+            config = dataclasses.replace(config, score=dataclasses.replace(config.score, head_gain=head_gain))
+        except ValueError as e:  # ScoreConfig's own checks
+            raise SettingsError(str(e)) from None
+        model = model.with_score(config.score)
     # new masked defects alone only fit the defect head: the reconstructor has nothing to learn
     keep = not new_good and head_only(config, labelled, new_external)
     fitted = fit_on_features(config, features, device, val_idx=range(n_train, len(features)),

@@ -179,6 +179,13 @@ def test_init_with_masks_only_keeps_the_reconstructor_and_update_adds_a_head(par
     # an update keeps its parent's gain; a fit from it with new defects takes the rule's, not the init's
     kept = ADTRDetector.load(tmp_path / "one", progress=False, backend="torch").update(anomalies=parts / "probe")
     assert kept.config.score.head_gain == 1.0
+    # or the weight the update is given, here on the same head (good images only: the head is kept)
+    reweighed = ADTRDetector.load(tmp_path / "one", progress=False, backend="torch").update(
+        good=parts / "train", steps=1, head_gain=2.0)
+    assert reweighed.config.score.head_gain == 2.0 == reweighed.model_.score_cfg.head_gain
+    with pytest.raises(SettingsError, match="no defect head"):
+        ADTRDetector.load(tmp_path / "base", progress=False, backend="torch").update(good=parts / "train",
+                                                                                    head_gain=2.0)  # fmt: skip
     again = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(
         parts / "train", anomalies=parts / "probe", init=tmp_path / "one"
     )
