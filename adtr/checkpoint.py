@@ -290,6 +290,16 @@ def _training_settings(config: Any) -> Any:
     return doc
 
 
+def saved_config_matches(run_dir: Path | str, config: RunConfig) -> bool:
+    """Whether run_dir's saved training state was started with config's settings (the ones
+    load_train_state compares); False when there is no readable state."""
+    try:
+        doc = json.loads((Path(run_dir) / STATE_DIR / STATE_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and _training_settings(doc.get("config")) == _training_settings(config.to_dict())
+
+
 def load_train_state(
     run_dir: Path | str,
     model: ADTR,

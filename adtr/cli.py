@@ -129,6 +129,12 @@ def _positive_float(text: str) -> float:
     return _number(text, float, lambda v: 0 < v < math.inf, "a finite number > 0")
 
 
+def _fallback(text: str) -> float | None:
+    if text.strip().lower() == "off":
+        return None
+    return _number(text, float, lambda v: 0 < v < math.inf, "'off' or a finite number > 0")
+
+
 def _non_negative_float(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 
@@ -274,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="normal-only training loss: 'hard' weighs each batch's worst-reconstructed 10%% of positions "
         "10x the others (Dinomaly's loose loss), 'mse' weighs all alike (docs/design.md) "
         f"(default: {TrainConfig().loss})",
+    )
+    p.add_argument(
+        "--query-fallback",
+        type=_fallback,
+        default=TrainConfig().query_fallback,
+        metavar="LOSS|off",
+        help="fit again without the learnable query when its validation loss (held-out good images) ends above "
+        "LOSS: the query could not model the good parts (unaligned, fine-textured surfaces; docs/design.md); "
+        f"'off' keeps the query (default: {TrainConfig().query_fallback})",
     )
     p.add_argument(
         "--residual-norm",
@@ -458,6 +473,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             calibration=args.calibration,
             loss=args.loss,
             labelled_anomalies=args.labelled_anomalies,
+            query_fallback=args.query_fallback,
         )
         score = ScoreConfig(smoothing_sigma=args.smoothing_sigma, image_score=args.image_score,
                             residual_norm=args.residual_norm, head_gain=args.head_gain)  # fmt: skip
@@ -475,6 +491,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     validation = f"validation loss {last['val_loss']:.4f}" if "val_loss" in last else "no held-out images"
     trained = (f"final loss {last.get('loss', float('nan')):.4f}, {validation}" if det.history_
                else "reconstructor kept from --init, defect head fitted")  # fmt: skip
+    fallback = det.record_.provenance.get("query_fallback")
+    if fallback:  # the warning scrolled past with the progress bars: say it again in the summary
+        trained += (f"; fitted without the learnable query (its validation loss {fallback['query_val_loss']:.4f} "
+                    f"was above {fallback['threshold']:g})")  # fmt: skip
     print(
         f"fitted in {det.record_.provenance['fit_seconds']:.0f} s; {trained}; run saved to {args.out}\n"
         f"{det.thresholds_.describe()}\n"

@@ -140,6 +140,13 @@ class TrainConfig:
     # on the residual (defect_head.py; masks give its token labels, image labels the residual
     # map's top tokens); "loss": they enter L_px / L_img (SPEC section 2, the paper).
     labelled_anomalies: str = "head"
+    # After a fit of the learnable-query transformer, its validation loss (MSE of the held-out
+    # good images' standardised features: about the share of their variance it leaves
+    # unexplained) above this makes the fit start again without the query (use_query False):
+    # the query could not model the category's normal variation (unaligned, fine-textured
+    # parts), and its residual is then mostly noise. None: off. Needs held-out good images.
+    # Chosen on the development sets (docs/design.md, "The query fallback").
+    query_fallback: float | None = 0.4
 
     def __post_init__(self) -> None:
         checks = [
@@ -159,6 +166,10 @@ class TrainConfig:
                 f"labelled_anomalies must be one of {LABELLED_ANOMALY_USES}, got {self.labelled_anomalies!r}",
             ),
             (self.calibration_folds >= 2, f"calibration folds must be >= 2, got {self.calibration_folds}"),
+            (
+                self.query_fallback is None or 0 < self.query_fallback < math.inf,
+                f"query fallback must be a finite number > 0 or None (off), got {self.query_fallback}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

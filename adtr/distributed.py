@@ -121,6 +121,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def agree(decision: bool) -> bool:
+    """Rank 0's decision on every rank (a branch every rank must take alike, whatever
+    rounding made each rank compute); the decision itself in one process."""
+    if not active():
+        return decision
+    flag = torch.tensor([int(decision)], dtype=torch.int64, device=_comm_device())
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def _comm_device() -> torch.device:
     """Where collectives run: NCCL moves CUDA tensors only, gloo CPU ones."""
     if dist.get_backend() == "nccl":

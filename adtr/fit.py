@@ -31,7 +31,14 @@ import torch
 from adtr import __version__, distributed
 from adtr.anomalies import AnomalyGenerator, get_generator
 from adtr.calibration import MIN_HELD_OUT, calibrate, feature_scores, score_stats
-from adtr.checkpoint import RunRecord, file_list_summary, load_run, load_train_state, save_train_state
+from adtr.checkpoint import (
+    RunRecord,
+    file_list_summary,
+    load_run,
+    load_train_state,
+    save_train_state,
+    saved_config_matches,
+)
 from adtr.config import RunConfig
 from adtr.data.folder import anomaly_samples, image_folder
 from adtr.data.images import image_size
@@ -133,7 +140,8 @@ def fit_run(
     fitted = fit_on_features(config, samples, device, val_idx=val_idx, anomalies=labelled, external=external_samples,
                              generators=generators, init=base, state_dir=state_dir, resume=resume,
                              progress=progress, train_reconstructor=not keep, prior_defects=prior)  # fmt: skip
-    config = dataclasses.replace(config, score=fitted.model.score_cfg)  # with the head's gain, if chosen
+    # the fitted model's settings: the head's gain, if chosen; no query, if the fit fell back
+    config = dataclasses.replace(config, model=fitted.model.cfg, score=fitted.model.score_cfg)
     if source == "crossfit":
         scores, maxima = crossfit_scores(config, samples, fitted.raw, device, anomalies=labelled,
                                          external=external_samples, generators=generators, init=fold_init,
@@ -160,6 +168,9 @@ def fit_run(
         "fit_seconds": time.perf_counter() - t0,
         "feature_seconds": fitted.feature_seconds,
         "processes": distributed.world_size(),
+        "query_fallback": ({"query_val_loss": fitted.history[-1]["query_val_loss"],
+                            "threshold": config.train.query_fallback}
+                           if fitted.history and "query_val_loss" in fitted.history[-1] else None),
     }
     replay = make_replay(fitted.model, fitted.train, fitted.val, config.train.seed, fitted.head_defects)
     provenance["replay"] = replay.summary()
@@ -249,6 +260,8 @@ def crossfit_scores(
     """
     n = len(good)
     k = min(config.train.calibration_folds, n)
+    # the folds keep the final model's reconstructor: none decides a query fallback of its own
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, query_fallback=None))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.train.seed)).tolist()
     scores, maxima = np.empty(n), np.empty(n)
     for j in range(k):
@@ -351,23 +364,42 @@ def fit_on_features(
         feature_seconds = time.perf_counter() - t0 if not isinstance(good, torch.Tensor) else 0.0
         data = TrainingData(features[train_idx], synthetic, pool)
         generator = torch.Generator().manual_seed(cfg.seed)
+        fallback = no_query_config(config) if train_reconstructor and init is None and val_idx else None
+        query_val_loss = None  # set when the fit fell back to the no-query reconstructor
+        if resume and fallback is not None and distributed.agree(saved_config_matches(state_dir, fallback)):
+            config, model, fallback = fallback, _rebuilt(model, fallback, device), None  # a fallback fit's state
         optimizer = make_optimizer(model, cfg, device)
         start_epoch, history = 0, []
         if resume:
             with distributed.train_state_from_main(state_dir) as folder:  # rank 0's state on every rank
                 start_epoch, history = load_train_state(folder, model, optimizer, generator, config)
             log.info("resuming after epoch %d of %d", start_epoch, planned_epochs(len(train_idx), cfg))
+            query_val_loss = history[-1].get("query_val_loss") if history else None
 
         def on_epoch_end(epoch: int, opt: torch.optim.Optimizer, record: dict) -> None:
+            if query_val_loss is not None:  # in every record, so that a resumed fallback fit still knows it
+                record["query_val_loss"] = query_val_loss
             history.append(record)
             if state_dir is not None and distributed.is_main():
                 save_train_state(state_dir, model, opt, generator, epoch + 1, history, config)
 
         if train_reconstructor:
-            parallel = distributed.data_parallel(cfg.seed, device)
-            fit_reconstructor(model, data, features[val_idx] if val_idx else None, cfg, device, generator,
-                              progress=progress, start_epoch=start_epoch, optimizer=optimizer,
-                              on_epoch_end=on_epoch_end, parallel=parallel)  # fmt: skip
+            val = features[val_idx] if val_idx else None
+            fit_reconstructor(model, data, val, cfg, device, generator, progress=progress, start_epoch=start_epoch,
+                              optimizer=optimizer, on_epoch_end=on_epoch_end,
+                              parallel=distributed.data_parallel(cfg.seed, device))  # fmt: skip
+            if fallback is not None and distributed.agree(history[-1]["val_loss"] > cfg.query_fallback):
+                query_val_loss = history[-1]["val_loss"]
+                log.warning("validation loss %.4f of the learnable-query model is above %g: it cannot model these "
+                            "good images; fitting the reconstructor without the query instead (docs/design.md, "
+                            "'The query fallback'; --query-fallback off keeps the query)",
+                            query_val_loss, cfg.query_fallback)  # fmt: skip
+                config, history = fallback, []
+                model = _rebuilt(model, fallback, device)  # reseeded: the weights of a direct no-query fit
+                generator = torch.Generator().manual_seed(cfg.seed)
+                optimizer = make_optimizer(model, cfg, device)
+                fit_reconstructor(model, data, val, cfg, device, generator, progress=progress, optimizer=optimizer,
+                                  on_epoch_end=on_epoch_end, parallel=distributed.data_parallel(cfg.seed, device))
     model.eval()
     if config.score.residual_norm != "none":
         model.set_residual_scale(features[train_idx])
@@ -379,6 +411,28 @@ def fit_on_features(
         fit_head(model, features[train_idx], head_defects)
     return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds, all_raw, infos,
                      head_defects if model.score_cfg.defect_head else None)  # fmt: skip
+
+
+def no_query_config(config: RunConfig) -> RunConfig | None:
+    """The settings a fit falls back to when the learnable query cannot model the good images
+    (TrainConfig.query_fallback): the same without the query; None where the fallback is off or
+    does not apply (another reconstructor, no query, or a query variant the user chose:
+    layer_query, neighbor_mask, which need the query)."""
+    m = config.model
+    if config.train.query_fallback is None or m.reconstructor != "transformer" or not m.use_query:
+        return None
+    if m.layer_query or m.neighbor_mask:
+        return None
+    return dataclasses.replace(config, model=dataclasses.replace(m, use_query=False))
+
+
+def _rebuilt(model: ADTR, config: RunConfig, device: torch.device) -> ADTR:
+    """A fresh model for config, seeded as a direct fit is, with model's feature statistics."""
+    torch.manual_seed(config.train.seed)
+    new = build_model(config, device)
+    new.feature_mean.copy_(model.feature_mean)
+    new.feature_std.copy_(model.feature_std)
+    return new
 
 
 def check_masks(samples: Sequence[Sample], pool: AnomalyPool) -> None:

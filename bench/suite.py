@@ -103,6 +103,9 @@ def run_child(set_name: str, method: str, data_root: Path, settings: dict, image
             image_size=list(det.config.model.image_size),
             epochs=len(det.history_),
             val_loss=det.history_[-1].get("val_loss") if det.history_ else None,
+            use_query=det.config.model.use_query,
+            # the learnable query's validation loss when the fit fell back to no query (TrainConfig.query_fallback)
+            query_val_loss=det.history_[-1].get("query_val_loss") if det.history_ else None,
         )
         return out
     from references import REFERENCES
@@ -167,6 +170,14 @@ def main() -> None:
     def published(method: str, set_name: str) -> str:
         return " / ".join("-" if v is None else f"{v:.3f}" for v in PUBLISHED[method][set_name])
 
+    def reconstructor(e: dict) -> str:
+        if e["method"] != "adtr":
+            return "-"
+        val = "-" if e.get("val_loss") is None else f"{e['val_loss']:.3f}"
+        if e.get("query_val_loss") is not None:
+            return f"no query (fallback: query's {e['query_val_loss']:.3f}), {val}"
+        return f"{'query' if e.get('use_query', True) else 'no query'}, {val}"
+
     rows = []
     for e in results:
         if e["method"] == "adtr":
@@ -174,19 +185,20 @@ def main() -> None:
         else:
             ref = published(e["method"], e["set"])
         rows.append([
-            e["set"], e["method"], "x".join(map(str, e["image_size"])), *(fmt(e[k]) for k in METRICS),
+            e["set"], e["method"], "x".join(map(str, e["image_size"])), reconstructor(e), *(fmt(e[k]) for k in METRICS),
             round(e["fit_seconds"], 1), round(e["images_per_second"], 1), round(e["peak_mib"]), ref,
         ])  # fmt: skip
     means = []
     for method in methods:
         mine = [e for e in results if e["method"] == method]
-        row = [f"mean over {len(mine)} sets", method, ""]
+        row = [f"mean over {len(mine)} sets", method, "", ""]
         for k in METRICS:
             vals = [e[k] for e in mine if e[k] is not None]
             row.append(sum(vals) / len(vals) if vals else "-")
         row += [round(sum(e["fit_seconds"] for e in mine), 1), "", "", ""]
         means.append(row)
-    header = ["set", "method", "input HxW", "image AUROC", "pixel AUROC", "AUPRO", "fit s", "img/s", "peak MiB",
+    header = ["set", "method", "input HxW", "reconstructor, val loss", "image AUROC", "pixel AUROC", "AUPRO",
+              "fit s", "img/s", "peak MiB",
               "issue 13 figures (image / pixel / AUPRO)"]  # fmt: skip
     md = (
         f"# Quality suite: variant `{variant_name}`\n\n"

@@ -71,7 +71,9 @@ def tiny_run(tmp_path_factory):
         write_png(root / "good" / f"{i}.png", rng.integers(100, 140, (64, 64, 3), dtype=np.uint8))
     # One fit: its single held-out image calibrates (cross-fitting, the default for so few, is
     # tested in test_calibration.py and would fit three more models here).
-    train = TrainConfig(epochs=2, batch_size=4, calibration="held_out")
+    # query_fallback off: two epochs on noise never model it, and the fallback would make this
+    # shared run a no-query one (the fallback has its own tests, test_fit.py)
+    train = TrainConfig(epochs=2, batch_size=4, calibration="held_out", query_fallback=None)
     det = ADTRDetector(TINY, train=train, progress=False).fit(root)
     run = tmp_path_factory.mktemp("run")
     det.save(run)

@@ -160,6 +160,8 @@ def test_every_option_is_honoured_or_refused(run_cli, tiny_run, tmp_path):
         (["serve", "R", "--max-upload-mb", "0"], "argument --max-upload-mb: '0' is not a finite number > 0"),
         (["serve", "R", "--max-upload-mb", "inf"], "argument --max-upload-mb: 'inf' is not a finite number > 0"),
         (["export", "R", "--threads", "0"], "argument --threads: '0' is not a whole number >= 1"),
+        (["fit", "D", "--out", "R", "--query-fallback", "no"], "--query-fallback: 'no' is not 'off' or a finite"),
+        (["fit", "D", "--out", "R", "--query-fallback", "0"], "--query-fallback: '0' is not 'off' or a finite"),
     ],
 )
 def test_bad_numbers_are_one_argparse_error(args, message, capsys):
@@ -223,3 +225,12 @@ def test_letterbox_is_refused_before_any_output(tiny_run, tmp_path, run_cli):
     with pytest.raises(SettingsError, match="letterbox needs an image score computed from the map"):
         create_app(pooled, engine="torch", letterbox=True)
     assert create_app(pooled, engine="torch") is not None  # without letterbox the run serves
+
+
+def test_query_fallback_option_reads_off_and_numbers():
+    from adtr.config import TrainConfig
+
+    parse = cli.build_parser().parse_args
+    assert parse(["fit", "D", "--out", "R", "--query-fallback", "OFF"]).query_fallback is None
+    assert parse(["fit", "D", "--out", "R", "--query-fallback", "0.25"]).query_fallback == 0.25
+    assert parse(["fit", "D", "--out", "R"]).query_fallback == TrainConfig().query_fallback

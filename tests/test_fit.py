@@ -62,3 +62,51 @@ def test_in_memory_images_take_the_one_feature_path():
     f = extract_features(model, images, torch.device("cpu"), batch_size=2, progress=False)
     assert f.shape[0] == 5 and torch.equal(f[:2], model.extract(resize_batch(images[:2], (64, 64))))
     assert resize_batch(images, (64, 64)).shape == (5, 3, 64, 64)
+
+
+def _same_weights(a: ADTR, b: ADTR) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_query_fallback_refits_without_the_query_as_a_direct_fit_would(raw, tmp_path):
+    import dataclasses
+
+    from adtr.fit import no_query_config
+
+    cpu = torch.device("cpu")
+    # random features cannot be reconstructed: a validation loss far above 1e-6
+    low = RunConfig(TINY, train=TrainConfig(epochs=2, batch_size=4, query_fallback=1e-6))
+    fell = fit_on_features(low, raw, cpu, val_idx=[0, 1], state_dir=tmp_path, progress=False)
+    assert not fell.model.cfg.use_query and fell.model.reconstructor.transformer.query_embed is None
+    assert len(fell.history) == 2 and all(h["query_val_loss"] > 1e-6 for h in fell.history)
+    direct = dataclasses.replace(low, model=dataclasses.replace(TINY, use_query=False))
+    assert _same_weights(fell.model, fit_on_features(direct, raw, cpu, val_idx=[0, 1], progress=False).model)
+    # its saved state is the no-query fit's: resuming it continues that fit, knowing why
+    again = fit_on_features(low, raw, cpu, val_idx=[0, 1], state_dir=tmp_path, resume=True, progress=False)
+    assert not again.model.cfg.use_query and _same_weights(fell.model, again.model)
+    assert again.history == fell.history
+    # a loss below the threshold, no held-out images, a query variant the user chose: the query stays
+    high = RunConfig(TINY, train=TrainConfig(epochs=2, batch_size=4, query_fallback=1e6))
+    kept = fit_on_features(high, raw, cpu, val_idx=[0, 1], progress=False)
+    assert kept.model.cfg.use_query and "query_val_loss" not in kept.history[-1]
+    assert fit_on_features(low, raw, cpu, progress=False).model.cfg.use_query
+    assert no_query_config(dataclasses.replace(low, model=dataclasses.replace(TINY, neighbor_mask=3))) is None
+    assert no_query_config(dataclasses.replace(low, train=TrainConfig(query_fallback=None))) is None
+    with pytest.raises(ValueError, match="query fallback"):
+        TrainConfig(query_fallback=0.0)
+
+
+def test_a_run_that_fell_back_records_it_and_loads_as_fitted(tiny_run, tmp_path):
+    from adtr import ADTRDetector
+
+    root = tiny_run[2][0].parent.parent
+    train = TrainConfig(epochs=2, batch_size=4, calibration="held_out", query_fallback=1e-6)
+    det = ADTRDetector(TINY, train=train, progress=False).fit(root)
+    fallback = det.record_.provenance["query_fallback"]
+    assert not det.config.model.use_query and fallback["threshold"] == 1e-6 and fallback["query_val_loss"] > 1e-6
+    det.save(tmp_path / "run")
+    back = ADTRDetector.load(tmp_path / "run")
+    assert not back.config.model.use_query and back.record_.provenance["query_fallback"] == fallback
+    files = tiny_run[2][:3]
+    assert [p.anomaly_score for p in back.predict(files)] == [p.anomaly_score for p in det.predict(files)]
