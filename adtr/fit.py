@@ -12,7 +12,9 @@ The frozen backbone is part of the model, so image files are turned into feature
 the model being fitted; precomputed raw features (N, C, h, w) pass through unchanged. Feature
 extraction draws no random numbers, so where the features come from does not change the
 random streams: torch's global generator (weight initialisation, then dropout) is seeded once,
-before the model is built, and shuffling has its own `torch.Generator` with the same seed.
+before the model is built, and shuffling has its own `torch.Generator` with the same seed. A fit
+that falls back to the no-query reconstructor (TrainConfig.query_fallback) seeds both again
+before building it, so it equals a direct no-query fit.
 """
 
 from __future__ import annotations
@@ -317,6 +319,9 @@ def fit_on_features(
         it (the result equals an uninterrupted fit with the same seed).
     train_reconstructor: False keeps init's reconstructor as it is (only the statistics and
         the defect head are fitted).
+    A fresh learnable-query model whose validation loss ends above config.train.query_fallback
+    is replaced by a no-query fit (no_query_config; seeded as a direct one): the result's
+    model.cfg says which, and its history records carry the query's "query_val_loss".
     prior_defects: standardised defects the defect head was fitted on before (an update's
         replay.ReplayData.defect_pool): fitted again together with the new ones.
     Run by every rank of a process group (adtr/distributed.py), each extracts the features of

@@ -187,7 +187,8 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
     pos_chan_half's grid smoothed with sigma 2 / 8 input pixels instead of the configured one;
     held / trainval: pos_chan_half with its statistics (channel RMS, position mean and variance)
     from the held-out good images `val` / from training and held-out images together (a
-    model fits its training images more closely than unseen good ones).
+    model fits its training images more closely than unseen good ones); whiten / whiten_plain:
+    the Mahalanobis norm of the residual under its training covariance (see below).
     Returns {name: (image scores (N,), maps list or None)}.
     """
 
@@ -233,6 +234,26 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
             mu, var = 0.5 * c_ref.mean(0) + 0.5 * c_ref.mean(), 0.5 * c_ref.var(0) + 0.5 * c_ref.var()
             o = model.score_maps(((c_t - mu) / var.sqrt().clamp_min(1e-6)).clamp_min(0))
             out[name_] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
+    # whiten: the residual's full channel covariance over the training images' positions (shrunk
+    # 1% towards its mean variance), the Mahalanobis norm of each position's residual instead of
+    # the per-channel RMS (a Gaussian model of the reconstruction error, PaDiM's distance applied
+    # to the residual, one covariance for the whole grid), then standardised per position halfway
+    # as the default; whiten_plain: the Mahalanobis norm as it is.
+    x = r_train.permute(0, 2, 3, 1).reshape(-1, r_train.shape[1]).double()
+    cov = torch.cov(x.T)
+    cov = 0.99 * cov + 0.01 * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+    prec = torch.linalg.cholesky(torch.linalg.inv(cov))  # prec @ prec.T = cov^-1
+
+    def mahalanobis(r: torch.Tensor) -> torch.Tensor:
+        y = r.permute(0, 2, 3, 1).double() @ prec
+        return torch.linalg.vector_norm(y, dim=-1).float()
+
+    w_train, w_test = mahalanobis(r_train), mahalanobis(r_test)
+    o = model.score_maps(w_test)
+    out["whiten_plain"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
+    mu, var = 0.5 * w_train.mean(0) + 0.5 * w_train.mean(), 0.5 * w_train.var(0) + 0.5 * w_train.var()
+    o = model.score_maps(((w_test - mu) / var.sqrt().clamp_min(1e-6)).clamp_min(0))
+    out["whiten"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
     out["pooled"] = (torch.linalg.vector_norm(r_test.mean(dim=(2, 3)), dim=1).double().numpy(), None)
     out["pooled_chan"] = (torch.linalg.vector_norm((r_test / rms).mean(dim=(2, 3)), dim=1).double().numpy(), None)
     # combo: the chan map's top-1% mean and pooled_chan, each standardised by its mean and std
@@ -278,7 +299,7 @@ def main() -> None:
             "image_auroc_pos_chan", "pixel_auroc_pos_chan", "aupro_pos_chan", "image_auroc_pos_chan_half",
             "pixel_auroc_pos_chan_half", "aupro_pos_chan_half", "image_auroc_pooled",
             "image_auroc_pooled_chan", "image_auroc_combo",
-            *(f"{m}_{v}" for v in ("sigma2", "sigma8", "held", "trainval")
+            *(f"{m}_{v}" for v in ("sigma2", "sigma8", "held", "trainval", "whiten_plain", "whiten")
               for m in ("image_auroc", "pixel_auroc", "aupro")),
             "proxy_image", "proxy_token", "val_loss", "fit_seconds"]  # fmt: skip
     rows = [[r["set"], json.dumps(r["variant"]), *(_fmt(r.get(k, "-")) for k in keys)] for r in results]
@@ -314,7 +335,8 @@ def main() -> None:
                 "pooled: image",
                 "pooled chan: image",
                 "combo: image",
-                *(f"{v}: {m}" for v in ("sigma 2", "sigma 8", "held", "trainval") for m in ("image", "pixel", "AUPRO")),
+                *(f"{v}: {m}" for v in ("sigma 2", "sigma 8", "held", "trainval", "whiten plain", "whiten")
+                  for m in ("image", "pixel", "AUPRO")),
                 "proxy: image",
                 "proxy: token",
                 "val loss",
