@@ -24,6 +24,7 @@ def test_failed_write_keeps_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
+@pytest.mark.slow  # seconds of a child process: the full suite runs it, not the fast lane
 def test_process_killed_while_writing_keeps_old_file(tmp_path):
     target = tmp_path / "model.safetensors"
     atomic_write_text(target, "old")

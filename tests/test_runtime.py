@@ -39,6 +39,7 @@ print(faults_of_allocations())
 """
 
 
+@pytest.mark.slow  # seconds of a child process: the full suite runs it, not the fast lane
 @glibc
 def test_freed_large_blocks_are_reused_not_refaulted():
     env = {k: v for k, v in os.environ.items() if not (k.startswith("MALLOC_") or k == "ADTR_MALLOC")}
