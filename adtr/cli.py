@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--smoothing-sigma",
         type=_non_negative_float,
         default=ScoreConfig().smoothing_sigma,
-        help="Gaussian smoothing of maps in input pixels, 0 = off (default: 4)",
+        help=f"Gaussian smoothing of maps in input pixels, 0 = off (default: {ScoreConfig().smoothing_sigma:g})",
     )
     p.add_argument(
         "--image-score",
@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LOSS|off",
         help="fit again without the learnable query when its validation loss (held-out good images) ends above "
         "LOSS: the query could not model the good parts (unaligned, fine-textured surfaces; docs/design.md); "
-        f"'off' keeps the query (default: {TrainConfig().query_fallback})",
+        "chosen for the default step budget (a much shorter fit may fall back for lack of training); needs "
+        f"held-out good images; 'off' keeps the query (default: {TrainConfig().query_fallback})",
     )
     p.add_argument(
         "--residual-norm",

@@ -369,7 +369,11 @@ def fit_on_features(
         feature_seconds = time.perf_counter() - t0 if not isinstance(good, torch.Tensor) else 0.0
         data = TrainingData(features[train_idx], synthetic, pool)
         generator = torch.Generator().manual_seed(cfg.seed)
-        fallback = no_query_config(config) if train_reconstructor and init is None and val_idx else None
+        fallback = no_query_config(config) if train_reconstructor and init is None else None
+        if fallback is not None and not val_idx:
+            log.info("no held-out good images: the learnable query is kept without checking its validation loss "
+                     "(the query fallback needs them)")  # fmt: skip
+            fallback = None
         query_val_loss = None  # set when the fit fell back to the no-query reconstructor
         if resume and fallback is not None and distributed.agree(saved_config_matches(state_dir, fallback)):
             config, model, fallback = fallback, _rebuilt(model, fallback, device), None  # a fallback fit's state
@@ -421,12 +425,14 @@ def fit_on_features(
 def no_query_config(config: RunConfig) -> RunConfig | None:
     """The settings a fit falls back to when the learnable query cannot model the good images
     (TrainConfig.query_fallback): the same without the query; None where the fallback is off or
-    does not apply (another reconstructor, no query, or a query variant the user chose:
-    layer_query, neighbor_mask, which need the query)."""
+    does not apply (another reconstructor, no query, a query variant the user chose:
+    layer_query, neighbor_mask, which need the query; or unstandardised features, whose loss
+    is not a share of their variance)."""
     m = config.model
+    # the threshold reads the loss as a share of standardised features' variance
     if config.train.query_fallback is None or m.reconstructor != "transformer" or not m.use_query:
         return None
-    if m.layer_query or m.neighbor_mask:
+    if m.layer_query or m.neighbor_mask or not m.normalize_features:
         return None
     return dataclasses.replace(config, model=dataclasses.replace(m, use_query=False))
 

@@ -46,7 +46,9 @@ def main() -> None:
     for name, change in VARIANTS.items():
         model = dataclasses.replace(MODEL_PRESETS[args.preset], **change)
         t0 = time.perf_counter()
-        det = ADTRDetector(model, train=TrainConfig(epochs=args.epochs, seed=args.seed), progress=False)
+        # query_fallback off: the query's row must be the query model, whatever its validation loss
+        det = ADTRDetector(model, train=TrainConfig(epochs=args.epochs, seed=args.seed, query_fallback=None),
+                           progress=False)  # fmt: skip
         det.fit(args.data)
         fit_s = time.perf_counter() - t0
         m = det.test(args.data)

@@ -65,7 +65,8 @@ def child(args: argparse.Namespace) -> None:
     configure_cpu(args.threads)
     device = distributed.init_from_env("cpu")
     model_cfg = dataclasses.replace(MODEL_PRESETS["cpu"], image_size=(args.image_size, args.image_size))
-    config = RunConfig(model_cfg, train=TrainConfig(steps=args.steps, batch_size=BATCH, seed=0))
+    # query_fallback off: a short timed fit must not switch model (or fit twice) midway
+    config = RunConfig(model_cfg, train=TrainConfig(steps=args.steps, batch_size=BATCH, seed=0, query_fallback=None))
     samples = train_samples(args.data)[: args.images]
     distributed.barrier()
     model, record = fit_run(config, samples, device, progress=False)

@@ -131,7 +131,7 @@ def test_tiny_set_is_cross_fitted_and_its_rate_stated(tmp_path, run_cli, caplog)
 
 def test_held_out_images_are_not_flagged_when_predicted(tmp_path):
     data = _good_folder(tmp_path / "data", 10, seed=1)
-    train = TrainConfig(epochs=1, batch_size=4, val_fraction=0.5, calibration="held_out")
+    train = TrainConfig(epochs=1, batch_size=4, val_fraction=0.5, calibration="held_out", query_fallback=None)
     det = ADTRDetector(TINY, train=train, progress=False).fit(data)
     files = sorted((data / "good").iterdir())
     held = [files[i] for i in split_validation(10, 0.5, train.seed)[1]]

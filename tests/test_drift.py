@@ -150,7 +150,8 @@ def grey_run(tmp_path_factory):
     rng = np.random.default_rng(0)
     for i in range(6):
         write_png(root / "good" / f"{i}.png", rng.integers(100, 140, (64, 64), dtype=np.uint8))
-    det = ADTRDetector(TINY, train=TrainConfig(epochs=1, batch_size=4, calibration="held_out"), progress=False)
+    train = TrainConfig(epochs=1, batch_size=4, calibration="held_out", query_fallback=None)  # a query model's run
+    det = ADTRDetector(TINY, train=train, progress=False)
     det.fit(root)
     run = tmp_path_factory.mktemp("grey_run")
     det.save(run)

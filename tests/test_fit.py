@@ -82,12 +82,13 @@ def test_query_fallback_refits_without_the_query_as_a_direct_fit_would(raw, tmp_
     assert len(fell.history) == 2 and all(h["query_val_loss"] > 1e-6 for h in fell.history)
     direct = dataclasses.replace(low, model=dataclasses.replace(TINY, use_query=False))
     assert _same_weights(fell.model, fit_on_features(direct, raw, cpu, val_idx=[0, 1], progress=False).model)
-    # its saved state is the no-query fit's: resuming it continues that fit, knowing why
-    again = fit_on_features(low, raw, cpu, val_idx=[0, 1], state_dir=tmp_path, resume=True, progress=False)
-    assert not again.model.cfg.use_query and _same_weights(fell.model, again.model)
-    assert again.history == fell.history
+    # init (an update, --init) keeps its model: a query one stays one
+    kept = fit_on_features(RunConfig(TINY, train=TrainConfig(epochs=1, batch_size=4, query_fallback=1e6)), raw, cpu,
+                           val_idx=[0, 1], progress=False).model  # fmt: skip
+    assert fit_on_features(low, raw, cpu, val_idx=[0, 1], init=kept, progress=False).model.cfg.use_query
     # a loss below the threshold, no held-out images, a query variant the user chose: the query stays
     high = RunConfig(TINY, train=TrainConfig(epochs=2, batch_size=4, query_fallback=1e6))
+    assert no_query_config(dataclasses.replace(low, model=dataclasses.replace(TINY, normalize_features=False))) is None
     kept = fit_on_features(high, raw, cpu, val_idx=[0, 1], progress=False)
     assert kept.model.cfg.use_query and "query_val_loss" not in kept.history[-1]
     assert fit_on_features(low, raw, cpu, progress=False).model.cfg.use_query
@@ -110,3 +111,48 @@ def test_a_run_that_fell_back_records_it_and_loads_as_fitted(tiny_run, tmp_path)
     assert not back.config.model.use_query and back.record_.provenance["query_fallback"] == fallback
     files = tiny_run[2][:3]
     assert [p.anomaly_score for p in back.predict(files)] == [p.anomaly_score for p in det.predict(files)]
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("saves", [1, 3])  # killed in the query fit's first epoch, in the fallback's first
+def test_a_fit_killed_before_or_after_its_fallback_resumes_to_the_same_result(raw, tmp_path, monkeypatch, saves):
+    import adtr.fit as fit
+
+    cpu = torch.device("cpu")
+    config = RunConfig(TINY, train=TrainConfig(epochs=2, batch_size=4, query_fallback=1e-6))
+    whole = fit_on_features(config, raw, cpu, val_idx=[0, 1], progress=False)
+    save, calls = fit.save_train_state, []
+
+    def killed(*args, **kwargs):
+        save(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == saves:
+            raise _Stop
+
+    monkeypatch.setattr(fit, "save_train_state", killed)
+    with pytest.raises(_Stop):
+        fit_on_features(config, raw, cpu, val_idx=[0, 1], state_dir=tmp_path, progress=False)
+    monkeypatch.setattr(fit, "save_train_state", save)
+    resumed = fit_on_features(config, raw, cpu, val_idx=[0, 1], state_dir=tmp_path, resume=True, progress=False)
+    assert not resumed.model.cfg.use_query and _same_weights(whole.model, resumed.model)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+    assert [h["query_val_loss"] for h in resumed.history] == [h["query_val_loss"] for h in whole.history]
+
+
+def test_cross_fitting_folds_keep_the_final_models_reconstructor(raw, monkeypatch):
+    import adtr.fit as fit
+
+    config = RunConfig(TINY, train=TrainConfig(epochs=1, batch_size=4, query_fallback=1e-6, calibration_folds=2))
+    folds, real = [], fit.fit_on_features
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        folds.append(result.model.cfg.use_query)
+        return result
+
+    monkeypatch.setattr(fit, "fit_on_features", spy)
+    fit.crossfit_scores(config, [None] * 6, raw[:6], torch.device("cpu"), progress=False)
+    assert folds == [True, True]  # each fold holds images out, but none falls back on its own

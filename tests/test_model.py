@@ -206,6 +206,11 @@ def test_runs_without_residual_norm_keep_the_plain_residual():
     assert bool((m.residual_scale == 1).all())
     with pytest.raises(ValueError, match="residual_norm"):
         ScoreConfig(residual_norm="stage")
+    # the smoothing of a config without the key is the sigma 4 of its time; a saved one is kept
+    del old["score"]["smoothing_sigma"]
+    assert RunConfig.from_dict(old).score.smoothing_sigma == 4.0 != ScoreConfig().smoothing_sigma
+    old["score"]["smoothing_sigma"] = 1.5
+    assert RunConfig.from_dict(old).score.smoothing_sigma == 1.5
 
 
 def test_channel_position_standardises_the_grid_error_per_position():

@@ -26,7 +26,8 @@ from adtr.replay import REPLAY_FILE, capacity, subsample
 from adtr.update import forgetting_check
 
 # 20 good images: 15 train, 5 held out; a high learning rate, so that the tiny model's short update shows
-TRAIN = TrainConfig(epochs=2, batch_size=4, val_fraction=0.25, lr=3e-3)
+# query_fallback off: two epochs never model noise, and these are updates of a query model's run
+TRAIN = TrainConfig(epochs=2, batch_size=4, val_fraction=0.25, lr=3e-3, query_fallback=None)
 
 
 def _blob(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
