@@ -88,7 +88,7 @@ def test_changed_weights_invalidate_the_cached_graph(tiny_run, tmp_path):
     after = _scores(det, files)
     torch_after = _scores(ADTRDetector.load(old, progress=False, backend="torch"), files)
     assert np.abs(after - torch_after).max() < TOLERANCE  # the new weights run, not the old graph
-    assert np.abs(after - before).min() > 1e-3
+    assert np.abs(after - before).max() > 0.1  # scores moved (one can move little by chance)
 
 
 def test_the_fingerprint_covers_weights_and_every_setting_inside_the_graph():
