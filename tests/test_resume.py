@@ -79,6 +79,8 @@ def test_resume_refuses_other_settings(tiny_run, tmp_path):
     state = tmp_path / STATE_DIR / STATE_JSON
     doc = json.loads(state.read_text())
     del doc["config"]["score"]["head_gain"]
+    doc["config"]["score"]["smoothing_sigma"] = 4.0  # the default when it was saved
+    del doc["config"]["train"]["query_fallback"]
     state.write_text(json.dumps(doc))
     assert load_train_state(tmp_path, det.model_, opt, gen, det.config)[0] == 1
     other = RunConfig.from_dict(det.config.to_dict())
