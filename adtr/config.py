@@ -16,6 +16,8 @@ from typing import Any
 SCHEMA_VERSION = 1
 CALIBRATIONS = ("auto", "held_out", "crossfit")
 LOSSES = ("hard", "mse")  # normal-only reconstruction losses (losses.reconstruction_loss)
+# The feature reconstructors (model.RECONSTRUCTORS): ADTR's transformer, and two baselines.
+RECONSTRUCTOR_KINDS = ("transformer", "mlp", "cnn")
 # What real labelled anomalies train: a defect head on the frozen residual, or the
 # reconstructor through SPEC section 2's L_px / L_img (the paper); docs/design.md, issue 15.
 LABELLED_ANOMALY_USES = ("head", "loss")
@@ -56,6 +58,7 @@ class ModelConfig:
     # Each transformer token holds a token_patch x token_patch block of the feature grid
     # (space-to-depth), so the feature grid, the residual and the map are token_patch times
     # finer than the token grid (max stride / token_patch) at nearly the same cost; 1 = the paper.
+    # The MLP and CNN reconstructors have no tokens: they run on the finer feature grid itself.
     token_patch: int = 1
     normalize_features: bool = True  # per-channel standardisation with training statistics
 

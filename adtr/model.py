@@ -151,9 +151,6 @@ class ADTR(nn.Module):
         self.score_cfg = score or ScoreConfig()
         self.backbone = build_backbone(cfg.backbone, cfg.image_size, cfg.strides)
         self.channels = sum(level.channels for level in self.backbone.levels)
-        if cfg.token_patch > 1 and cfg.reconstructor != "transformer":
-            raise ValueError(f"token_patch {cfg.token_patch} groups the transformer's tokens; the {cfg.reconstructor} "
-                             "reconstructor has no tokens (use token_patch 1)")  # fmt: skip
         self.reconstructor = RECONSTRUCTORS[cfg.reconstructor](self.channels, cfg)
         # Per-channel statistics of the training features (identity until fitted).
         self.register_buffer("feature_mean", torch.zeros(1, self.channels, 1, 1))

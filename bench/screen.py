@@ -11,7 +11,9 @@ applied to the library's defaults (so `{}` is today's default) — `align`, `str
 `image_size` and `token_patch` change the features. Training uses the held-out good images only for the
 validation loss; test images are only scored. Per fit: validation loss, image AUROC with the
 configured score and with the top-1% mean and the map maximum of the same maps, pixel AUROC
-and AUPRO (sets with masks). Writes OUT.json and OUT.md.
+and AUPRO (sets with masks). `--quick` scores the configured score only (no free score
+variants, no synthetic proxy: a cheap variant then costs little more than its fit). Writes
+OUT.json and OUT.md.
 
 Ensembles: `--keep DIR` saves each fit's test token-grid maps; `--ensembles '[[{}, {"use_query":
 false}]]' --combine sum|max` scores the members' maps combined (members already in DIR are
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, DEV_SETS, REPO, machine, md_table, write_results  # noqa: E402
@@ -66,7 +69,7 @@ def features(name: str, root: Path, cfg: RunConfig) -> dict:
     return _features[key]
 
 
-def run(name: str, root: Path, variant: dict, keep: Path | None = None) -> dict:
+def run(name: str, root: Path, variant: dict, keep: Path | None = None, quick: bool = False) -> dict:
     """Fit one variant on one set and score its test images. keep: a folder where the test
     images' token-grid maps (the default score's, before the defect head) are saved for
     ensembles (`--ensembles`), with the result."""
@@ -90,7 +93,7 @@ def run(name: str, root: Path, variant: dict, keep: Path | None = None) -> dict:
     with torch.no_grad():
         test = model.standardize(d["test"])
         outs = [model.score(test[i : i + 16]) for i in range(0, len(test), 16)]
-        extra = _residual_scores(model, f[train_idx], test, d, f[val_idx])
+        extra = {} if quick else _residual_scores(model, f[train_idx], test, d, f[val_idx])
         grids = torch.cat([model.residual_grid(r) for r in model.residual_batches(test)])
     scores = torch.cat([o.anomaly_score for o in outs]).double().numpy()
     maps = [m for o in outs for m in o.anomaly_map.numpy()]
@@ -112,7 +115,7 @@ def run(name: str, root: Path, variant: dict, keep: Path | None = None) -> dict:
         if masks is not None and maps_ is not None:
             pm = pixel_metrics(ResizedMaps(maps_, d["sizes"]), masks)
             res[f"pixel_auroc_{name_}"], res[f"aupro_{name_}"] = pm["pixel_auroc"], pm["aupro"]
-    if val_idx:  # no held-out images (val_fraction 0, tiny sets): no proxy
+    if val_idx and not quick:  # no held-out images (val_fraction 0, tiny sets): no proxy
         res.update(_proxy(model, root, f[val_idx], val_idx, cfg.train.seed))
     if keep is not None:
         path = _kept(keep, name, variant)
@@ -188,7 +191,8 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
     held / trainval: pos_chan_half with its statistics (channel RMS, position mean and variance)
     from the held-out good images `val` / from training and held-out images together (a
     model fits its training images more closely than unseen good ones); whiten / whiten_plain:
-    the Mahalanobis norm of the residual under its training covariance (see below).
+    the Mahalanobis norm of the residual under its training covariance (see below); stage /
+    cosine: every backbone stage weighed alike, and Dinomaly's cosine map (see below).
     Returns {name: (image scores (N,), maps list or None)}.
     """
 
@@ -254,6 +258,27 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
     mu, var = 0.5 * w_train.mean(0) + 0.5 * w_train.mean(), 0.5 * w_train.var(0) + 0.5 * w_train.var()
     o = model.score_maps(((w_test - mu) / var.sqrt().clamp_min(1e-6)).clamp_min(0))
     out["whiten"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
+    # stage: every backbone stage weighs the same (the mean over stages of the chan error's mean
+    # square per channel) instead of by its channel count; cosine: Dinomaly's map (Guo et al.,
+    # CVPR 2025, sec. 3.4), the mean over stages of 1 - cos(f, f_hat) of the standardised
+    # features. Both then standardised per position halfway, as the default.
+    bounds = np.cumsum([0] + [level.channels for level in model.backbone.levels])
+    stages = list(zip(bounds[:-1], bounds[1:], strict=True))
+
+    def halfway(e_train: torch.Tensor, e_test: torch.Tensor) -> tuple:
+        mu, var = 0.5 * e_train.mean(0) + 0.5 * e_train.mean(), 0.5 * e_train.var(0) + 0.5 * e_train.var()
+        o = model.score_maps(((e_test - mu) / var.sqrt().clamp_min(1e-6)).clamp_min(0))
+        return o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy())
+
+    def stage_error(r: torch.Tensor) -> torch.Tensor:
+        return torch.stack([(r[:, a:b] / rms[:, a:b]).pow(2).mean(1) for a, b in stages]).mean(0).sqrt()
+
+    def cosine_error(f: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        f_hat = f - r
+        return torch.stack([1 - F.cosine_similarity(f[:, a:b], f_hat[:, a:b], dim=1) for a, b in stages]).mean(0)
+
+    out["stage"] = halfway(stage_error(r_train), stage_error(r_test))
+    out["cosine"] = halfway(cosine_error(train, r_train), cosine_error(test, r_test))
     out["pooled"] = (torch.linalg.vector_norm(r_test.mean(dim=(2, 3)), dim=1).double().numpy(), None)
     out["pooled_chan"] = (torch.linalg.vector_norm((r_test / rms).mean(dim=(2, 3)), dim=1).double().numpy(), None)
     # combo: the chan map's top-1% mean and pooled_chan, each standardised by its mean and std
@@ -277,6 +302,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "results" / "screen")
     p.add_argument("--keep", type=Path, default=None, help="folder for the fits' test maps (ensembles reuse them)")
     p.add_argument("--ensembles", default="[]", help="JSON list of lists of settings objects: combined maps")
+    p.add_argument("--quick", action="store_true", help="only the configured score: no free variants, no proxy")
     p.add_argument("--combine", choices=("sum", "max"), default="sum", help="how an ensemble combines its maps")
     args = p.parse_args()
     configure_cpu(2)
@@ -286,7 +312,7 @@ def main() -> None:
     results = []
     for v in variants:
         for name in args.sets.split(","):
-            results.append(run(name, args.data / DEV_SETS[name], v, args.keep))
+            results.append(run(name, args.data / DEV_SETS[name], v, args.keep, args.quick))
             print(json.dumps(results[-1]), flush=True)
     for members in ensembles:
         for name in args.sets.split(","):
@@ -299,7 +325,8 @@ def main() -> None:
             "image_auroc_pos_chan", "pixel_auroc_pos_chan", "aupro_pos_chan", "image_auroc_pos_chan_half",
             "pixel_auroc_pos_chan_half", "aupro_pos_chan_half", "image_auroc_pooled",
             "image_auroc_pooled_chan", "image_auroc_combo",
-            *(f"{m}_{v}" for v in ("sigma2", "sigma8", "held", "trainval", "whiten_plain", "whiten")
+            *(f"{m}_{v}"
+              for v in ("sigma2", "sigma8", "held", "trainval", "whiten_plain", "whiten", "stage", "cosine")
               for m in ("image_auroc", "pixel_auroc", "aupro")),
             "proxy_image", "proxy_token", "val_loss", "fit_seconds"]  # fmt: skip
     rows = [[r["set"], json.dumps(r["variant"]), *(_fmt(r.get(k, "-")) for k in keys)] for r in results]
@@ -335,8 +362,11 @@ def main() -> None:
                 "pooled: image",
                 "pooled chan: image",
                 "combo: image",
-                *(f"{v}: {m}" for v in ("sigma 2", "sigma 8", "held", "trainval", "whiten plain", "whiten")
-                  for m in ("image", "pixel", "AUPRO")),
+                *(
+                    f"{v}: {m}"
+                    for v in ("sigma 2", "sigma 8", "held", "trainval", "whiten plain", "whiten", "stage", "cosine")
+                    for m in ("image", "pixel", "AUPRO")
+                ),
                 "proxy: image",
                 "proxy: token",
                 "val loss",

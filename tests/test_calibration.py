@@ -161,3 +161,20 @@ def test_run_saved_before_keeps_its_decisions(tiny_run, tmp_path):
     assert p.is_anomalous == (p.anomaly_score >= old["image"])
     assert loaded.thresholds_.is_anomalous(old["image"])  # the rule was and stays >=
     assert "of them at or above it" in loaded.thresholds_.describe()
+
+
+@pytest.mark.slow  # a CLI fit with ONNX export; the fast lane keeps the option's parsing (test_errors)
+def test_fit_reconstructor_option_saves_and_reloads_the_cnn(tmp_path, run_cli):
+    from adtr.config import RECONSTRUCTOR_KINDS
+    from adtr.model import RECONSTRUCTORS, CNNReconstructor
+
+    assert RECONSTRUCTOR_KINDS == tuple(RECONSTRUCTORS)  # the CLI's choices are the model's
+    data = _good_folder(tmp_path / "data", 6, seed=2)
+    code, out, err = run_cli("fit", data, "--out", tmp_path / "run", "--image-size", "32", "--epochs", "1",
+                             "--reconstructor", "cnn", "--calibration", "held_out", "--val-fraction", "0.5",
+                             "--quiet")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
+    assert doc["model"]["reconstructor"] == "cnn"
+    det = ADTRDetector.load(tmp_path / "run")
+    assert isinstance(det.model_.reconstructor, CNNReconstructor)

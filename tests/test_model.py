@@ -113,8 +113,12 @@ def test_token_patch_puts_a_block_of_the_feature_grid_in_each_token():
         _ = dataclasses.replace(SMALL, token_patch=3).grid_size
     # an input size that is not a multiple of the largest stride still gives whole tokens
     assert dataclasses.replace(cfg, image_size=(72, 100)).grid_size == (8, 12)
-    with pytest.raises(ValueError, match="no tokens"):
-        ADTR(dataclasses.replace(cfg, reconstructor="mlp"))
+    # The MLP and CNN have no tokens: they run on the finer feature grid itself.
+    for kind in ("mlp", "cnn"):
+        m = ADTR(dataclasses.replace(cfg, reconstructor=kind)).eval()
+        with torch.no_grad():
+            assert m.reconstructor(f).shape == f.shape
+            assert m(x).anomaly_map.shape == (2, 64, 96)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
