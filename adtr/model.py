@@ -92,7 +92,7 @@ class TransformerReconstructor(nn.Module):
 
 
 class MLPReconstructor(nn.Module):
-    """Per-token bottleneck MLP, same width budget: a baseline for the query ablation."""
+    """Per-position bottleneck MLP on the feature grid, same width budget: a baseline for the query ablation."""
 
     def __init__(self, channels: int, cfg: ModelConfig):
         super().__init__()
@@ -107,7 +107,7 @@ class MLPReconstructor(nn.Module):
 
 
 class CNNReconstructor(nn.Module):
-    """Convolutional autoencoder on the token grid (downsample x2 and back): a baseline."""
+    """Convolutional autoencoder on the feature grid (downsample x2 and back): a baseline."""
 
     def __init__(self, channels: int, cfg: ModelConfig):
         super().__init__()

@@ -192,7 +192,7 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
     from the held-out good images `val` / from training and held-out images together (a
     model fits its training images more closely than unseen good ones); whiten / whiten_plain:
     the Mahalanobis norm of the residual under its training covariance (see below); stage /
-    cosine: every backbone stage weighed alike, and Dinomaly's cosine map (see below).
+    cosine: every backbone stage weighed alike, and a cosine map as Dinomaly's, on standardised features.
     Returns {name: (image scores (N,), maps list or None)}.
     """
 
@@ -259,7 +259,7 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
     o = model.score_maps(((w_test - mu) / var.sqrt().clamp_min(1e-6)).clamp_min(0))
     out["whiten"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
     # stage: every backbone stage weighs the same (the mean over stages of the chan error's mean
-    # square per channel) instead of by its channel count; cosine: Dinomaly's map (Guo et al.,
+    # square per channel) instead of by its channel count; cosine: like Dinomaly's map (Guo et al.,
     # CVPR 2025, sec. 3.4), the mean over stages of 1 - cos(f, f_hat) of the standardised
     # features. Both then standardised per position halfway, as the default.
     bounds = np.cumsum([0] + [level.channels for level in model.backbone.levels])

@@ -165,10 +165,8 @@ def test_run_saved_before_keeps_its_decisions(tiny_run, tmp_path):
 
 @pytest.mark.slow  # a CLI fit with ONNX export; the fast lane keeps the option's parsing (test_errors)
 def test_fit_reconstructor_option_saves_and_reloads_the_cnn(tmp_path, run_cli):
-    from adtr.config import RECONSTRUCTOR_KINDS
-    from adtr.model import RECONSTRUCTORS, CNNReconstructor
+    from adtr.model import CNNReconstructor
 
-    assert RECONSTRUCTOR_KINDS == tuple(RECONSTRUCTORS)  # the CLI's choices are the model's
     data = _good_folder(tmp_path / "data", 6, seed=2)
     code, out, err = run_cli("fit", data, "--out", tmp_path / "run", "--image-size", "32", "--epochs", "1",
                              "--reconstructor", "cnn", "--calibration", "held_out", "--val-fraction", "0.5",
@@ -176,5 +174,10 @@ def test_fit_reconstructor_option_saves_and_reloads_the_cnn(tmp_path, run_cli):
     assert code == 0, err
     doc = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
     assert doc["model"]["reconstructor"] == "cnn"
+    # its validation loss is far above the query fallback's threshold, yet only the
+    # transformer's learnable query ever falls back
+    assert doc["history"][-1]["val_loss"] > TrainConfig().query_fallback
+    assert doc["provenance"]["query_fallback"] is None and "fitted without the learnable query" not in out
+    assert (tmp_path / "run" / "model.onnx").is_file() and "backend for predict / test / serve: onnx" in out
     det = ADTRDetector.load(tmp_path / "run")
     assert isinstance(det.model_.reconstructor, CNNReconstructor)

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from adtr.config import MODEL_PRESETS, ModelConfig, RunConfig, ScoreConfig
-from adtr.model import ADTR
+from adtr.config import MODEL_PRESETS, RECONSTRUCTOR_KINDS, ModelConfig, RunConfig, ScoreConfig
+from adtr.model import ADTR, RECONSTRUCTORS
 from adtr.transformer import ReconstructionTransformer
 
 SMALL = ModelConfig(
@@ -114,10 +114,12 @@ def test_token_patch_puts_a_block_of_the_feature_grid_in_each_token():
     # an input size that is not a multiple of the largest stride still gives whole tokens
     assert dataclasses.replace(cfg, image_size=(72, 100)).grid_size == (8, 12)
     # The MLP and CNN have no tokens: they run on the finer feature grid itself.
+    assert RECONSTRUCTOR_KINDS == tuple(RECONSTRUCTORS)  # the CLI's choices are the model's
     for kind in ("mlp", "cnn"):
         m = ADTR(dataclasses.replace(cfg, reconstructor=kind)).eval()
         with torch.no_grad():
             assert m.reconstructor(f).shape == f.shape
+            assert m.residual_grid(m.residual(f)).shape == (2, 8, 12)  # the stride-8 grid
             assert m(x).anomaly_map.shape == (2, 64, 96)
 
 
