@@ -222,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=RECONSTRUCTOR_KINDS,
         default=d_model.reconstructor,
         help="what reconstructs the features: ADTR's transformer, or the per-position MLP / convolutional "
-        "autoencoder baselines; the CNN fits about 15x faster and, with --steps 1000, reached 0.997 image "
-        "AUROC on MVTec transistor but lost localisation on bsdata (docs/design.md, 'The reconstructor "
+        "autoencoder baselines; the CNN trains about 15x faster and, with --steps 1000 (one seed), reached 0.997 "
+        "image AUROC on MVTec transistor but lost localisation on bsdata (docs/design.md, 'The reconstructor "
         f"ablation') (default: {d_model.reconstructor})",
     )
     p.add_argument(

@@ -199,6 +199,12 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
     def residuals(f: torch.Tensor) -> torch.Tensor:
         return torch.cat(list(model.residual_batches(f, scaled=False)))
 
+    def halfway(e_train: torch.Tensor, e_test: torch.Tensor) -> tuple:
+        """e_test standardised per position with e_train's statistics shrunk halfway to the grid's."""
+        mu, var = 0.5 * e_train.mean(0) + 0.5 * e_train.mean(), 0.5 * e_train.var(0) + 0.5 * e_train.var()
+        o = model.score_maps(((e_test - mu) / var.sqrt().clamp_min(1e-6)).clamp_min(0))
+        return o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy())
+
     r_train, r_test = residuals(train), residuals(test)
     rms = r_train.pow(2).mean(dim=(0, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
     out = {}
@@ -235,9 +241,7 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
         for name_, r_ref in (("held", r_val), ("trainval", torch.cat([r_train, r_val]))):
             rms_ = r_ref.pow(2).mean(dim=(0, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
             c_ref, c_t = torch.linalg.vector_norm(r_ref / rms_, dim=1), torch.linalg.vector_norm(r_test / rms_, dim=1)
-            mu, var = 0.5 * c_ref.mean(0) + 0.5 * c_ref.mean(), 0.5 * c_ref.var(0) + 0.5 * c_ref.var()
-            o = model.score_maps(((c_t - mu) / var.sqrt().clamp_min(1e-6)).clamp_min(0))
-            out[name_] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
+            out[name_] = halfway(c_ref, c_t)
     # whiten: the residual's full channel covariance over the training images' positions (shrunk
     # 1% towards its mean variance), the Mahalanobis norm of each position's residual instead of
     # the per-channel RMS (a Gaussian model of the reconstruction error, PaDiM's distance applied
@@ -255,20 +259,13 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
     w_train, w_test = mahalanobis(r_train), mahalanobis(r_test)
     o = model.score_maps(w_test)
     out["whiten_plain"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
-    mu, var = 0.5 * w_train.mean(0) + 0.5 * w_train.mean(), 0.5 * w_train.var(0) + 0.5 * w_train.var()
-    o = model.score_maps(((w_test - mu) / var.sqrt().clamp_min(1e-6)).clamp_min(0))
-    out["whiten"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
+    out["whiten"] = halfway(w_train, w_test)
     # stage: every backbone stage weighs the same (the mean over stages of the chan error's mean
     # square per channel) instead of by its channel count; cosine: like Dinomaly's map (Guo et al.,
     # CVPR 2025, sec. 3.4), the mean over stages of 1 - cos(f, f_hat) of the standardised
     # features. Both then standardised per position halfway, as the default.
     bounds = np.cumsum([0] + [level.channels for level in model.backbone.levels])
     stages = list(zip(bounds[:-1], bounds[1:], strict=True))
-
-    def halfway(e_train: torch.Tensor, e_test: torch.Tensor) -> tuple:
-        mu, var = 0.5 * e_train.mean(0) + 0.5 * e_train.mean(), 0.5 * e_train.var(0) + 0.5 * e_train.var()
-        o = model.score_maps(((e_test - mu) / var.sqrt().clamp_min(1e-6)).clamp_min(0))
-        return o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy())
 
     def stage_error(r: torch.Tensor) -> torch.Tensor:
         return torch.stack([(r[:, a:b] / rms[:, a:b]).pow(2).mean(1) for a, b in stages]).mean(0).sqrt()
