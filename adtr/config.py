@@ -43,8 +43,9 @@ class ModelConfig:
     num_heads: int = 8
     ffn_dim: int = 1024
     dropout: float = 0.1  # on residual branches and feed-forward layers
-    # Dropout on the input tokens before the encoder, in training only: a "noisy bottleneck"
-    # (Dinomaly, Guo et al., CVPR 2025, section 3.2) that keeps the model from copying its input.
+    # Dropout on the input tokens before the encoder (the MLP's and CNN's input features), in
+    # training only: a "noisy bottleneck" (Dinomaly, Guo et al., CVPR 2025, section 3.2) that
+    # keeps the model from copying its input.
     feature_dropout: float = 0.0
     attention_dropout: float = 0.0
     # > 0: attention never reaches the n x n window of tokens around a token's own position

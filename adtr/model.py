@@ -101,9 +101,10 @@ class MLPReconstructor(nn.Module):
             nn.Conv2d(channels, d, 1), nn.ReLU(), nn.Conv2d(d, d // 4, 1), nn.ReLU(),
             nn.Conv2d(d // 4, d, 1), nn.ReLU(), nn.Conv2d(d, channels, 1),
         )  # fmt: skip
+        self.feature_dropout = nn.Dropout(cfg.feature_dropout)  # training only, as the transformer's
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.net(f)
+        return self.net(self.feature_dropout(f))
 
 
 class CNNReconstructor(nn.Module):
@@ -119,9 +120,12 @@ class CNNReconstructor(nn.Module):
             nn.ConvTranspose2d(d // 4, d, 4, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(d, channels, 1),
         )  # fmt: skip
+        # A denoising autoencoder when > 0: it learns to restore dropped feature entries from
+        # their neighbours rather than to copy its input (Dinomaly's noisy bottleneck).
+        self.feature_dropout = nn.Dropout(cfg.feature_dropout)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.net(f)
+        return self.net(self.feature_dropout(f))
 
 
 RECONSTRUCTORS = {

@@ -130,6 +130,21 @@ def test_baseline_reconstructors_keep_shape(kind):
     assert m.reconstructor(f).shape == f.shape
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_baseline_feature_dropout_noises_training_only(kind):
+    model = ADTR(dataclasses.replace(SMALL, reconstructor=kind, feature_dropout=0.5))
+    m, f = model.reconstructor, torch.randn(2, model.channels, 4, 6)
+    with torch.no_grad():
+        m.train()
+        torch.manual_seed(0)
+        a = m(f)
+        assert not torch.equal(a, m(f))  # a fresh mask per call
+        m.eval()
+        assert torch.equal(m(f), m(f))
+        # eval is the clean input through the same weights: no dropout module in the path
+        assert torch.allclose(m(f), m.net(f))
+
+
 def test_paper_preset_is_spec_section_1():
     p = MODEL_PRESETS["paper"]
     assert (p.hidden_dim, p.num_encoder_layers, p.num_decoder_layers, p.num_heads, p.ffn_dim, p.dropout) == (
