@@ -141,7 +141,7 @@ def test_baseline_feature_dropout_noises_training_only(kind):
         assert not torch.equal(a, m(f))  # a fresh mask per call
         m.eval()
         assert torch.equal(m(f), m(f))
-        # eval is the clean input through the same weights: no dropout module in the path
+        # eval is the clean input through the same weights: the dropout is an identity there
         assert torch.allclose(m(f), m.net(f))
 
 
