@@ -18,6 +18,7 @@ CALIBRATIONS = ("auto", "held_out", "crossfit")
 LOSSES = ("hard", "mse")  # normal-only reconstruction losses (losses.reconstruction_loss)
 # The feature reconstructors (model.RECONSTRUCTORS): ADTR's transformer, and two baselines.
 RECONSTRUCTOR_KINDS = ("transformer", "mlp", "cnn")
+IMAGE_SCORERS = (None, "cnn", "mlp")  # ModelConfig.image_scorer
 # What real labelled anomalies train: a defect head on the frozen residual, or the
 # reconstructor through SPEC section 2's L_px / L_img (the paper); docs/design.md, issue 15.
 LABELLED_ANOMALY_USES = ("head", "loss")
@@ -62,6 +63,19 @@ class ModelConfig:
     # The MLP and CNN reconstructors have no tokens: they run on the finer feature grid itself.
     token_patch: int = 1
     normalize_features: bool = True  # per-channel standardisation with training statistics
+    # A second reconstructor that scores the image ("cnn" or "mlp"; None: the map scores it):
+    # trained TrainConfig.image_scorer_epochs times longer on the same features, with its input
+    # dropped at image_scorer_dropout. A long fit gives the best image scores and the worst maps
+    # (it learns to rebuild small defects), so the map stays the reconstructor's
+    # (docs/design.md, "The image scorer"). The "cpu" preset sets "cnn"; runs saved before: None.
+    image_scorer: str | None = None
+    image_scorer_dropout: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.image_scorer not in IMAGE_SCORERS:
+            raise ValueError(f"image_scorer must be one of {IMAGE_SCORERS}, got {self.image_scorer!r}")
+        if not 0 <= self.image_scorer_dropout < 1:
+            raise ValueError(f"image scorer dropout must be in [0, 1), got {self.image_scorer_dropout}")
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -153,6 +167,10 @@ class TrainConfig:
     # parts), and its residual is then mostly noise. None: off. Needs held-out good images.
     # Chosen on the development sets (docs/design.md, "The query fallback").
     query_fallback: float | None = 0.4
+    # The image scorer (ModelConfig.image_scorer) trains this many times the reconstructor's
+    # epochs: 5 is about 1000 steps beside the default 200, where the CNN's image AUROC was
+    # screened (docs/design.md, "The image scorer"); its step costs about 1/15 of the transformer's.
+    image_scorer_epochs: int = 5
 
     def __post_init__(self) -> None:
         checks = [
@@ -172,6 +190,7 @@ class TrainConfig:
                 f"labelled_anomalies must be one of {LABELLED_ANOMALY_USES}, got {self.labelled_anomalies!r}",
             ),
             (self.calibration_folds >= 2, f"calibration folds must be >= 2, got {self.calibration_folds}"),
+            (self.image_scorer_epochs >= 1, f"image scorer epochs must be >= 1, got {self.image_scorer_epochs}"),
             (
                 self.query_fallback is None or 0 < self.query_fallback < math.inf,
                 f"query fallback must be a finite number > 0 or None (off), got {self.query_fallback}",
@@ -201,6 +220,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "paper": ModelConfig(),
     "cpu": ModelConfig(
         align="area",
+        image_scorer="cnn",
         hidden_dim=256,
         num_encoder_layers=2,
         num_decoder_layers=2,

@@ -8,6 +8,7 @@ same functions per process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -446,6 +447,34 @@ def fit_reconstructor(
     bar.close()
     rec.eval()
     return history
+
+
+class _ScorerView:
+    """The image scorer where fit_reconstructor expects a model's `reconstructor`."""
+
+    def __init__(self, model: ADTR):
+        self.reconstructor = model.image_scorer
+
+
+def fit_image_scorer(
+    model: ADTR,
+    normal: torch.Tensor,
+    val_features: torch.Tensor | None,
+    cfg: TrainConfig,
+    device: torch.device,
+    progress: bool = True,
+    parallel: DataParallel | None = None,
+) -> list[dict]:
+    """Train model.image_scorer (ModelConfig.image_scorer) on standardised good features
+    (N, C, h, w), normal-only, for cfg.image_scorer_epochs times the reconstructor's planned
+    epochs, from its current weights. Seeded by cfg.seed (shuffling and dropout), so that a
+    resumed fit trains the same scorer. Returns one record per epoch, as fit_reconstructor."""
+    scorer_cfg = dataclasses.replace(cfg, epochs=planned_epochs(len(normal), cfg) * cfg.image_scorer_epochs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        return fit_reconstructor(_ScorerView(model), TrainingData(normal), val_features, scorer_cfg,  # type: ignore[arg-type]
+                                 device, generator, progress=progress, parallel=parallel)  # fmt: skip
 
 
 @dataclass

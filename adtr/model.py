@@ -9,6 +9,7 @@ Higher scores mean more anomalous, everywhere in this package.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -156,6 +157,13 @@ class ADTR(nn.Module):
         self.backbone = build_backbone(cfg.backbone, cfg.image_size, cfg.strides)
         self.channels = sum(level.channels for level in self.backbone.levels)
         self.reconstructor = RECONSTRUCTORS[cfg.reconstructor](self.channels, cfg)
+        # The image scorer (ModelConfig.image_scorer): built after the reconstructor, so that the
+        # reconstructor's initial weights do not depend on it; stored only in runs that have one.
+        self.image_scorer = None
+        if cfg.image_scorer is not None:
+            scorer_cfg = dataclasses.replace(cfg, feature_dropout=cfg.image_scorer_dropout)
+            self.image_scorer = RECONSTRUCTORS[cfg.image_scorer](self.channels, scorer_cfg)
+        scorer = cfg.image_scorer is not None
         # Per-channel statistics of the training features (identity until fitted).
         self.register_buffer("feature_mean", torch.zeros(1, self.channels, 1, 1))
         self.register_buffer("feature_std", torch.ones(1, self.channels, 1, 1))
@@ -167,6 +175,10 @@ class ADTR(nn.Module):
         grid = cfg.grid_size
         self.register_buffer("position_mean", torch.zeros(1, *grid), persistent=norm == "channel_position")
         self.register_buffer("position_std", torch.ones(1, *grid), persistent=norm == "channel_position")
+        # The image scorer's own residual statistics, as the three above.
+        self.register_buffer("scorer_residual_scale", torch.ones(1, self.channels, 1, 1), persistent=scorer)
+        self.register_buffer("scorer_position_mean", torch.zeros(1, *grid), persistent=scorer)
+        self.register_buffer("scorer_position_std", torch.ones(1, *grid), persistent=scorer)
         # The defect head (defect_head.py), fitted with labelled anomalies' masks; stored only
         # in runs that have one (score.defect_head), so runs without load unchanged.
         head = self.score_cfg.defect_head
@@ -204,24 +216,37 @@ class ADTR(nn.Module):
     @torch.no_grad()
     def set_residual_scale(self, features: torch.Tensor, batch_size: int = 16) -> None:
         """Set residual_scale (1, C, 1, 1) to the per-channel RMS of f - f_hat over standardised
-        training features (N, C, h, w), in the model's current mode (call it in eval mode).
+        training features (N, C, h, w), in the model's current mode (call it in eval mode); with
+        "channel_position", also the per-position statistics of the scaled grid error. The same
+        for the image scorer's residual (scorer_* buffers), where the model has one.
 
         Dividing by it before the norm weighs every channel by how well good parts are
         reconstructed in it: a whitening of the residual (diagonal), the same idea as
         normalising each stage's error by its training error (Dinomaly, CVPR 2025, sec. 3)."""
-        total = torch.zeros(self.channels, dtype=torch.float64, device=self.residual_scale.device)
-        for r in self.residual_batches(features, batch_size, scaled=False):
-            total += r.double().pow(2).sum(dim=(0, 2, 3))
-        count = len(features) * features.shape[2] * features.shape[3]
-        self.residual_scale.copy_((total / max(1, count)).sqrt().clamp_min(1e-6).float().view(1, -1, 1, 1))
-        if self.score_cfg.residual_norm == "channel_position":
-            grids = torch.cat([torch.linalg.vector_norm(r, dim=1) for r in self.residual_batches(features, batch_size)])
-            # Half per-position, half whole-grid: unaligned parts (a plate anywhere in the image)
-            # get less of the per-position estimate's noise (screened, docs/design.md).
-            mean = 0.5 * grids.mean(0) + 0.5 * grids.mean()
-            var = 0.5 * grids.var(0) + 0.5 * grids.var() if len(grids) > 1 else torch.ones_like(mean)
-            self.position_mean.copy_(mean.unsqueeze(0))
-            self.position_std.copy_(var.sqrt().clamp_min(1e-6).unsqueeze(0))
+        pairs = [(self.reconstructor, ("residual_scale", "position_mean", "position_std"))]
+        if self.image_scorer is not None:
+            pairs.append((self.image_scorer, ("scorer_residual_scale", "scorer_position_mean", "scorer_position_std")))
+        for rec, (scale, pos_mean, pos_std) in pairs:
+            scale, pos_mean, pos_std = (self.get_buffer(n) for n in (scale, pos_mean, pos_std))
+            total = torch.zeros(self.channels, dtype=torch.float64, device=scale.device)
+            for f in self._batches(features, batch_size):
+                total += (f - rec(f)).double().pow(2).sum(dim=(0, 2, 3))
+            count = len(features) * features.shape[2] * features.shape[3]
+            scale.copy_((total / max(1, count)).sqrt().clamp_min(1e-6).float().view(1, -1, 1, 1))
+            if self.score_cfg.residual_norm == "channel_position":
+                grids = torch.cat([torch.linalg.vector_norm((f - rec(f)) / scale, dim=1)
+                                   for f in self._batches(features, batch_size)])  # fmt: skip
+                # Half per-position, half whole-grid: unaligned parts (a plate anywhere in the image)
+                # get less of the per-position estimate's noise (screened, docs/design.md).
+                mean = 0.5 * grids.mean(0) + 0.5 * grids.mean()
+                var = 0.5 * grids.var(0) + 0.5 * grids.var() if len(grids) > 1 else torch.ones_like(mean)
+                pos_mean.copy_(mean.unsqueeze(0))
+                pos_std.copy_(var.sqrt().clamp_min(1e-6).unsqueeze(0))
+
+    def _batches(self, features: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+        device = self.residual_scale.device
+        for i in range(0, len(features), batch_size):
+            yield features[i : i + batch_size].to(device)
 
     def residual_batches(
         self, features: torch.Tensor, batch_size: int = 16, scaled: bool = True
@@ -229,9 +254,7 @@ class ADTR(nn.Module):
         """Standardised features (N, C, h, w), on any device -> the residual f - f_hat of each
         batch (b, C, h, w) on the model's device, divided by residual_scale when `scaled`; in
         the model's current mode (call it in eval mode, under no_grad for scoring)."""
-        device = self.residual_scale.device
-        for i in range(0, len(features), batch_size):
-            f = features[i : i + batch_size].to(device)
+        for f in self._batches(features, batch_size):
             yield self.residual(f) if scaled else f - self.reconstructor(f)
 
     def residual(self, f: torch.Tensor) -> torch.Tensor:
@@ -252,7 +275,22 @@ class ADTR(nn.Module):
         if self.score_cfg.defect_head:
             logit = (residual * self.head_weight).sum(1) + self.head_bias
             grid = combine_defect_head(grid, logit, self.head_norm, self.head_gain)
-        return self.score_maps(grid, residual)
+            # the labelled defects' evidence is in the map: it scores the image (issue 15's runs)
+            return self.score_maps(grid, residual)
+        out = self.score_maps(grid, residual)
+        if self.image_scorer is None or self.score_cfg.image_score not in MAP_SCORES:
+            return out
+        return AnomalyOutput(out.anomaly_map, self.score_maps(self.scorer_grid(f)).anomaly_score)
+
+    def scorer_grid(self, f: torch.Tensor) -> torch.Tensor:
+        """Standardised features (B, C, h, w) -> the image scorer's grid error (B, h, w), scaled
+        and standardised as residual_grid does the reconstructor's; ValueError without a scorer."""
+        if self.image_scorer is None:
+            raise ValueError("this model has no image scorer (ModelConfig.image_scorer)")
+        grid = torch.linalg.vector_norm((f - self.image_scorer(f)) / self.scorer_residual_scale, dim=1)
+        if self.score_cfg.residual_norm == "channel_position":
+            grid = ((grid - self.scorer_position_mean) / self.scorer_position_std).clamp_min(0)
+        return grid
 
     @property
     def head_gain(self) -> float:

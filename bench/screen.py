@@ -43,7 +43,13 @@ from adtr.data.images import image_size, read_mask  # noqa: E402
 from adtr.data.mvtec import test_samples, train_samples  # noqa: E402
 from adtr.data.splits import split_validation  # noqa: E402
 from adtr.data.transforms import input_size_for  # noqa: E402
-from adtr.engine import TrainingData, extract_features, fit_reconstructor, synthetic_pools  # noqa: E402
+from adtr.engine import (  # noqa: E402
+    TrainingData,
+    extract_features,
+    fit_image_scorer,
+    fit_reconstructor,
+    synthetic_pools,
+)
 from adtr.evaluate import ResizedMaps  # noqa: E402
 from adtr.metrics import image_metrics, pixel_metrics  # noqa: E402
 from adtr.model import ADTR, gaussian_kernel1d, map_image_score, upsample_map  # noqa: E402
@@ -86,6 +92,8 @@ def run(name: str, root: Path, variant: dict, keep: Path | None = None, quick: b
         t0 = time.perf_counter()
         history = fit_reconstructor(model, TrainingData(f[train_idx]), f[val_idx], cfg.train, torch.device("cpu"),
                                     torch.Generator().manual_seed(cfg.train.seed), progress=False)  # fmt: skip
+        if model.image_scorer is not None:  # as adtr.fit does
+            fit_image_scorer(model, f[train_idx], f[val_idx], cfg.train, torch.device("cpu"), progress=False)
         fit_seconds = time.perf_counter() - t0
     model.eval()
     if cfg.score.residual_norm != "none":

@@ -181,3 +181,10 @@ def test_fit_reconstructor_option_saves_and_reloads_the_cnn(tmp_path, run_cli):
     assert (tmp_path / "run" / "model.onnx").is_file() and "backend for predict / test / serve: onnx" in out
     det = ADTRDetector.load(tmp_path / "run")
     assert isinstance(det.model_.reconstructor, CNNReconstructor)
+    assert doc["model"]["image_scorer"] == "cnn" and isinstance(det.model_.image_scorer, CNNReconstructor)
+    code, out, err = run_cli("fit", data, "--out", tmp_path / "off", "--image-size", "32", "--epochs", "1",
+                             "--image-scorer", "off", "--calibration", "held_out", "--val-fraction", "0.5",
+                             "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "off" / CONFIG_FILE).read_text())["model"]["image_scorer"] is None
+    assert ADTRDetector.load(tmp_path / "off").model_.image_scorer is None

@@ -162,6 +162,7 @@ def test_every_option_is_honoured_or_refused(run_cli, tiny_run, tmp_path):
         (["export", "R", "--threads", "0"], "argument --threads: '0' is not a whole number >= 1"),
         (["fit", "D", "--out", "R", "--query-fallback", "no"], "--query-fallback: 'no' is not 'off' or a finite"),
         (["fit", "D", "--out", "R", "--reconstructor", "vit"], "--reconstructor: invalid choice: 'vit'"),
+        (["fit", "D", "--out", "R", "--image-scorer", "vit"], "--image-scorer: invalid choice: 'vit'"),
         (["fit", "D", "--out", "R", "--query-fallback", "0"], "--query-fallback: '0' is not 'off' or a finite"),
     ],
 )

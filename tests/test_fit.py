@@ -156,3 +156,32 @@ def test_cross_fitting_folds_keep_the_final_models_reconstructor(raw, monkeypatc
     monkeypatch.setattr(fit, "fit_on_features", spy)
     fit.crossfit_scores(config, [None] * 6, raw[:6], torch.device("cpu"), progress=False)
     assert folds == [True, True]  # each fold holds images out, but none falls back on its own
+
+
+def test_image_scorer_trains_longer_scores_the_image_and_resumes_the_same(raw, tmp_path):
+    import copy
+    import dataclasses
+
+    from adtr.engine import fit_image_scorer
+
+    cpu = torch.device("cpu")
+    config = RunConfig(dataclasses.replace(TINY, image_scorer="cnn"),
+                       train=TrainConfig(epochs=2, batch_size=4, image_scorer_epochs=3))  # fmt: skip
+    torch.manual_seed(config.train.seed)  # as the fit builds its model
+    initial = ADTR(config.model).image_scorer.state_dict()
+    fitted = fit_on_features(config, raw, cpu, val_idx=[0, 1], state_dir=tmp_path, progress=False)
+    m = fitted.model
+    assert len(fitted.history) == 2  # the reconstructor's epochs only
+    trained = m.image_scorer.state_dict()
+    assert not all(torch.equal(initial[k], trained[k]) for k in initial)
+    for name in ("scorer_residual_scale", "scorer_position_std"):
+        assert not torch.equal(m.get_buffer(name), torch.ones_like(m.get_buffer(name))), name
+    assert len(fit_image_scorer(copy.deepcopy(m), fitted.train, None, config.train, cpu, progress=False)) == 2 * 3
+    with torch.no_grad():
+        out, own = m.score(fitted.val), m.score_maps(m.residual_grid(m.residual(fitted.val)))
+        assert torch.equal(out.anomaly_map, own.anomaly_map)  # the map is the reconstructor's
+        assert torch.equal(out.anomaly_score, m.score_maps(m.scorer_grid(fitted.val)).anomaly_score)
+        assert not torch.allclose(out.anomaly_score, own.anomaly_score)
+    # resumed after the reconstructor's last saved epoch: the scorer is trained again, to the same weights
+    again = fit_on_features(config, raw, cpu, val_idx=[0, 1], state_dir=tmp_path, resume=True, progress=False)
+    assert _same_weights(m, again.model)

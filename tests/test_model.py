@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adtr.config import MODEL_PRESETS, RECONSTRUCTOR_KINDS, ModelConfig, RunConfig, ScoreConfig
-from adtr.model import ADTR, RECONSTRUCTORS
+from adtr.model import ADTR, RECONSTRUCTORS, map_image_score
 from adtr.transformer import ReconstructionTransformer
 
 SMALL = ModelConfig(
@@ -143,6 +143,30 @@ def test_baseline_feature_dropout_noises_training_only(kind):
         assert torch.equal(m(f), m(f))
         # eval is the clean input through the same weights: the dropout is an identity there
         assert torch.allclose(m(f), m.net(f))
+
+
+def test_image_scorer_is_stored_only_in_runs_that_have_one():
+    with_scorer = ADTR(dataclasses.replace(SMALL, image_scorer="cnn")).state_dict()
+    plain = ADTR(SMALL).state_dict()
+    scorer_keys = {k for k in with_scorer if k.startswith(("image_scorer.", "scorer_"))}
+    assert {"scorer_residual_scale", "scorer_position_mean", "scorer_position_std"} < scorer_keys
+    assert set(with_scorer) - scorer_keys == set(plain)  # runs saved before it load unchanged
+    assert MODEL_PRESETS["cpu"].image_scorer == "cnn" and ModelConfig().image_scorer is None
+    assert RunConfig.from_dict({"schema_version": 1, "model": {}}).model.image_scorer is None
+    with pytest.raises(ValueError, match="image_scorer"):
+        ModelConfig(image_scorer="transformer")
+    with pytest.raises(ValueError, match="this model has no image scorer"):
+        ADTR(SMALL).scorer_grid(torch.zeros(1, 1, 1, 1))
+
+
+def test_a_defect_head_keeps_the_image_score_on_the_map():
+    m = ADTR(dataclasses.replace(SMALL, image_scorer="cnn"), ScoreConfig(defect_head=True, head_gain=1.0)).eval()
+    m.head_weight.normal_()
+    f = torch.randn(2, m.channels, 4, 6)
+    with torch.no_grad():
+        out = m.score(f)
+    expected = map_image_score(out.anomaly_map[:, None], m.score_cfg, m.cfg.image_size)
+    assert torch.equal(out.anomaly_score, expected)
 
 
 def test_paper_preset_is_spec_section_1():
