@@ -157,12 +157,14 @@ class ADTR(nn.Module):
         self.backbone = build_backbone(cfg.backbone, cfg.image_size, cfg.strides)
         self.channels = sum(level.channels for level in self.backbone.levels)
         self.reconstructor = RECONSTRUCTORS[cfg.reconstructor](self.channels, cfg)
-        # The image scorer (ModelConfig.image_scorer): built after the reconstructor, so that the
-        # reconstructor's initial weights do not depend on it; stored only in runs that have one.
+        # The image scorer (ModelConfig.image_scorer), stored only in runs that have one. Built
+        # after the reconstructor, on a forked random state: the reconstructor's initial weights
+        # and its training's dropout draws are those of a model without it (the same map).
         self.image_scorer = None
         if cfg.image_scorer is not None:
             scorer_cfg = dataclasses.replace(cfg, feature_dropout=cfg.image_scorer_dropout)
-            self.image_scorer = RECONSTRUCTORS[cfg.image_scorer](self.channels, scorer_cfg)
+            with torch.random.fork_rng(devices=[]):
+                self.image_scorer = RECONSTRUCTORS[cfg.image_scorer](self.channels, scorer_cfg)
         scorer = cfg.image_scorer is not None
         # Per-channel statistics of the training features (identity until fitted).
         self.register_buffer("feature_mean", torch.zeros(1, self.channels, 1, 1))

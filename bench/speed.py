@@ -60,6 +60,7 @@ KINDS = [
     ("pipeline_torch", "whole pipeline, PyTorch"),
     ("pipeline_onnx", "whole pipeline, ONNX Runtime"),
     ("pipeline_auto", "whole pipeline, default backend (auto)"),
+    ("pipeline_no_scorer", "whole pipeline without the image scorer, default backend (auto)"),
     ("reconstructor", "reconstructor + scoring only, PyTorch"),
     ("predict_torch", "900x900 PNGs: decode + resize + whole pipeline, PyTorch"),
     ("predict_onnx", "900x900 PNGs: decode + resize + whole pipeline, ONNX Runtime"),
@@ -117,6 +118,12 @@ def prepare(tmp: Path) -> Path:
     save_run(run, model, record)
     chosen = ADTRDetector.load(run, progress=False).selected_backend()
     print(f"prepared {run}: default backend {chosen.name} ({chosen.reason})", flush=True)
+    # the same weights without the image scorer (built after the reconstructor: the same seed gives both)
+    torch.manual_seed(0)
+    plain = RunConfig(dataclasses.replace(config.model, image_scorer=None), config.score, config.train)
+    save_run(tmp / "run_no_scorer", ADTR(plain.model, plain.score).eval(), RunRecord(plain, thresholds, {"n": 0},
+             {"adtr_version": __version__}))  # fmt: skip
+    ADTRDetector.load(tmp / "run_no_scorer", progress=False).selected_backend()  # its cached graph
 
     class Backbone(torch.nn.Module):
         def __init__(self, m: ADTR):
@@ -171,6 +178,8 @@ def _model_only(kind: str, run: Path) -> dict:
         session = ort.InferenceSession(str(run.parent / "backbone.onnx"), options, providers=["CPUExecutionProvider"])
         feed = {"images": x.numpy()}
         return {"images_per_second": _rate(lambda: session.run(None, feed), BATCH)}
+    if kind == "pipeline_no_scorer":
+        kind, run = "pipeline_auto", run.parent / "run_no_scorer"
     backend = kind.removeprefix("pipeline_") if kind.startswith("pipeline_") else "torch"
     det = ADTRDetector.load(run, progress=False, backend=backend)
     chosen = det.selected_backend()
@@ -292,6 +301,8 @@ def summarise(med: dict, precision: str) -> tuple[list[list], dict[str, float]]:
     fastest = max((ips(k) for k in ("pipeline_torch", "pipeline_onnx") if k in med), default=None)
     ratio("default / fastest backend, whole pipeline (target >= 0.9)", ips("pipeline_auto"), fastest)
     ratio("ONNX Runtime / PyTorch, whole pipeline", ips("pipeline_onnx"), ips("pipeline_torch"))
+    ratio("with the image scorer / without, whole pipeline, default backend", ips("pipeline_auto"),
+          ips("pipeline_no_scorer"))  # fmt: skip
     ratio("ONNX Runtime / PyTorch, backbone only", ips("backbone_onnx"), ips("backbone_torch"))
     # time shares: 1 / rate is the time per image
     ratio("reconstructor's share of inference time, PyTorch (target <= 0.25)", ips("pipeline_torch"),

@@ -23,16 +23,22 @@ from adtr import distributed, fit
 from adtr.checkpoint import save_run
 from adtr.config import RunConfig, TrainConfig
 
+
 # No dropout: what is left between 1 and 2 processes is the order of floating-point sums.
 # 8 images: 7 train, 1 held out; batches of 3 rows give 3, 3, 1: uneven splits across the two
 # ranks and, in the last batch, a rank without rows (it runs a stand-in row with weight 0).
 # ADTR_TEST_LOSS picks the normal-only loss: "hard" checks its global quantile and weights.
 # fp32: bf16 kernels round differently with the thread count (1 per rank here, 2 in the single
 # process) on CPUs with AMX, which would hide what this compares; the bf16 path is the same code.
-CONFIG = RunConfig(
-    dataclasses.replace(TINY, dropout=0.0),
-    train=TrainConfig(epochs=3, batch_size=3, seed=3, loss=os.environ.get("ADTR_TEST_LOSS", "mse"), precision="fp32"),
-)
+def config_for(loss: str) -> RunConfig:
+    """The settings of both fits; with the hard loss also the image scorer (without its input
+    dropout, for the same reason), trained on both ranks as the reconstructor is."""
+    model = dataclasses.replace(TINY, dropout=0.0, image_scorer="cnn" if loss == "hard" else None,
+                                image_scorer_dropout=0.0)  # fmt: skip
+    return RunConfig(model, train=TrainConfig(epochs=3, batch_size=3, seed=3, loss=loss, precision="fp32"))
+
+
+CONFIG = config_for(os.environ.get("ADTR_TEST_LOSS", "mse"))
 
 
 class Stop(Exception):

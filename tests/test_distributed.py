@@ -137,13 +137,12 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["mse", "hard"])  # hard: one quantile and one weight sum over both ranks
 def test_two_processes_fit_what_one_process_fits_and_resume(bottle, tmp_path, loss):
-    import dataclasses
 
-    from distributed_worker import CONFIG
+    from distributed_worker import config_for
 
     from adtr.fit import fit_run
 
-    config = dataclasses.replace(CONFIG, train=dataclasses.replace(CONFIG.train, loss=loss))
+    config = config_for(loss)
 
     data = tmp_path / "data" / "train" / "good"
     data.mkdir(parents=True)

@@ -185,3 +185,11 @@ def test_image_scorer_trains_longer_scores_the_image_and_resumes_the_same(raw, t
     # resumed after the reconstructor's last saved epoch: the scorer is trained again, to the same weights
     again = fit_on_features(config, raw, cpu, val_idx=[0, 1], state_dir=tmp_path, resume=True, progress=False)
     assert _same_weights(m, again.model)
+    # the scorer leaves the map as it is: a fit without it trains the same reconstructor
+    plain = dataclasses.replace(config, model=dataclasses.replace(config.model, image_scorer=None))
+    other = fit_on_features(plain, raw, cpu, val_idx=[0, 1], progress=False).model
+    kept = {k: v for k, v in m.state_dict().items() if not k.startswith(("image_scorer.", "scorer_"))}
+    assert kept.keys() == other.state_dict().keys()
+    assert all(torch.equal(kept[k], other.state_dict()[k]) for k in kept)
+    with torch.no_grad():
+        assert torch.equal(other.score(fitted.val).anomaly_map, out.anomaly_map)
