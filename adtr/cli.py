@@ -175,7 +175,8 @@ def _add_letterbox(p: argparse.ArgumentParser) -> None:
         "--letterbox",
         action="store_true",
         help="keep each image's aspect ratio, padding the rest of the model input (not scored), instead of "
-        "stretching it to the model's input; for images of another aspect ratio than the training images",
+        "stretching it to the model's input; for images of another aspect ratio than the training images "
+        "(runs fitted with --image-scorer off: the image scorer sees the whole input)",
     )
 
 

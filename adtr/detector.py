@@ -187,11 +187,12 @@ class ADTRDetector:
 
     def _scoring(self, letterbox: bool) -> dict[str, Any]:
         """The keyword arguments of predict.iter_predictions / predict_array for this run."""
-        return {"score": self.config.score, "profile": self.inputs_, "letterbox": letterbox}
+        return {"score": self.config.score, "profile": self.inputs_, "letterbox": letterbox,
+                "image_scorer": self.config.model.image_scorer is not None and not self.config.score.defect_head}
 
     def check_letterbox(self, letterbox: bool) -> None:
         """SettingsError, before any image is read, when this run's image score cannot be letterboxed."""
-        Scoring(self.config.model.image_size, self.thresholds_, self.config.score, letterbox=letterbox)
+        Scoring(self.config.model.image_size, self.thresholds_, **self._scoring(letterbox))
 
     def selected_backend(self) -> SelectedBackend:
         """The backend predict / test run (name, callable, reason), chosen on the first call by

@@ -53,6 +53,7 @@ class Scoring:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     profile: InputProfile | None = None
     letterbox: bool = False
+    image_scorer: bool = False  # the run's image score comes from its image scorer, not the map
 
     def __post_init__(self) -> None:
         if self.letterbox and self.score.image_score not in MAP_SCORES:
@@ -60,6 +61,12 @@ class Scoring:
                 f"letterbox needs an image score computed from the map ({', '.join(MAP_SCORES)}); this run uses "
                 f"{self.score.image_score!r}"
             )
+        if self.letterbox and self.image_scorer:
+            # letterboxing rescores the map over the image's own region; the scorer's map is not
+            # an output, and its score over the whole input would count the padding
+            raise SettingsError("letterbox scores the image from the map of its own region, but this run's "
+                                "image score comes from its image scorer: fit with --image-scorer off to "
+                                "letterbox")  # fmt: skip
 
     def predict(self, name: str, score: float, small_map: np.ndarray, info: ImageInfo) -> Prediction:
         """The Prediction of one image from the backend's score and map (h, w) at the model's input size."""
@@ -99,6 +106,7 @@ def iter_predictions(
     score: ScoreConfig | None = None,
     profile: InputProfile | None = None,
     letterbox: bool = False,
+    image_scorer: bool = False,
 ) -> Iterator[Prediction]:
     """Score image files one batch at a time, yielding one Prediction per file in order.
 
@@ -110,7 +118,7 @@ def iter_predictions(
     score, profile, letterbox: the run's image score settings (needed for letterbox), its input
     profile (each image is checked against it) and whether to letterbox (Scoring).
     """
-    scoring = Scoring(size, thresholds, score or ScoreConfig(), profile, letterbox)
+    scoring = Scoring(size, thresholds, score or ScoreConfig(), profile, letterbox, image_scorer)
 
     def decode(path: Path) -> tuple[np.ndarray | None, torch.Tensor, ImageInfo] | DataError:
         # Without keep_images only the model-size tensor and the (H, W) survive decoding,
@@ -164,10 +172,11 @@ def predict_array(
     score: ScoreConfig | None = None,
     profile: InputProfile | None = None,
     letterbox: bool = False,
+    image_scorer: bool = False,
 ) -> Prediction:
     """Score one decoded RGB uint8 image (H, W, 3); the map comes back at (H, W). score,
     profile, letterbox as in iter_predictions."""
-    scoring = Scoring(size, thresholds, score or ScoreConfig(), profile, letterbox)
+    scoring = Scoring(size, thresholds, score or ScoreConfig(), profile, letterbox, image_scorer)
     tensor = resize_image(image, size, letterbox)
     out = backend(tensor[None].to(device))
     info = image_info(tensor, image.shape[:2])

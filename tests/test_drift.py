@@ -129,6 +129,9 @@ def test_letterbox_never_scores_the_padding():
     assert stretched.anomaly_map.max() == pytest.approx(100.0) and stretched.is_anomalous  # the same rows, now image
     with pytest.raises(SettingsError, match="letterbox needs an image score computed from the map"):
         Scoring((64, 64), thresholds, ScoreConfig(image_score="pooled_residual"), letterbox=True)
+    with pytest.raises(SettingsError, match="fit with --image-scorer off to letterbox"):
+        Scoring((64, 64), thresholds, ScoreConfig(), letterbox=True, image_scorer=True)
+    Scoring((64, 64), thresholds, ScoreConfig(), letterbox=False, image_scorer=True)  # stretched: scored as fitted
 
 
 def test_letterboxed_files_score_as_their_arrays(tiny_run, tmp_path):
