@@ -325,8 +325,13 @@ def load_train_state(
             saved_epoch = (f.metadata() or {}).get("epoch")
     except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as e:
         raise RunFolderError(f"{state_dir}: unreadable training state ({e})") from None
-    if _training_settings(doc.get("config")) != _training_settings(config.to_dict()):
-        raise RunFolderError(f"{json_path}: the run was started with other settings; resume with the same ones")
+    saved, now = _training_settings(doc.get("config")), _training_settings(config.to_dict())
+    if saved != now:
+        differ = sorted(f"{key} (saved {saved[part][key]!r}, now {now[part].get(key)!r})"
+                        for part in ("model", "score", "train") if isinstance(saved, dict) and part in saved
+                        for key in saved[part] if saved[part][key] != now.get(part, {}).get(key))  # fmt: skip
+        raise RunFolderError(f"{json_path}: the run was started with other settings"
+                             f"{': ' + ', '.join(differ) if differ else ''}; resume with the same ones")  # fmt: skip
     epoch = int(doc["epoch"])
     if saved_epoch != str(epoch):
         raise RunFolderError(f"{state_dir}: weights and {STATE_JSON} are from different epochs")

@@ -188,7 +188,7 @@ class ADTRDetector:
     def _scoring(self, letterbox: bool) -> dict[str, Any]:
         """The keyword arguments of predict.iter_predictions / predict_array for this run."""
         return {"score": self.config.score, "profile": self.inputs_, "letterbox": letterbox,
-                "image_scorer": self.config.model.image_scorer is not None and not self.config.score.defect_head}
+                "image_scorer": self._require_model().uses_image_scorer}
 
     def check_letterbox(self, letterbox: bool) -> None:
         """SettingsError, before any image is read, when this run's image score cannot be letterboxed."""

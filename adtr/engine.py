@@ -458,22 +458,23 @@ class _ScorerView:
 
 def fit_image_scorer(
     model: ADTR,
-    normal: torch.Tensor,
+    data: TrainingData,
     val_features: torch.Tensor | None,
     cfg: TrainConfig,
     device: torch.device,
     progress: bool = True,
     parallel: DataParallel | None = None,
 ) -> list[dict]:
-    """Train model.image_scorer (ModelConfig.image_scorer) on standardised good features
-    (N, C, h, w), normal-only, for cfg.image_scorer_epochs times the reconstructor's planned
-    epochs, from its current weights. Seeded by cfg.seed (shuffling and dropout), so that a
-    resumed fit trains the same scorer. Returns one record per epoch, as fit_reconstructor."""
-    scorer_cfg = dataclasses.replace(cfg, epochs=planned_epochs(len(normal), cfg) * cfg.image_scorer_epochs)
+    """Train model.image_scorer (ModelConfig.image_scorer) on the reconstructor's training data
+    (good features, and the synthetic / labelled / external anomalies it trains with, under the
+    same losses) for cfg.image_scorer_epochs times the reconstructor's planned epochs, from its
+    current weights. Seeded by cfg.seed (shuffling and dropout), so that a resumed fit trains
+    the same scorer. Returns one record per epoch, as fit_reconstructor."""
+    scorer_cfg = dataclasses.replace(cfg, epochs=planned_epochs(len(data.normal), cfg) * cfg.image_scorer_epochs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
-        return fit_reconstructor(_ScorerView(model), TrainingData(normal), val_features, scorer_cfg,  # type: ignore[arg-type]
+        return fit_reconstructor(_ScorerView(model), data, val_features, scorer_cfg,  # type: ignore[arg-type]
                                  device, generator, progress=progress, parallel=parallel)  # fmt: skip
 
 

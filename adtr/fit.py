@@ -410,8 +410,8 @@ def fit_on_features(
                 optimizer = make_optimizer(model, cfg, device)
                 fit_reconstructor(model, data, val, cfg, device, generator, progress=progress, optimizer=optimizer,
                                   on_epoch_end=on_epoch_end, parallel=distributed.data_parallel(cfg.seed, device))
-            if model.image_scorer is not None:  # after the reconstructor's last saved epoch: a resume trains it again
-                scorer = fit_image_scorer(model, data.normal, val, cfg, device, progress=progress,
+            if model.uses_image_scorer:  # after the reconstructor's last saved epoch: a resume trains it again
+                scorer = fit_image_scorer(model, data, val, cfg, device, progress=progress,
                                           parallel=distributed.data_parallel(cfg.seed, device))  # fmt: skip
                 log.info("image scorer: %d epochs, validation loss %s", len(scorer), scorer[-1].get("val_loss"))
     model.eval()

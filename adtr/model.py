@@ -126,7 +126,8 @@ class CNNReconstructor(nn.Module):
         self.feature_dropout = nn.Dropout(cfg.feature_dropout)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.net(self.feature_dropout(f))
+        # an odd grid comes back one row / column larger from the stride-2 round trip
+        return self.net(self.feature_dropout(f))[..., : f.shape[2], : f.shape[3]]
 
 
 RECONSTRUCTORS = {
@@ -280,9 +281,16 @@ class ADTR(nn.Module):
             # the labelled defects' evidence is in the map: it scores the image (issue 15's runs)
             return self.score_maps(grid, residual)
         out = self.score_maps(grid, residual)
-        if self.image_scorer is None or self.score_cfg.image_score not in MAP_SCORES:
+        if not self.uses_image_scorer:
             return out
         return AnomalyOutput(out.anomaly_map, self.score_maps(self.scorer_grid(f)).anomaly_score)
+
+    @property
+    def uses_image_scorer(self) -> bool:
+        """Whether the image score comes from the image scorer: the model has one, no defect head
+        (whose evidence is in the map), and an image score computed from a map (MAP_SCORES)."""
+        return (self.image_scorer is not None and not self.score_cfg.defect_head
+                and self.score_cfg.image_score in MAP_SCORES)  # fmt: skip
 
     def scorer_grid(self, f: torch.Tensor) -> torch.Tensor:
         """Standardised features (B, C, h, w) -> the image scorer's grid error (B, h, w), scaled

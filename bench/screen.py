@@ -92,8 +92,9 @@ def run(name: str, root: Path, variant: dict, keep: Path | None = None, quick: b
         t0 = time.perf_counter()
         history = fit_reconstructor(model, TrainingData(f[train_idx]), f[val_idx], cfg.train, torch.device("cpu"),
                                     torch.Generator().manual_seed(cfg.train.seed), progress=False)  # fmt: skip
-        if model.image_scorer is not None:  # as adtr.fit does
-            fit_image_scorer(model, f[train_idx], f[val_idx], cfg.train, torch.device("cpu"), progress=False)
+        if model.uses_image_scorer:  # as adtr.fit does
+            fit_image_scorer(model, TrainingData(f[train_idx]), f[val_idx], cfg.train, torch.device("cpu"),
+                             progress=False)  # fmt: skip
         fit_seconds = time.perf_counter() - t0
     model.eval()
     if cfg.score.residual_norm != "none":
@@ -342,7 +343,7 @@ def main() -> None:
                 "set",
                 "variant",
                 "image AUROC",
-                "image AUROC (top 1%)",
+                "map's image AUROC (top 1%)",
                 "image AUROC (max)",
                 "pixel AUROC",
                 "AUPRO",

@@ -61,7 +61,7 @@ KINDS = [
     ("pipeline_onnx", "whole pipeline, ONNX Runtime"),
     ("pipeline_auto", "whole pipeline, default backend (auto)"),
     ("pipeline_no_scorer", "whole pipeline without the image scorer, default backend (auto)"),
-    ("reconstructor", "reconstructor + scoring only, PyTorch"),
+    ("reconstructor", "reconstructor + image scorer + scoring only, PyTorch"),
     ("predict_torch", "900x900 PNGs: decode + resize + whole pipeline, PyTorch"),
     ("predict_onnx", "900x900 PNGs: decode + resize + whole pipeline, ONNX Runtime"),
     ("predict_auto", "900x900 PNGs: decode + resize + whole pipeline, default backend (auto)"),

@@ -7,7 +7,7 @@ import torch
 from conftest import TINY
 
 from adtr.config import RunConfig, TrainConfig
-from adtr.engine import AnomalyPool
+from adtr.engine import AnomalyPool, TrainingData
 from adtr.errors import SettingsError
 from adtr.fit import fit_on_features
 from adtr.model import ADTR
@@ -176,7 +176,8 @@ def test_image_scorer_trains_longer_scores_the_image_and_resumes_the_same(raw, t
     assert not all(torch.equal(initial[k], trained[k]) for k in initial)
     for name in ("scorer_residual_scale", "scorer_position_std"):
         assert not torch.equal(m.get_buffer(name), torch.ones_like(m.get_buffer(name))), name
-    assert len(fit_image_scorer(copy.deepcopy(m), fitted.train, None, config.train, cpu, progress=False)) == 2 * 3
+    assert len(fit_image_scorer(copy.deepcopy(m), TrainingData(fitted.train), None, config.train, cpu,
+                                progress=False)) == 2 * 3  # fmt: skip
     with torch.no_grad():
         out, own = m.score(fitted.val), m.score_maps(m.residual_grid(m.residual(fitted.val)))
         assert torch.equal(out.anomaly_map, own.anomaly_map)  # the map is the reconstructor's
@@ -185,6 +186,9 @@ def test_image_scorer_trains_longer_scores_the_image_and_resumes_the_same(raw, t
     # resumed after the reconstructor's last saved epoch: the scorer is trained again, to the same weights
     again = fit_on_features(config, raw, cpu, val_idx=[0, 1], state_dir=tmp_path, resume=True, progress=False)
     assert _same_weights(m, again.model)
+    # an update (init) continues the scorer from its weights
+    cont = fit_on_features(config, raw, cpu, val_idx=[0, 1], init=copy.deepcopy(m), progress=False).model
+    assert not all(torch.equal(trained[k], cont.image_scorer.state_dict()[k]) for k in trained)
     # the scorer leaves the map as it is: a fit without it trains the same reconstructor
     plain = dataclasses.replace(config, model=dataclasses.replace(config.model, image_scorer=None))
     other = fit_on_features(plain, raw, cpu, val_idx=[0, 1], progress=False).model

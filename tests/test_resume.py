@@ -85,7 +85,8 @@ def test_resume_refuses_other_settings(tiny_run, tmp_path):
     assert load_train_state(tmp_path, det.model_, opt, gen, det.config)[0] == 1
     other = RunConfig.from_dict(det.config.to_dict())
     other.train.seed += 1
-    with pytest.raises(CheckpointError, match="other settings"):
+    seed = det.config.train.seed
+    with pytest.raises(CheckpointError, match=rf"other settings: seed \(saved {seed}, now {seed + 1}\)"):
         load_train_state(tmp_path, det.model_, opt, gen, other)
     # a kill between the two atomic writes leaves files from different epochs: refused
     save_train_state(tmp_path / "b", det.model_, opt, gen, 2, [], det.config)
