@@ -276,3 +276,11 @@ def test_channel_position_standardises_the_grid_error_per_position():
     expected = ((grids - mean) / std).clamp_min(0)
     torch.testing.assert_close(out.anomaly_map, m.score_maps(expected).anomaly_map)
     assert {"residual_scale", "position_mean", "position_std"} <= set(m.state_dict())
+
+
+def test_cli_image_scorer_option_keeps_the_presets_unless_given():
+    from adtr.cli import _image_scorer
+
+    cpu, paper = MODEL_PRESETS["cpu"], MODEL_PRESETS["paper"]
+    assert (_image_scorer(None, cpu), _image_scorer(None, paper)) == ("cnn", None)
+    assert (_image_scorer("off", cpu), _image_scorer("mlp", paper)) == (None, "mlp")
