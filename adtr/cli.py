@@ -239,10 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[k or "off" for k in IMAGE_SCORERS],
         default=None,
         help="a second reconstructor, trained 5x longer on the same data, that gives the image score (the "
-        "map stays the reconstructor's; not with a defect head or --image-score pooled_residual, which score "
-        "from the map): on the development sets image AUROC 0.9826 against 0.9754 on average, transistor 0.996 "
-        "against 0.970, for about 1/3 more training time and 7%% slower inference; 'off' scores the image "
-        "from the map (docs/design.md, "
+        "map stays the reconstructor's; not with a defect head or --image-score pooled_residual, where the "
+        "reconstructor scores the image too): on the development sets image AUROC 0.9826 against 0.9754 on "
+        "average, transistor 0.996 against 0.970, for about 1/3 more training time and 7%% slower inference; "
+        "'off' scores the image from the map (docs/design.md, "
         f"'The image scorer') (default: the preset's, {d_model.image_scorer} for cpu, off for paper)",
     )
     p.add_argument(
