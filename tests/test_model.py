@@ -4,9 +4,10 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from adtr.config import MODEL_PRESETS, RECONSTRUCTOR_KINDS, ModelConfig, RunConfig, ScoreConfig
-from adtr.model import ADTR, RECONSTRUCTORS, map_image_score
+from adtr.model import ADTR, RECONSTRUCTORS, gaussian_kernel1d, map_image_score, upsample_map, upsample_matrix
 from adtr.transformer import ReconstructionTransformer
 
 SMALL = ModelConfig(
@@ -284,3 +285,44 @@ def test_cli_image_scorer_option_keeps_the_presets_unless_given():
     cpu, paper = MODEL_PRESETS["cpu"], MODEL_PRESETS["paper"]
     assert (_image_scorer(None, cpu), _image_scorer(None, paper)) == ("cnn", None)
     assert (_image_scorer("off", cpu), _image_scorer("mlp", paper)) == (None, "mlp")
+
+
+def _interpolate_then_blur(grid: torch.Tensor, size: tuple[int, int], kernel: torch.Tensor) -> torch.Tensor:
+    """The map as SPEC section 1 states it: bilinear to size, then a reflect-padded 2-D Gaussian."""
+    m = F.interpolate(grid[:, None], size=size, mode="bilinear", align_corners=False)
+    r = kernel.numel() // 2
+    k2 = kernel[:, None] * kernel[None, :]
+    return F.conv2d(F.pad(m, (r, r, r, r), mode="reflect"), k2.view(1, 1, *k2.shape))
+
+
+@pytest.mark.parametrize(("grid", "size", "sigma"), [((16, 16), (256, 256), 4.0), ((8, 20), (256, 640), 4.0),
+                                                     ((5, 7), (33, 47), 2.0)])  # fmt: skip
+def test_upsample_map_is_interpolation_then_gaussian(grid, size, sigma):
+    g = torch.rand(3, *grid, generator=torch.Generator().manual_seed(0))
+    want = _interpolate_then_blur(g, size, gaussian_kernel1d(sigma))
+    got = upsample_map(g, size, gaussian_kernel1d(sigma))
+    assert got.shape == (3, 1, *size)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # without a kernel: the bilinear interpolation alone
+    plain = F.interpolate(g[:, None], size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(upsample_map(g, size, None), plain, atol=1e-6, rtol=0)
+
+
+def test_upsample_matrix_keeps_constants_and_refuses_wide_kernels():
+    # interpolation and a normalised kernel with reflect padding keep a constant map constant
+    a = upsample_matrix(16, 256, gaussian_kernel1d(4.0))
+    assert a.shape == (256, 16)
+    torch.testing.assert_close(a.sum(1), torch.ones(256))
+    with pytest.raises(ValueError, match="radius 16 must be below the map size 16"):
+        upsample_matrix(4, 16, gaussian_kernel1d(4.0))
+
+
+def test_model_map_uses_the_upsampling_of_its_score_settings():
+    cfg = dataclasses.replace(MODEL_PRESETS["cpu"], image_size=(64, 96))
+    model = ADTR(cfg, ScoreConfig(smoothing_sigma=2.0)).eval()
+    grid = torch.rand(2, *cfg.grid_size)
+    torch.testing.assert_close(model.upsample(grid), _interpolate_then_blur(grid, (64, 96), gaussian_kernel1d(2.0)),
+                               atol=1e-5, rtol=0)  # fmt: skip
+    unsmoothed = ADTR(cfg, ScoreConfig(smoothing_sigma=0.0))
+    plain = F.interpolate(grid[:, None], size=(64, 96), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(unsmoothed.upsample(grid), plain, atol=1e-6, rtol=0)
