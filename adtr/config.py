@@ -68,6 +68,7 @@ class ModelConfig:
     # dropped at image_scorer_dropout. A long fit gives the best image scores and the worst maps
     # (it learns to rebuild small defects), so the map stays the reconstructor's
     # (docs/design.md, "The image scorer"). The "cpu" preset sets "cnn"; runs saved before: None.
+    # With token_patch > 1 it runs on the token grid (model.TokenGridReconstructor).
     image_scorer: str | None = None
     image_scorer_dropout: float = 0.2
 

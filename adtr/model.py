@@ -130,6 +130,24 @@ class CNNReconstructor(nn.Module):
         return self.net(self.feature_dropout(f))[..., : f.shape[2], : f.shape[3]]
 
 
+class TokenGridReconstructor(nn.Module):
+    """A reconstructor run on the token grid of a finer feature grid (ModelConfig.token_patch
+    p > 1): it reconstructs the features averaged over each p x p block, and each position keeps
+    its deviation from its block's average; so the residual f - f_hat at every position is its
+    block's residual on the token grid, (B, C, h, w) in and out. The image scorer runs so
+    (ADTR.__init__): a finer map does not need a finer image score, at a p^2-th of the cost."""
+
+    def __init__(self, inner: nn.Module, patch: int):
+        super().__init__()
+        self.inner = inner
+        self.patch = patch
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        pooled = F.avg_pool2d(f, self.patch)
+        residual = pooled - self.inner(pooled)
+        return f - residual.repeat_interleave(self.patch, 2).repeat_interleave(self.patch, 3)
+
+
 RECONSTRUCTORS = {
     "transformer": TransformerReconstructor,
     "mlp": MLPReconstructor,
@@ -166,6 +184,8 @@ class ADTR(nn.Module):
             scorer_cfg = dataclasses.replace(cfg, feature_dropout=cfg.image_scorer_dropout)
             with torch.random.fork_rng(devices=[]):
                 self.image_scorer = RECONSTRUCTORS[cfg.image_scorer](self.channels, scorer_cfg)
+            if cfg.token_patch > 1:
+                self.image_scorer = TokenGridReconstructor(self.image_scorer, cfg.token_patch)
         scorer = cfg.image_scorer is not None
         # Per-channel statistics of the training features (identity until fitted).
         self.register_buffer("feature_mean", torch.zeros(1, self.channels, 1, 1))

@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from adtr.config import MODEL_PRESETS, RECONSTRUCTOR_KINDS, ModelConfig, RunConfig, ScoreConfig
-from adtr.model import ADTR, RECONSTRUCTORS, gaussian_kernel1d, map_image_score, upsample_map, upsample_matrix
+from adtr.model import (
+    ADTR,
+    RECONSTRUCTORS,
+    TokenGridReconstructor,
+    gaussian_kernel1d,
+    map_image_score,
+    upsample_map,
+    upsample_matrix,
+)
 from adtr.transformer import ReconstructionTransformer
 
 SMALL = ModelConfig(
@@ -326,3 +334,27 @@ def test_model_map_uses_the_upsampling_of_its_score_settings():
     unsmoothed = ADTR(cfg, ScoreConfig(smoothing_sigma=0.0))
     plain = F.interpolate(grid[:, None], size=(64, 96), mode="bilinear", align_corners=False)
     torch.testing.assert_close(unsmoothed.upsample(grid), plain, atol=1e-6, rtol=0)
+
+
+def test_image_scorer_runs_on_the_token_grid_of_a_finer_map():
+    cfg = dataclasses.replace(MODEL_PRESETS["cpu"], image_size=(64, 96), token_patch=2)
+    model = ADTR(cfg).eval()
+    assert isinstance(model.image_scorer, TokenGridReconstructor)
+    assert model.scorer_position_mean.shape == (1, *cfg.grid_size) == (1, 8, 12)
+    f = torch.randn(2, model.channels, *cfg.grid_size)
+    with torch.no_grad():
+        residual = f - model.image_scorer(f)
+        pooled = torch.nn.functional.avg_pool2d(f, 2)
+        want = pooled - model.image_scorer.inner(pooled)  # the token grid's residual (2, C, 4, 6)
+    # every position of a 2 x 2 block carries its block's residual
+    for dy in (0, 1):
+        for dx in (0, 1):
+            torch.testing.assert_close(residual[:, :, dy::2, dx::2], want, atol=1e-5, rtol=0)
+    # the map keeps the finer grid; the scorer's weights are those of a CNN on the token grid
+    assert model.score(f).anomaly_map.shape == (2, 64, 96)
+    coarse = ADTR(dataclasses.replace(cfg, token_patch=1))
+    inner = {k.removeprefix("image_scorer.inner."): v.shape for k, v in model.state_dict().items()
+             if k.startswith("image_scorer.")}  # fmt: skip
+    plain = {k.removeprefix("image_scorer."): v.shape for k, v in coarse.state_dict().items()
+             if k.startswith("image_scorer.")}  # fmt: skip
+    assert inner == plain
