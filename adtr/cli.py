@@ -241,9 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a second reconstructor, trained 5x longer on the same data, that gives the image score (the "
         "map stays the reconstructor's; not with a defect head or --image-score pooled_residual, where the "
         "reconstructor scores the image too): on the development sets image AUROC 0.9826 against 0.9754 on "
-        "average, transistor 0.996 against 0.970, for about 1/3 more training time and 7%% slower inference; "
+        "average, transistor 0.996 against 0.970, for about 1/3 more training time and 0-3%% slower inference; "
         "'off' scores the image from the map (docs/design.md, "
         f"'The image scorer') (default: the preset's, {d_model.image_scorer} for cpu, off for paper)",
+    )
+    p.add_argument(
+        "--token-patch",
+        type=_positive_int,
+        default=None,
+        help="feature-grid positions per token side: the map's grid is this many times finer than the "
+        "transformer's tokens (stride 16 / N) at nearly the same cost; 1 is the paper's stride-16 map; must "
+        "divide 16 (docs/design.md, 'A finer map with the image scorer') (default: the preset's, "
+        f"{d_model.token_patch} for cpu, 1 for paper)",
     )
     p.add_argument(
         "--image-size",
@@ -495,7 +504,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         preset = MODEL_PRESETS[args.preset]
         model = dataclasses.replace(preset, backbone=args.backbone, image_size=image_size,
                                     reconstructor=args.reconstructor,
-                                    image_scorer=_image_scorer(args.image_scorer, preset))  # fmt: skip
+                                    image_scorer=_image_scorer(args.image_scorer, preset),
+                                    token_patch=args.token_patch or preset.token_patch)  # fmt: skip
         train = TrainConfig(
             steps=args.steps,
             epochs=args.epochs,

@@ -61,6 +61,7 @@ class ModelConfig:
     # (space-to-depth), so the feature grid, the residual and the map are token_patch times
     # finer than the token grid (max stride / token_patch) at nearly the same cost; 1 = the paper.
     # The MLP and CNN reconstructors have no tokens: they run on the finer feature grid itself.
+    # The "cpu" preset uses 2 (docs/design.md, "A finer map with the image scorer").
     token_patch: int = 1
     normalize_features: bool = True  # per-channel standardisation with training statistics
     # A second reconstructor that scores the image ("cnn" or "mlp"; None: the map scores it):
@@ -222,6 +223,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "cpu": ModelConfig(
         align="area",
         image_scorer="cnn",
+        token_patch=2,
         hidden_dim=256,
         num_encoder_layers=2,
         num_decoder_layers=2,

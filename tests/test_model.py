@@ -358,3 +358,20 @@ def test_image_scorer_runs_on_the_token_grid_of_a_finer_map():
     plain = {k.removeprefix("image_scorer."): v.shape for k, v in coarse.state_dict().items()
              if k.startswith("image_scorer.")}  # fmt: skip
     assert inner == plain
+
+
+def test_token_patch_reconstructor_equals_the_pixel_shuffle_formulation():
+    # ModelConfig.token_patch: tokens are p x p blocks (pixel unshuffle, 1x1 projections, pixel
+    # shuffle back); the model runs the same maps as strided (transposed) convolutions
+    cfg = dataclasses.replace(MODEL_PRESETS["cpu"], image_size=(64, 96), token_patch=2)
+    rec = ADTR(cfg).eval().reconstructor
+    torch.nn.init.normal_(rec.proj_out.bias)  # a bias per offset (i, j), not one per channel
+    f = torch.randn(2, rec.proj_in.in_channels // 4, *cfg.grid_size)
+    with torch.no_grad():
+        x = F.pixel_unshuffle(f, 2)
+        b, _, h, w = x.shape
+        tokens = rec.transformer(rec.proj_in(x).flatten(2).transpose(1, 2))
+        want = F.pixel_shuffle(rec.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w)), 2)
+        got = rec(f)
+    assert got.shape == f.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
