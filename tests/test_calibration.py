@@ -165,7 +165,7 @@ def test_run_saved_before_keeps_its_decisions(tiny_run, tmp_path):
 
 @pytest.mark.slow  # a CLI fit with ONNX export; the fast lane keeps the option's parsing (test_errors)
 def test_fit_reconstructor_option_saves_and_reloads_the_cnn(tmp_path, run_cli):
-    from adtr.model import CNNReconstructor
+    from adtr.model import CNNReconstructor, TokenGridReconstructor
 
     data = _good_folder(tmp_path / "data", 6, seed=2)
     code, out, err = run_cli("fit", data, "--out", tmp_path / "run", "--image-size", "32", "--epochs", "1",
@@ -181,10 +181,15 @@ def test_fit_reconstructor_option_saves_and_reloads_the_cnn(tmp_path, run_cli):
     assert (tmp_path / "run" / "model.onnx").is_file() and "backend for predict / test / serve: onnx" in out
     det = ADTRDetector.load(tmp_path / "run")
     assert isinstance(det.model_.reconstructor, CNNReconstructor)
-    assert doc["model"]["image_scorer"] == "cnn" and isinstance(det.model_.image_scorer, CNNReconstructor)
+    # the preset's token_patch 2: the scorer is a CNN on the token grid
+    assert doc["model"]["image_scorer"] == "cnn" and doc["model"]["token_patch"] == 2
+    assert isinstance(det.model_.image_scorer, TokenGridReconstructor)
+    assert isinstance(det.model_.image_scorer.inner, CNNReconstructor)
     code, out, err = run_cli("fit", data, "--out", tmp_path / "off", "--image-size", "32", "--epochs", "1",
-                             "--image-scorer", "off", "--calibration", "held_out", "--val-fraction", "0.5",
-                             "--quiet")  # fmt: skip
+                             "--image-scorer", "off", "--token-patch", "1", "--calibration", "held_out",
+                             "--val-fraction", "0.5", "--quiet")  # fmt: skip
     assert code == 0, err
-    assert json.loads((tmp_path / "off" / CONFIG_FILE).read_text())["model"]["image_scorer"] is None
-    assert ADTRDetector.load(tmp_path / "off").model_.image_scorer is None
+    doc = json.loads((tmp_path / "off" / CONFIG_FILE).read_text())
+    assert doc["model"]["image_scorer"] is None and doc["model"]["token_patch"] == 1
+    off = ADTRDetector.load(tmp_path / "off")
+    assert off.model_.image_scorer is None and off.model_.cfg.grid_size == (2, 2)
