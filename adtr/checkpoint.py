@@ -187,6 +187,12 @@ def load_run(run_dir: Path | str, device: torch.device | str = "cpu") -> tuple[A
         raise RunFolderError(f"{weights}: unreadable safetensors file ({e})") from None
     expected = trainable_state(model)
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if any(k.startswith("image_scorer.net.") for k in unexpected) and config.model.token_patch > 1:
+        raise RunFolderError(
+            f"{weights}: its image scorer ran on the finer feature grid (token_patch "
+            f"{config.model.token_patch}), as saved before the scorer moved to the token grid; this "
+            "version cannot score it: fit the run again"
+        )
     if missing or unexpected:
         raise RunFolderError(
             f"{weights}: tensors do not match the config: missing {sorted(missing)[:5]}, "

@@ -231,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=d_model.reconstructor,
         help="what reconstructs the features: ADTR's transformer, or the per-position MLP / convolutional "
         "autoencoder baselines; the CNN trains about 15x faster and, with --steps 1000 (one seed), reached 0.997 "
-        "image AUROC on MVTec transistor but lost localisation on bsdata (docs/design.md, 'The reconstructor "
-        f"ablation') (default: {d_model.reconstructor})",
+        "image AUROC on MVTec transistor but lost localisation on bsdata (both with --token-patch 1; "
+        f"docs/design.md, 'The reconstructor ablation') (default: {d_model.reconstructor})",
     )
     p.add_argument(
         "--image-scorer",
@@ -248,13 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--token-patch",
         type=int,
-        choices=[1, 2, 4, 8, 16],  # divisors of the largest stride, 16
+        choices=[1, 2, 4],  # divide the largest stride, 16; finer grids: replay and memory grow 4x a step
         default=None,
         help="feature-grid positions per token side: the map's grid is N times finer than the transformer's "
         "16x16-pixel tokens (stride 16 / N); 2 gained 1.4 AUPRO points on the development sets (3.6 on "
         "bsdata's small pits) for about 11%% of the inference speed against 1, the paper's stride-16 map "
         "(docs/design.md, 'A finer map with the image scorer') (default: the preset's, "
-        f"{d_model.token_patch} for cpu, 1 for paper)",
+        f"{d_model.token_patch} for cpu, 1 for paper; with --init, the init run's)",
     )
     p.add_argument(
         "--image-size",

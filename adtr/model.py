@@ -190,7 +190,7 @@ class ADTR(nn.Module):
         if cfg.image_size is None:
             raise ValueError("ModelConfig.image_size is None: set it, or let ADTRDetector.fit choose it from the data")
         self.cfg = cfg
-        self.score_cfg = score or ScoreConfig()
+        self._score_cfg = score or ScoreConfig()
         self.backbone = build_backbone(cfg.backbone, cfg.image_size, cfg.strides)
         self.channels = sum(level.channels for level in self.backbone.levels)
         self.reconstructor = RECONSTRUCTORS[cfg.reconstructor](self.channels, cfg)
@@ -226,12 +226,27 @@ class ADTR(nn.Module):
         self.register_buffer("head_weight", torch.zeros(1, self.channels, 1, 1), persistent=head)
         self.register_buffer("head_bias", torch.zeros(1), persistent=head)
         self.register_buffer("head_norm", torch.tensor([0.0, 1.0, 0.0, 1.0]), persistent=head)
-        # The map's bilinear upsampling and Gaussian smoothing as two matrices (upsample_map).
-        sigma = self.score_cfg.smoothing_sigma
+        # The map's bilinear upsampling and Gaussian smoothing as two matrices (upsample_map),
+        # rebuilt whenever score_cfg is set (its smoothing sigma).
+        self._set_upsampling()
+
+    @property
+    def score_cfg(self) -> ScoreConfig:
+        """The score settings; setting them also rebuilds the map's upsampling (its smoothing)."""
+        return self._score_cfg
+
+    @score_cfg.setter
+    def score_cfg(self, score: ScoreConfig) -> None:
+        self._score_cfg = score
+        self._set_upsampling()
+
+    def _set_upsampling(self) -> None:
+        sigma = self._score_cfg.smoothing_sigma
         kernel = gaussian_kernel1d(sigma) if sigma > 0 else None
-        (gh, gw), (ih, iw) = grid, cfg.image_size
-        self.register_buffer("upsample_rows", upsample_matrix(gh, ih, kernel), persistent=False)
-        self.register_buffer("upsample_cols", upsample_matrix(gw, iw, kernel), persistent=False)
+        (gh, gw), (ih, iw) = self.cfg.grid_size, self.cfg.image_size
+        device = self.upsample_rows.device if hasattr(self, "upsample_rows") else None
+        for name, n_in, n_out in (("upsample_rows", gh, ih), ("upsample_cols", gw, iw)):
+            self.register_buffer(name, upsample_matrix(n_in, n_out, kernel).to(device), persistent=False)
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor) -> torch.Tensor:
@@ -367,9 +382,11 @@ class ADTR(nn.Module):
         a defect head to a model that had none)."""
         other = ADTR(self.cfg, score).to(self.feature_mean.device)
         other.load_state_dict(self.state_dict(), strict=False)
-        # buffers a persistent-state copy misses: the ones this model does not store
+        # buffers a persistent-state copy misses: the ones this model does not store, but not
+        # the upsampling, which follows the new score settings
         for name, buf in self.named_buffers():
-            other.get_buffer(name).copy_(buf)
+            if not name.startswith("upsample_"):
+                other.get_buffer(name).copy_(buf)
         return other.train(self.training)
 
     def score_maps(self, grid_map: torch.Tensor, residual: torch.Tensor | None = None) -> AnomalyOutput:
@@ -448,5 +465,5 @@ def upsample_matrix(n_in: int, n_out: int, kernel: torch.Tensor | None) -> torch
         r = kernel.numel() // 2
         if r >= n_out:
             raise ValueError(f"smoothing kernel radius {r} must be below the map size {n_out}")
-        up = F.conv1d(F.pad(up, (r, r), mode="reflect"), kernel.float().cpu().view(1, 1, -1))
+        up = F.conv1d(F.pad(up, (r, r), mode="reflect"), kernel.float().to(up.device).view(1, 1, -1))
     return up[:, 0].T.contiguous()  # row i of the identity is basis signal i: column i of the map

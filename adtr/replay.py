@@ -14,7 +14,8 @@ it learnt. ADTR's backbone is frozen, so its features stand in for the images:
                              so that an update fits the head on the old defects and the new ones
 
 Bound: at most MAX_IMAGES images per set and MAX_BYTES for the file. Lite0 at 256x256 has
-192 x 16 x 16 values an image, 96 KiB in float16: bottle keeps 64 + 21 images, 8.4 MB.
+192 x 32 x 32 values an image on the default stride-8 grid (token_patch 2), 384 KiB in
+float16: bottle keeps 63 + 21 images, 33 MB (192 x 16 x 16, 96 KiB and 8.4 MB with token_patch 1).
 """
 
 from __future__ import annotations

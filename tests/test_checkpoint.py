@@ -64,6 +64,27 @@ def test_tampered_shapes_are_refused(tiny_run, tmp_path):
         ADTRDetector.load(tmp_path)
 
 
+def test_scorer_saved_on_the_finer_grid_is_refused_by_name(tiny_run, tmp_path):
+    # runs with token_patch > 1 and an image scorer saved before the scorer ran on the token
+    # grid: its weights are those of a CNN on the finer grid, which this version cannot score
+    from adtr.checkpoint import trainable_state
+    from adtr.config import RunConfig
+    from adtr.model import ADTR
+
+    _, run, _ = tiny_run
+    doc = json.loads((run / CONFIG_FILE).read_text())
+    doc["model"].update(token_patch=2, image_scorer="cnn")
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(doc))
+    config = RunConfig.from_dict(doc)
+    state = trainable_state(ADTR(config.model, config.score))
+    old = {k.replace("image_scorer.inner.", "image_scorer."): v.contiguous() for k, v in state.items()}
+    save_file(old, str(tmp_path / WEIGHTS_FILE))
+    with pytest.raises(CheckpointError, match="scorer moved to the token grid; .* fit the run again"):
+        ADTRDetector.load(tmp_path)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / WEIGHTS_FILE))
+    assert ADTRDetector.load(tmp_path).model_.cfg.token_patch == 2  # today's layout loads
+
+
 def test_garbage_weights_file(tiny_run, tmp_path):
     _, run, _ = tiny_run
     (tmp_path / CONFIG_FILE).write_bytes((run / CONFIG_FILE).read_bytes())

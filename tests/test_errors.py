@@ -163,7 +163,7 @@ def test_every_option_is_honoured_or_refused(run_cli, tiny_run, tmp_path):
         (["fit", "D", "--out", "R", "--query-fallback", "no"], "--query-fallback: 'no' is not 'off' or a finite"),
         (["fit", "D", "--out", "R", "--reconstructor", "vit"], "--reconstructor: invalid choice: 'vit'"),
         (["fit", "D", "--out", "R", "--image-scorer", "vit"], "--image-scorer: invalid choice: 'vit'"),
-        (["fit", "D", "--out", "R", "--token-patch", "3"], "--token-patch: invalid choice: 3 (choose from 1, 2, 4"),
+        (["fit", "D", "--out", "R", "--token-patch", "3"], "--token-patch: invalid choice: 3 (choose from 1, 2, 4)"),
         (["fit", "D", "--out", "R", "--query-fallback", "0"], "--query-fallback: '0' is not 'off' or a finite"),
     ],
 )

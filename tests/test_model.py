@@ -375,3 +375,22 @@ def test_token_patch_reconstructor_equals_the_pixel_shuffle_formulation():
         got = rec(f)
     assert got.shape == f.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_changed_score_settings_change_the_maps_smoothing():
+    cfg = dataclasses.replace(MODEL_PRESETS["cpu"], image_size=(64, 96))
+    model = ADTR(cfg, ScoreConfig(smoothing_sigma=2.0)).eval()
+    grid = torch.rand(2, *cfg.grid_size)
+    plain = F.interpolate(grid[:, None], size=(64, 96), mode="bilinear", align_corners=False)
+    # a copy with other score settings, and the settings set in place (bench/cifar10_sweep.py)
+    copy = model.with_score(ScoreConfig(smoothing_sigma=0.0))
+    torch.testing.assert_close(copy.upsample(grid), plain, atol=1e-6, rtol=0)
+    model.score_cfg = ScoreConfig(smoothing_sigma=0.0)
+    torch.testing.assert_close(model.upsample(grid), plain, atol=1e-6, rtol=0)
+    model.score_cfg = ScoreConfig(smoothing_sigma=2.0)
+    want = _interpolate_then_blur(grid, (64, 96), gaussian_kernel1d(2.0))
+    torch.testing.assert_close(model.upsample(grid), want, atol=1e-5, rtol=0)
+
+
+def test_presets_token_patch():
+    assert MODEL_PRESETS["cpu"].token_patch == 2 and MODEL_PRESETS["paper"].token_patch == 1
