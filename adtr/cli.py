@@ -240,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a second reconstructor, trained 5x longer on the same data, that gives the image score (the "
         "map stays the reconstructor's; not with a defect head or --image-score pooled_residual, where the "
-        "reconstructor scores the image too): on the development sets image AUROC 0.9826 against 0.9754 on "
-        "average, transistor 0.996 against 0.970, for about 1/3 more training time and 0-3%% slower inference; "
+        "reconstructor scores the image too): on the development sets with stride-16 maps (--token-patch 1) "
+        "image AUROC 0.9826 against 0.9754 on average, transistor 0.996 against 0.970, for about 1/3 more "
+        "training time and an inference cost within the machine's noise; "
         "'off' scores the image from the map (docs/design.md, "
         f"'The image scorer') (default: the preset's, {d_model.image_scorer} for cpu, off for paper)",
     )
@@ -252,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="feature-grid positions per token side: the map's grid is N times finer than the transformer's "
         "16x16-pixel tokens (stride 16 / N); 2 gained 1.4 AUPRO points on the development sets (3.6 on "
-        "bsdata's small pits) for about 11%% of the inference speed against 1, the paper's stride-16 map "
+        "bsdata's small pits) for about 12%% of the inference speed against 1, the paper's stride-16 map "
         "(docs/design.md, 'A finer map with the image scorer') (default: the preset's, "
         f"{d_model.token_patch} for cpu, 1 for paper; with --init, the init run's)",
     )

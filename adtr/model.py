@@ -86,7 +86,7 @@ class TransformerReconstructor(nn.Module):
         p = self.patch
         # With p > 1: proj_in after a pixel unshuffle is a p x p convolution of stride p, and
         # proj_out followed by a pixel shuffle a transposed one, with the same weights reshaped;
-        # run so they skip the shuffles' copies (a tenth of the ONNX graph's time).
+        # run so they skip the shuffles' copies (slow layout copies in ONNX Runtime).
         x = self.proj_in(f) if p == 1 else F.conv2d(f, self._in_kernel(), self.proj_in.bias, stride=p)
         b, _, h, w = x.shape
         tokens = self.feature_dropout(x.flatten(2).transpose(1, 2))  # (B, h*w, D)
