@@ -244,9 +244,9 @@ class ADTR(nn.Module):
         sigma = self._score_cfg.smoothing_sigma
         kernel = gaussian_kernel1d(sigma) if sigma > 0 else None
         (gh, gw), (ih, iw) = self.cfg.grid_size, self.cfg.image_size
-        device = self.upsample_rows.device if hasattr(self, "upsample_rows") else None
         for name, n_in, n_out in (("upsample_rows", gh, ih), ("upsample_cols", gw, iw)):
-            self.register_buffer(name, upsample_matrix(n_in, n_out, kernel).to(device), persistent=False)
+            matrix = upsample_matrix(n_in, n_out, kernel).to(self.feature_mean.device)
+            self.register_buffer(name, matrix, persistent=False)
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor) -> torch.Tensor:
