@@ -70,6 +70,8 @@ def model_fingerprint(model: ADTR) -> str:
     score = asdict(model.score_cfg)
     if not score["defect_head"] or score["head_gain"] == 1.0:  # as before the key: cached graphs stay valid
         del score["head_gain"]
+    if not score["defect_head"] or score["head_image_score"] == "map":  # likewise
+        del score["head_image_score"]
     settings = json.dumps({"model": asdict(model.cfg), "score": score}, sort_keys=True)
     return _state_hash(model.state_dict(), settings.encode())
 

@@ -19,6 +19,7 @@ LOSSES = ("hard", "mse")  # normal-only reconstruction losses (losses.reconstruc
 # The feature reconstructors (model.RECONSTRUCTORS): ADTR's transformer, and two baselines.
 RECONSTRUCTOR_KINDS = ("transformer", "mlp", "cnn")
 IMAGE_SCORERS = (None, "cnn", "mlp")  # ModelConfig.image_scorer
+HEAD_IMAGE_SCORES = ("scorer", "map")  # ScoreConfig.head_image_score
 # What real labelled anomalies train: a defect head on the frozen residual, or the
 # reconstructor through SPEC section 2's L_px / L_img (the paper); docs/design.md, issue 15.
 LABELLED_ANOMALY_USES = ("head", "loss")
@@ -125,6 +126,11 @@ class ScoreConfig:
     # map; None: set when the head is fitted, 4 with at least 3 masked defects, else 1
     # (defect_head.default_gain; docs/design.md, "The head's weight"; runs saved before this key: 1).
     head_gain: float | None = None
+    # What scores the image of a run with a defect head and an image scorer: "scorer", the image
+    # scorer's map joined with the head's logit at head_gain, as the map joins them; "map", the
+    # head-joined map itself (runs saved before this key). docs/design.md, "The image score of a
+    # run with a defect head".
+    head_image_score: str = "scorer"
 
     def __post_init__(self) -> None:
         if self.residual_norm not in RESIDUAL_NORMS:
@@ -133,6 +139,8 @@ class ScoreConfig:
             raise ValueError(f"smoothing sigma must be a finite number >= 0, got {self.smoothing_sigma}")
         if self.head_gain is not None and not 0 < self.head_gain < math.inf:
             raise ValueError(f"head gain must be a finite number > 0, got {self.head_gain}")
+        if self.head_image_score not in HEAD_IMAGE_SCORES:
+            raise ValueError(f"head_image_score must be one of {HEAD_IMAGE_SCORES}, got {self.head_image_score!r}")
 
 
 @dataclass
@@ -252,7 +260,8 @@ class RunConfig:
         model.image_size = tuple(model.image_size) if model.image_size is not None else None
         model.strides = tuple(model.strides)
         score = data.get("score", {})
-        old_head = {"head_gain": 1.0} if score.get("defect_head") else {}  # heads saved before the gain: weight 1
+        # heads saved before the gain: weight 1; before head_image_score: the map scored the image
+        old_head = {"head_gain": 1.0, "head_image_score": "map"} if score.get("defect_head") else {}
         return cls(
             model=model,
             # Runs saved before any of these keys: the plain residual, smoothing sigma 4.

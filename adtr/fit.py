@@ -467,7 +467,9 @@ def fit_head(model: ADTR, good: torch.Tensor, defects: AnomalyPool | None, batch
     the tokens of its residual map within PSEUDO_SHARE of the map's maximum (positives only).
     Without defects, keep the head's weights and refresh only its standardisation (the
     reconstructor changed, e.g. in an update with good images only). An unset gain
-    (score.head_gain None) is set by defect_head.default_gain."""
+    (score.head_gain None) is set by defect_head.default_gain. When the image scorer scores the
+    image (model.uses_image_scorer), its grid error's mean and std on the good images are
+    stored too (the scale on which the head's logit joins it)."""
     device = model.head_weight.device
 
     def residuals(f: torch.Tensor) -> torch.Tensor:
@@ -493,7 +495,12 @@ def fit_head(model: ADTR, good: torch.Tensor, defects: AnomalyPool | None, batch
     if model.score_cfg.head_gain is None:  # set now, then kept (a run's updates keep it)
         gain = default_gain(0 if defects is None else int(defects.pixel_level.sum()))
         model.score_cfg = dataclasses.replace(model.score_cfg, head_gain=gain)
-    model.set_defect_head(head)
+    scorer_norm = None
+    if model.uses_image_scorer:  # the scale on which the logit joins the scorer's map for the image score
+        scorer_map = torch.cat([model.scorer_grid(good[i : i + batch_size].to(device)).cpu()
+                                for i in range(0, len(good), batch_size)]).double()  # fmt: skip
+        scorer_norm = torch.stack([scorer_map.mean(), scorer_map.std().clamp_min(1e-6)]).float()
+    model.set_defect_head(head, scorer_norm)
 
 
 def _raw_features(

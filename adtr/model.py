@@ -226,6 +226,9 @@ class ADTR(nn.Module):
         self.register_buffer("head_weight", torch.zeros(1, self.channels, 1, 1), persistent=head)
         self.register_buffer("head_bias", torch.zeros(1), persistent=head)
         self.register_buffer("head_norm", torch.tensor([0.0, 1.0, 0.0, 1.0]), persistent=head)
+        # mean and std of the image scorer's grid error on the good training tokens: the scale on
+        # which the head's logit joins it for the image score (ScoreConfig.head_image_score)
+        self.register_buffer("scorer_head_norm", torch.tensor([0.0, 1.0]), persistent=head and self.uses_image_scorer)
         # The map's bilinear upsampling and Gaussian smoothing as two matrices (upsample_map),
         # rebuilt whenever score_cfg is set (its smoothing sigma).
         self._set_upsampling()
@@ -335,23 +338,27 @@ class ADTR(nn.Module):
         """Standardised features (B, C, h, w) -> map at input size and image score."""
         residual = self.residual(f)  # (B, C, h, w)
         grid = self.residual_grid(residual)
+        logit = None
         if self.score_cfg.defect_head:
             logit = (residual * self.head_weight).sum(1) + self.head_bias
             grid = combine_defect_head(grid, logit, self.head_norm, self.head_gain)
-            # the labelled defects' evidence is in the map: it scores the image (issue 15's runs)
-            return self.score_maps(grid, residual)
         if not self.uses_image_scorer:
             return self.score_maps(grid, residual)
         m = self.upsample(grid)
-        score = map_image_score(self.upsample(self.scorer_grid(f)), self.score_cfg, self.cfg.image_size)
+        image_grid = self.scorer_grid(f)
+        if logit is not None:  # the labelled defects' evidence joins the scorer's as it joins the map
+            norm = torch.cat([self.scorer_head_norm, self.head_norm[2:]])
+            image_grid = combine_defect_head(image_grid, logit, norm, self.head_gain)
+        score = map_image_score(self.upsample(image_grid), self.score_cfg, self.cfg.image_size)
         return AnomalyOutput(m[:, 0], score)
 
     @property
     def uses_image_scorer(self) -> bool:
-        """Whether the image score comes from the image scorer: the model has one, no defect head
-        (whose evidence is in the map), and an image score computed from a map (MAP_SCORES)."""
-        return (self.image_scorer is not None and not self.score_cfg.defect_head
-                and self.score_cfg.image_score in MAP_SCORES)  # fmt: skip
+        """Whether the image score comes from the image scorer: the model has one, an image score
+        computed from a map (MAP_SCORES), and no defect head unless score.head_image_score is
+        "scorer" (the head's logit then joins the scorer's map for the image score)."""
+        return (self.image_scorer is not None and self.score_cfg.image_score in MAP_SCORES
+                and (not self.score_cfg.defect_head or self.score_cfg.head_image_score == "scorer"))  # fmt: skip
 
     def scorer_grid(self, f: torch.Tensor) -> torch.Tensor:
         """Standardised features (B, C, h, w) -> the image scorer's grid error (B, h, w), scaled
@@ -369,13 +376,20 @@ class ADTR(nn.Module):
         return self.score_cfg.head_gain
 
     @torch.no_grad()
-    def set_defect_head(self, head: DefectHead) -> None:
-        """Store a fitted defect head (defect_head.py); score.defect_head must be set."""
+    def set_defect_head(self, head: DefectHead, scorer_norm: torch.Tensor | None = None) -> None:
+        """Store a fitted defect head (defect_head.py); score.defect_head must be set.
+
+        scorer_norm: (2,) mean and std of the image scorer's grid error on the good training
+        tokens, needed when the scorer scores the image (uses_image_scorer); ValueError without."""
         if not self.score_cfg.defect_head:
             raise ValueError("this model's score settings have no defect head (ScoreConfig.defect_head)")
+        if self.uses_image_scorer and scorer_norm is None:
+            raise ValueError("the image scorer scores this model's images: the head needs the scorer's grid statistics")
         self.head_weight.copy_(head.weight.view(1, -1, 1, 1))
         self.head_bias.fill_(head.bias)
         self.head_norm.copy_(head.norm)
+        if scorer_norm is not None:
+            self.scorer_head_norm.copy_(scorer_norm)
 
     def with_score(self, score: ScoreConfig) -> ADTR:
         """A copy with other score settings and the same weights and statistics (e.g. to add

@@ -37,6 +37,7 @@ from adtr.data.transforms import resize_map
 from adtr.defect_head import fit_defect_head
 from adtr.engine import anomaly_pool, extract_features
 from adtr.metrics import image_metrics, pixel_metrics
+from adtr.model import map_image_score
 from adtr.runtime import configure_cpu
 
 
@@ -50,6 +51,8 @@ def main() -> None:
     p.add_argument("--wds", default="1e-3")
     p.add_argument("--holdout", default=None)
     p.add_argument("--pseudo", type=float, default=None)
+    p.add_argument("--scorer", action="store_true",
+                   help="also print image AUROC of the image scorer's map joined with the head (gains 0, 1, 2, 4)")
     args = p.parse_args()
     configure_cpu(2)
     model = ADTRDetector.load(args.run, progress=False).model_.eval()
@@ -121,6 +124,16 @@ def main() -> None:
         return lambda d: lin((d - mu) / sd)[..., 0].detach()
 
     r_train, r_test = residual(f_train), residual(f_test)
+    if args.scorer:
+        with torch.no_grad():
+            s_train = torch.cat([model.scorer_grid(f) for f in f_train.split(16)])
+            s_test = torch.cat([model.scorer_grid(f) for f in f_test.split(16)])
+
+    def image_auroc(g: torch.Tensor, samples: list) -> float:
+        with torch.no_grad():
+            score = map_image_score(model.upsample(g), model.score_cfg, model.cfg.image_size)
+        labels = np.array([s.label for s in samples])
+        return round(float(image_metrics(score.double().numpy(), labels)["image_auroc"]), 4)
     for draw in [int(x) for x in args.draws.split(",")]:
         anomalies, rest = kshot_split(test, 5, draw, pool_size=5)
         if args.holdout:
@@ -158,6 +171,12 @@ def main() -> None:
                         "max": torch.maximum(zb, zh)}
             for name, g in variants.items():
                 print("draw", draw, "wd", wd, name, metrics(g.clamp_min(0), rest), flush=True)
+            if args.scorer:  # the image scorer's map, standardised on the good training tokens, joined with the head
+                zs = (s_test[sel] - s_train.mean()) / s_train.std()
+                out = {f"scorer+{g}xhead": image_auroc((zs + g * zh).clamp_min(0), rest) for g in (0, 1, 2, 4)}
+                out["scorer"] = image_auroc(s_test[sel], rest)
+                out["max(scorer,sum4)"] = image_auroc(torch.maximum(zs, zb + 4 * zh).clamp_min(0), rest)
+                print("draw", draw, "wd", wd, "image", out, flush=True)
 
 
 if __name__ == "__main__":

@@ -297,5 +297,46 @@ def test_runs_without_the_key_load_as_trained_with_the_loss():
     old = RunConfig.from_dict({"schema_version": 1, "model": {"image_size": [64, 64]},
                                "score": {"defect_head": True}, "train": {"labelled_anomalies": "head"}})  # fmt: skip
     assert old.score.head_gain == 1.0
+    # and their map scored the image; new runs leave it to the image scorer joined with the head
+    assert old.score.head_image_score == "map" and ScoreConfig().head_image_score == "scorer"
     with pytest.raises(ValueError, match="head gain"):
         ScoreConfig(head_gain=0.0)
+    with pytest.raises(ValueError, match="head_image_score"):
+        ScoreConfig(head_image_score="logit")
+
+
+def test_with_an_image_scorer_the_head_joins_the_scorers_map_for_the_image_score(parts, tmp_path):
+    scored = dataclasses.replace(TINY, image_scorer="mlp")
+    train = dataclasses.replace(TRAIN, image_scorer_epochs=1)
+    det = ADTRDetector(scored, train=train, progress=False, backend="torch").fit(parts / "train",
+                                                                                anomalies=parts / "defects")
+    m = det.model_
+    assert m.score_cfg.defect_head and m.score_cfg.head_image_score == "scorer" and m.uses_image_scorer
+    # the scorer was trained in the head's fit: not the weights it was built with
+    fresh = ADTR(scored).image_scorer.state_dict()
+    assert any(not torch.equal(a, fresh[k]) for k, a in m.image_scorer.state_dict().items())
+    f = m.standardize(torch.randn(3, m.channels, *m.cfg.grid_size, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        out = m.score(f)
+        r = m.residual(f)
+        logit = (r * m.head_weight).sum(1) + m.head_bias
+        norm = torch.cat([m.scorer_head_norm, m.head_norm[2:]])
+        want = m.score_maps(combine(m.scorer_grid(f), logit, norm, m.head_gain)).anomaly_score
+        head_map = m.score_maps(combine(m.residual_grid(r), logit, m.head_norm, m.head_gain))
+    assert torch.allclose(out.anomaly_score, want) and torch.allclose(out.anomaly_map, head_map.anomaly_map)
+    assert not torch.allclose(out.anomaly_score, head_map.anomaly_score)
+    assert m.scorer_head_norm[1] > 0 and not torch.equal(m.scorer_head_norm, torch.tensor([0.0, 1.0]))
+    # the same scores after a save and load, and from the exported graph
+    probe = sorted((parts / "probe" / "spot").iterdir())
+    det.save(tmp_path / "run")
+    loaded = ADTRDetector.load(tmp_path / "run", progress=False, backend="torch")
+    assert "scorer_head_norm" in load_file(str(tmp_path / "run" / "model.safetensors"))
+    want_scores = [p.anomaly_score for p in det.predict(probe)]
+    assert [p.anomaly_score for p in loaded.predict(probe)] == want_scores
+    onnx = ADTRDetector.load(tmp_path / "run", progress=False, backend="onnx")
+    assert np.allclose([p.anomaly_score for p in onnx.predict(probe)], want_scores, rtol=1e-3, atol=1e-4)
+    # "map": the head-joined map scores the image, as runs saved before the setting did
+    as_map = m.with_score(dataclasses.replace(m.score_cfg, head_image_score="map"))
+    with torch.no_grad():
+        assert not as_map.uses_image_scorer
+        assert torch.allclose(as_map.score(f).anomaly_score, head_map.anomaly_score)

@@ -168,14 +168,21 @@ def test_image_scorer_is_stored_only_in_runs_that_have_one():
         ADTR(SMALL).scorer_grid(torch.zeros(1, 1, 1, 1))
 
 
-def test_a_defect_head_keeps_the_image_score_on_the_map():
-    m = ADTR(dataclasses.replace(SMALL, image_scorer="cnn"), ScoreConfig(defect_head=True, head_gain=1.0)).eval()
+def test_a_defect_head_with_head_image_score_map_keeps_the_image_score_on_the_map():
+    score = ScoreConfig(defect_head=True, head_gain=1.0, head_image_score="map")
+    m = ADTR(dataclasses.replace(SMALL, image_scorer="cnn"), score).eval()
     m.head_weight.normal_()
     f = torch.randn(2, m.channels, 4, 6)
     with torch.no_grad():
         out = m.score(f)
     expected = map_image_score(out.anomaly_map[:, None], m.score_cfg, m.cfg.image_size)
-    assert torch.equal(out.anomaly_score, expected)
+    assert torch.equal(out.anomaly_score, expected) and not m.uses_image_scorer
+    # the default: the scorer's map joined with the head scores the image, the map stays the head's
+    scored = m.with_score(dataclasses.replace(score, head_image_score="scorer"))
+    with torch.no_grad():
+        other = scored.score(f)
+    assert scored.uses_image_scorer and torch.equal(other.anomaly_map, out.anomaly_map)
+    assert not torch.allclose(other.anomaly_score, out.anomaly_score)
 
 
 def test_paper_preset_is_spec_section_1():
