@@ -15,6 +15,9 @@ its 3x3 neighbourhood's mean), fr (the standardised feature beside r), frctx (al
 the maps "head" (the head's logit alone, standardised on good tokens), "sum" (standardised
 residual map + standardised logit), "sum.5" / "sum2" / "sum4" (the logit weighed 0.5 / 2 / 4:
 the head's gain), "max" (the larger of the two).
+--scorer adds the image AUROC of the image scorer's map joined with the head's logit (weights 0
+to 4, as the map joins them) and of the larger of the scorer's map and the head-joined map. Sets
+without masks (transistor) print image metrics only.
 --holdout TYPE drops that defect type's drawn images from training and scores only the good
 and TYPE test images (a defect type the head never saw). --pseudo SHARE drops the masks:
 positives are the tokens whose residual map is >= SHARE x its maximum (image labels only).
@@ -90,6 +93,8 @@ def main() -> None:
         labels = np.array([s.label for s in samples])
         m = image_metrics(out.anomaly_score.double().numpy(), labels)
         m["image_max"] = image_metrics(out.anomaly_map.flatten(1).amax(1).double().numpy(), labels)["image_auroc"]
+        if not any(s.mask_path for s in samples):  # image labels only (transistor)
+            return {k: round(float(m[k]), 4) for k in ("image_auroc", "image_max")}
         maps, masks = [], []
         for s, mp in zip(samples, out.anomaly_map.numpy(), strict=True):
             size = image_size(s.path)  # (height, width)
