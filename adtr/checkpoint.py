@@ -289,12 +289,15 @@ def check_fit_target(run_dir: Path | str, resume: bool = False, force: bool = Fa
 def _training_settings(config: Any) -> Any:
     """A saved or current config as JSON, with keys added since filled in (RunConfig.from_dict), so
     that a state saved by an earlier version resumes; without the defect head's gain, which is set
-    after training and does not change it, the map's smoothing, and the query fallback's threshold."""
+    after training and does not change it, what scores a head run's image, the map's smoothing,
+    and the query fallback's threshold."""
     try:
         doc = json.loads(json.dumps(RunConfig.from_dict(config).to_dict()))  # as JSON: tuples are lists there
     except (TypeError, ValueError, AttributeError):
         return config
     doc["score"].pop("head_gain", None)
+    # nor what scores a head run's image: a score setting (a state saved before it reads "map")
+    doc["score"].pop("head_image_score", None)
     # nor the map's smoothing, applied after the model (a state saved when its default was 4
     # resumes under today's default; the finished run takes the smoothing resumed with)
     doc["score"].pop("smoothing_sigma", None)

@@ -240,6 +240,10 @@ class ADTR(nn.Module):
 
     @score_cfg.setter
     def score_cfg(self, score: ScoreConfig) -> None:
+        old = getattr(self, "_score_cfg", None)
+        if old is not None and (old.defect_head, old.head_image_score) != (score.defect_head, score.head_image_score):
+            # they decide which buffers the model stores, fixed when it is built
+            raise ValueError("a defect head or the head's image score changes the model's tensors: use with_score")
         self._score_cfg = score
         self._set_upsampling()
 

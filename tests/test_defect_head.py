@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from adtr import ADTRDetector
-from adtr.checkpoint import model_fingerprint
+from adtr.checkpoint import STATE_DIR, STATE_JSON, model_fingerprint, saved_config_matches
 from adtr.config import RunConfig, ScoreConfig, TrainConfig
 from adtr.defect_head import DEFAULT_GAIN, MASK_GAIN, combine, default_gain, fit_defect_head
 from adtr.errors import DataError, RunFolderError, SettingsError
@@ -305,16 +307,15 @@ def test_runs_without_the_key_load_as_trained_with_the_loss():
         ScoreConfig(head_image_score="logit")
 
 
-def test_with_an_image_scorer_the_head_joins_the_scorers_map_for_the_image_score(parts, tmp_path):
+def test_with_an_image_scorer_the_head_joins_the_scorers_map_for_the_image_score(parts, tmp_path, caplog):
     scored = dataclasses.replace(TINY, image_scorer="mlp")
     train = dataclasses.replace(TRAIN, image_scorer_epochs=1)
-    det = ADTRDetector(scored, train=train, progress=False, backend="torch").fit(parts / "train",
-                                                                                anomalies=parts / "defects")
+    with caplog.at_level(logging.INFO, logger="adtr"):
+        det = ADTRDetector(scored, train=train, progress=False, backend="torch").fit(parts / "train",
+                                                                                    anomalies=parts / "defects")
     m = det.model_
     assert m.score_cfg.defect_head and m.score_cfg.head_image_score == "scorer" and m.uses_image_scorer
-    # the scorer was trained in the head's fit: not the weights it was built with
-    fresh = ADTR(scored).image_scorer.state_dict()
-    assert any(not torch.equal(a, fresh[k]) for k, a in m.image_scorer.state_dict().items())
+    assert "image scorer: " in caplog.text  # the scorer was trained in the head's fit
     f = m.standardize(torch.randn(3, m.channels, *m.cfg.grid_size, generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
         out = m.score(f)
@@ -340,3 +341,24 @@ def test_with_an_image_scorer_the_head_joins_the_scorers_map_for_the_image_score
     with torch.no_grad():
         assert not as_map.uses_image_scorer
         assert torch.allclose(as_map.score(f).anomaly_score, head_map.anomaly_score)
+    with pytest.raises(ValueError, match="with_score"):  # the stored tensors follow the setting
+        m.score_cfg = dataclasses.replace(m.score_cfg, head_image_score="map")
+    # a run saved before the setting (no key, no scorer_head_norm) loads as "map" and scores as it did
+    old = tmp_path / "old"
+    old.mkdir()
+    doc = json.loads((tmp_path / "run" / "config.json").read_text())
+    del doc["score"]["head_image_score"]
+    (old / "config.json").write_text(json.dumps(doc))
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    del weights["scorer_head_norm"]
+    save_file(weights, str(old / "model.safetensors"))
+    before = ADTRDetector.load(old, progress=False, backend="torch")
+    assert before.config.score.head_image_score == "map" and not before.model_.uses_image_scorer
+    with torch.no_grad():
+        assert torch.allclose(before.model_.score(f).anomaly_score, head_map.anomaly_score)
+    # and a training state saved before it resumes under today's default
+    state = tmp_path / "state"
+    (state / STATE_DIR).mkdir(parents=True)
+    (state / STATE_DIR / STATE_JSON).write_text(json.dumps({"config": doc}))
+    assert saved_config_matches(state, dataclasses.replace(det.config, score=dataclasses.replace(
+        det.config.score, head_image_score="scorer")))  # fmt: skip
