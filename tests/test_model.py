@@ -83,6 +83,29 @@ def test_neighbor_mask_keeps_a_token_from_reading_its_own_neighbourhood():
     assert not torch.allclose(out[0, token], out_out[0, token])
 
 
+def test_the_querys_first_self_attention_runs_once_per_batch_outside_training():
+    torch.manual_seed(0)
+    t = ReconstructionTransformer(24, 16, 2, 32, 1, 2, 0.1, grid=(4, 6)).eval()
+    x = torch.randn(5, 24, 16)
+    calls = []
+    hook = t.decoder[0].self_attn.register_forward_hook(lambda mod, args, out: calls.append(out.shape))
+    with torch.no_grad():
+        out = t(x)
+        t.train()  # the same forward with the query expanded first: what training runs (dropout off here)
+        for mod in t.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.eval()
+        expanded = t(x)
+    hook.remove()
+    assert calls == [(1, 24, 16), (5, 24, 16)]  # once for the batch in eval; per image in training
+    assert out.shape == (5, 24, 16) and torch.allclose(out, expanded, atol=1e-6)
+    # and each image's output is the one it gets alone
+    with torch.no_grad():
+        t.eval()
+        alone = torch.cat([t(x[i : i + 1]) for i in range(5)])
+    assert torch.allclose(out, alone, atol=1e-6)
+
+
 def test_layer_query_gives_each_decoder_layer_its_own_query():
     m = ADTR(dataclasses.replace(SMALL, num_decoder_layers=2, layer_query=True))
     t = m.reconstructor.transformer
