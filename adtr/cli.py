@@ -239,9 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[k or "off" for k in IMAGE_SCORERS],
         default=None,
         help="a second reconstructor, trained 5x longer on the same data, that gives the image score (the "
-        "map stays the reconstructor's; not with a defect head or --image-score pooled_residual, where the "
-        "reconstructor scores the image too): on the development sets with stride-16 maps (--token-patch 1) "
-        "image AUROC 0.9826 against 0.9754 on average, transistor 0.996 against 0.970, for about 1/3 more "
+        "map stays the reconstructor's; with a defect head its map is joined with the head's output; not with "
+        "--image-score pooled_residual, where the reconstructor scores the image): on the development sets "
+        "with stride-16 maps (--token-patch 1) image AUROC 0.9826 against 0.9754 on average, transistor 0.996 "
+        "against 0.970, for about 1/3 more "
         "training time and an inference cost within the machine's noise; "
         "'off' scores the image from the map (docs/design.md, "
         f"'The image scorer') (default: the preset's, {d_model.image_scorer} for cpu, off for paper)",
@@ -347,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--head-gain",
         type=_positive_float,
         default=None,
-        help="weight of the defect head's logit against the residual map in the anomaly map: larger finds the "
+        help="weight of the defect head's logit against the residual map in the anomaly map (and against the "
+        "image scorer's map in the image score): larger finds the "
         "labelled defect types better, smaller keeps types the head never saw as visible as without it "
         f"(docs/design.md) (default: {MASK_GAIN:g} with at least {MIN_MASKED} masked anomalies, else {DEFAULT_GAIN:g})",
     )
@@ -496,6 +498,19 @@ def _setup(args: argparse.Namespace) -> None:
             args.quiet = True
 
 
+def _warn_ignored_with_init(args: argparse.Namespace) -> None:
+    """Warn about model and score options given with --init: the init run's settings are kept."""
+    d_model, d_score = MODEL_PRESETS["cpu"], ScoreConfig()
+    defaults = {"preset": "cpu", "backbone": d_model.backbone, "image_size": None,
+                "reconstructor": d_model.reconstructor, "image_scorer": None, "token_patch": None,
+                "smoothing_sigma": d_score.smoothing_sigma, "image_score": d_score.image_score,
+                "residual_norm": d_score.residual_norm}  # fmt: skip
+    given = ["--" + name.replace("_", "-") for name, value in defaults.items() if getattr(args, name) != value]
+    if given:
+        logging.getLogger("adtr").warning("%s ignored: with --init the init run's model and score settings are "
+                                          "kept (fit without --init to change them)", ", ".join(given))
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from adtr.detector import ADTRDetector
 
@@ -526,6 +541,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                             residual_norm=args.residual_norm, head_gain=args.head_gain)  # fmt: skip
     except ValueError as e:  # a config's own checks
         raise SettingsError(str(e)) from None
+    if args.init is not None:
+        _warn_ignored_with_init(args)
     det = ADTRDetector(model, score, train, device=args.device, progress=not args.quiet)
     synthetic = [name.strip() for name in args.synthetic.split(",") if name.strip()]
     det.fit(args.data, anomalies=args.anomalies, synthetic=synthetic, external=args.external, init=args.init,

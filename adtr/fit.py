@@ -145,6 +145,12 @@ def fit_run(
                              progress=progress, train_reconstructor=not keep, prior_defects=prior)  # fmt: skip
     # the fitted model's settings: the head's gain, if chosen; no query, if the fit fell back
     config = dataclasses.replace(config, model=fitted.model.cfg, score=fitted.model.score_cfg)
+    if source == "crossfit" and keep:
+        log.warning("the init run's reconstructor%s trained on every good image and is kept, so the cross-fitted "
+                    "calibration refits only the defect head and scores images those networks trained on: the "
+                    "threshold is likely too low (more false alarms on new good parts). Hold out good images "
+                    "instead (more good images, or --calibration held_out) or fit without --init",
+                    " and image scorer" if fitted.model.uses_image_scorer else "")  # fmt: skip
     if source == "crossfit":
         scores, maxima = crossfit_scores(config, samples, fitted.raw, device, anomalies=labelled,
                                          external=external_samples, generators=generators, init=fold_init,

@@ -260,7 +260,7 @@ def test_mixed_empty_mask_names_the_file_and_pooled_residual_is_refused(parts, t
             parts / "train", anomalies=parts / "defects")
 
 
-def test_crossfit_with_init_and_defects_fits_heads_only(parts, tmp_path, monkeypatch):
+def test_crossfit_with_init_and_defects_fits_heads_only(parts, tmp_path, monkeypatch, caplog):
     import adtr.fit
 
     base = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(parts / "train")
@@ -269,9 +269,12 @@ def test_crossfit_with_init_and_defects_fits_heads_only(parts, tmp_path, monkeyp
     original = adtr.fit.fit_reconstructor
     monkeypatch.setattr(adtr.fit, "fit_reconstructor", lambda *a, **k: calls.append(1) or original(*a, **k))
     crossfit = dataclasses.replace(TRAIN, calibration="crossfit", calibration_folds=2)
-    det = ADTRDetector(TINY, train=crossfit, progress=False, backend="torch").fit(
-        parts / "train", anomalies=parts / "defects", init=tmp_path / "base")
+    with caplog.at_level(logging.WARNING, logger="adtr"):
+        det = ADTRDetector(TINY, train=crossfit, progress=False, backend="torch").fit(
+            parts / "train", anomalies=parts / "defects", init=tmp_path / "base")
     assert calls == [] and det.thresholds_.source == "crossfit" and det.config.score.defect_head
+    # the kept reconstructor trained on every image the folds score: the user is told the threshold is optimistic
+    assert "threshold is likely too low" in caplog.text
 
 
 def test_corrupt_kept_defects_are_refused(parts, tmp_path):

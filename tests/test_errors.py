@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -237,3 +238,15 @@ def test_query_fallback_option_reads_off_and_numbers():
     assert parse(["fit", "D", "--out", "R", "--query-fallback", "OFF"]).query_fallback is None
     assert parse(["fit", "D", "--out", "R", "--query-fallback", "0.25"]).query_fallback == 0.25
     assert parse(["fit", "D", "--out", "R"]).query_fallback == TrainConfig().query_fallback
+
+
+def test_fit_with_init_warns_that_model_and_score_options_are_ignored(caplog):
+    parser = cli.build_parser()
+    plain = parser.parse_args(["fit", "data", "--out", "run", "--init", "base"])
+    given = parser.parse_args(["fit", "data", "--out", "run", "--init", "base", "--image-scorer", "off",
+                               "--smoothing-sigma", "0", "--token-patch", "1"])  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="adtr"):
+        cli._warn_ignored_with_init(plain)  # the parser's defaults: nothing to warn about
+        assert caplog.text == ""
+        cli._warn_ignored_with_init(given)
+    assert "--image-scorer, --token-patch, --smoothing-sigma ignored: with --init" in caplog.text
