@@ -72,7 +72,8 @@ def calibrate(
         log.warning(
             "%d good image%s and none held out: the threshold rests on the training images' own scores, which "
             "unseen good images usually exceed, so no false-alarm rate can be stated and many good parts may be "
-            "flagged; cross-fitting needs 2 good images, a false-alarm rate of %g about %d",
+            "flagged (a fit with 2 or more good images cross-fits instead; an update of a run with no held-out "
+            "images cannot: give it new good images to hold out); a false-alarm rate of %g needs about %d",
             n, "" if n == 1 else "s", false_alarm_rate, needed_images(false_alarm_rate),
         )  # fmt: skip
     elif thresholds.method == "f1" and thresholds.implied_false_alarm_rate > false_alarm_rate:
