@@ -500,12 +500,10 @@ def _setup(args: argparse.Namespace) -> None:
 
 def _warn_ignored_with_init(args: argparse.Namespace) -> None:
     """Warn about model and score options given with --init: the init run's settings are kept."""
-    d_model, d_score = MODEL_PRESETS["cpu"], ScoreConfig()
-    defaults = {"preset": "cpu", "backbone": d_model.backbone, "image_size": None,
-                "reconstructor": d_model.reconstructor, "image_scorer": None, "token_patch": None,
-                "smoothing_sigma": d_score.smoothing_sigma, "image_score": d_score.image_score,
-                "residual_norm": d_score.residual_norm}  # fmt: skip
-    given = ["--" + name.replace("_", "-") for name, value in defaults.items() if getattr(args, name) != value]
+    defaults = build_parser().parse_args(["fit", "DATA", "--out", "RUN"])  # the parser's own defaults
+    names = ("preset", "backbone", "image_size", "reconstructor", "image_scorer", "token_patch", "smoothing_sigma",
+             "image_score", "residual_norm")  # fmt: skip
+    given = ["--" + name.replace("_", "-") for name in names if getattr(args, name) != getattr(defaults, name)]
     if given:
         logging.getLogger("adtr").warning("%s ignored: with --init the init run's model and score settings are "
                                           "kept (fit without --init to change them)", ", ".join(given))

@@ -191,7 +191,7 @@ class ReconstructionTransformer(nn.Module):
         if self.query_embed is not None:
             # Outside training the first decoder layer's self-attention over the query is the same
             # for every image: it runs once, on the (1, K, D) query (an exported graph folds it
-            # into a constant; 6% of the default graph's time). Training expands the query first,
+            # into a constant; about 5% of the default graph's time). Training expands the query first,
             # so that dropout differs per image.
             tgt = self.query_embed.expand(tokens.shape[0], -1, -1) if self.training else self.query_embed
         else:  # no-query ablation: the features it must reconstruct; layer_query: the first layer's "previous"
