@@ -72,7 +72,11 @@ def model_fingerprint(model: ADTR) -> str:
         del score["head_gain"]
     if not score["defect_head"] or score["head_image_score"] == "map":  # likewise
         del score["head_image_score"]
-    settings = json.dumps({"model": asdict(model.cfg), "score": score}, sort_keys=True)
+    del score["scorer_position_weight"]  # it shapes stored statistics (hashed), not the graph
+    model_cfg = asdict(model.cfg)
+    if model_cfg["feature_pool"] == 1:  # likewise
+        del model_cfg["feature_pool"]
+    settings = json.dumps({"model": model_cfg, "score": score}, sort_keys=True)
     return _state_hash(model.state_dict(), settings.encode())
 
 
@@ -290,7 +294,7 @@ def _training_settings(config: Any) -> Any:
     """A saved or current config as JSON, with keys added since filled in (RunConfig.from_dict), so
     that a state saved by an earlier version resumes; without the defect head's gain, which is set
     after training and does not change it, what scores a head run's image, the map's smoothing,
-    and the query fallback's threshold."""
+    the image scorer's per-position weight, and the query fallback's threshold."""
     try:
         doc = json.loads(json.dumps(RunConfig.from_dict(config).to_dict()))  # as JSON: tuples are lists there
     except (TypeError, ValueError, AttributeError):
@@ -301,6 +305,8 @@ def _training_settings(config: Any) -> Any:
     # nor the map's smoothing, applied after the model (a state saved when its default was 4
     # resumes under today's default; the finished run takes the smoothing resumed with)
     doc["score"].pop("smoothing_sigma", None)
+    # nor the scorer's per-position weight, used on the statistics set after training
+    doc["score"].pop("scorer_position_weight", None)
     # nor the query fallback's threshold: a state saved before it existed (read as off) resumes
     # under the default; a state saved after the fallback is told apart by its use_query
     doc["train"].pop("query_fallback", None)

@@ -66,6 +66,10 @@ class ModelConfig:
     # The "cpu" preset uses 2 (docs/design.md, "A finer map with the image scorer").
     token_patch: int = 1
     normalize_features: bool = True  # per-channel standardisation with training statistics
+    # Each feature-grid position averaged with its feature_pool x feature_pool neighbourhood
+    # after alignment (PatchCore's local aggregation, Roth et al., CVPR 2022, section 3.1:
+    # features robust to small shifts); 1 = off, as the paper and runs saved before.
+    feature_pool: int = 1
     # A second reconstructor that scores the image ("cnn" or "mlp"; None: the map scores it):
     # trained TrainConfig.image_scorer_epochs times longer on the same features, with its input
     # dropped at image_scorer_dropout. A long fit gives the best image scores and the worst maps
@@ -78,6 +82,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.image_scorer not in IMAGE_SCORERS:
             raise ValueError(f"image_scorer must be one of {IMAGE_SCORERS}, got {self.image_scorer!r}")
+        if self.feature_pool < 1 or self.feature_pool % 2 == 0:
+            raise ValueError(f"feature_pool must be an odd number >= 1, got {self.feature_pool}")
         if not 0 <= self.image_scorer_dropout < 1:
             raise ValueError(f"image scorer dropout must be in [0, 1), got {self.image_scorer_dropout}")
 
@@ -131,10 +137,18 @@ class ScoreConfig:
     # head-joined map itself (runs saved before this key). docs/design.md, "The image score of a
     # run with a defect head".
     head_image_score: str = "scorer"
+    # With "channel_position", the weight of the per-position training statistics in the image
+    # scorer's standardisation (1 - w: the whole grid's; the map's is 0.5). None: chosen by the
+    # fit on the held-out good images (model.choose_position_weight: aligned parts take their
+    # per-position statistics, parts that lie anywhere the grid's) and recorded in the run;
+    # docs/design.md, "The image scorer's statistics per position". Runs saved before: 0.5.
+    scorer_position_weight: float | None = None
 
     def __post_init__(self) -> None:
         if self.residual_norm not in RESIDUAL_NORMS:
             raise ValueError(f"residual_norm must be one of {RESIDUAL_NORMS}, got {self.residual_norm!r}")
+        if self.scorer_position_weight is not None and not 0 <= self.scorer_position_weight <= 1:
+            raise ValueError(f"scorer position weight must be in [0, 1], got {self.scorer_position_weight}")
         if not 0 <= self.smoothing_sigma < math.inf:
             raise ValueError(f"smoothing sigma must be a finite number >= 0, got {self.smoothing_sigma}")
         if self.head_gain is not None and not 0 < self.head_gain < math.inf:
@@ -264,8 +278,10 @@ class RunConfig:
         old_head = {"head_gain": 1.0, "head_image_score": "map"} if score.get("defect_head") else {}
         return cls(
             model=model,
-            # Runs saved before any of these keys: the plain residual, smoothing sigma 4.
-            score=_build(ScoreConfig, {"residual_norm": "none", "smoothing_sigma": 4.0, **old_head, **score}),
+            # Runs saved before any of these keys: the plain residual, smoothing sigma 4, the
+            # scorer's statistics half per-position.
+            score=_build(ScoreConfig, {"residual_norm": "none", "smoothing_sigma": 4.0, "scorer_position_weight": 0.5,
+                                       **old_head, **score}),  # fmt: skip
             # Runs saved before the step budget trained with the warm-up + x0.1 schedule.
             # Runs saved before the hard-position loss existed trained with the MSE.
             # Runs saved before the defect head trained the reconstructor with L_px on masked anomalies.

@@ -137,6 +137,8 @@ def fit_run(
     source = calibration_source(config.train.calibration, len(samples), len(val_idx))
     if source == "crossfit":  # every image trains the final model; the folds' models score them
         train_idx, val_idx = list(range(len(samples))), []
+    if not val_idx and config.score.scorer_position_weight is None:  # no held-out images to choose it on
+        config = dataclasses.replace(config, score=dataclasses.replace(config.score, scorer_position_weight=0.5))
     fold_init = copy.deepcopy(base) if base is not None and source == "crossfit" else None  # before fitting base
     # with --init and masked defects for the head alone, the init's reconstructor is kept as it is
     keep = base is not None and head_only(config, labelled, external_samples, generators)
@@ -422,7 +424,8 @@ def fit_on_features(
                 log.info("image scorer: %d epochs, validation loss %s", len(scorer), scorer[-1].get("val_loss"))
     model.eval()
     if config.score.residual_norm != "none":
-        model.set_residual_scale(features[train_idx])
+        # the held-out good images choose the image scorer's per-position weight (while unset)
+        model.set_residual_scale(features[train_idx], held=features[val_idx] if val_idx else None)
     if head_pool is not None:
         pool = head_pool if pool is None else AnomalyPool.cat([pool, head_pool])
     head_defects = AnomalyPool.cat([p for p in (prior_defects, head_pool) if p is not None]) if (

@@ -257,8 +257,13 @@ class ADTR(nn.Module):
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw aligned backbone features of 0..255 RGB images (B, 3, H, W): (B, C, h, w)."""
-        return align_features(self.backbone(images), self.cfg.grid_size, self.cfg.align)
+        """Raw aligned backbone features of 0..255 RGB images (B, 3, H, W): (B, C, h, w),
+        each position averaged over its cfg.feature_pool neighbourhood when that is > 1."""
+        f = align_features(self.backbone(images), self.cfg.grid_size, self.cfg.align)
+        k = self.cfg.feature_pool
+        if k > 1:  # the border averages only the positions it has (no zero padding counted)
+            f = F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
+        return f
 
     def standardize(self, f: torch.Tensor) -> torch.Tensor:
         if not self.cfg.normalize_features:
@@ -279,34 +284,50 @@ class ADTR(nn.Module):
         self.feature_std.copy_(std)
 
     @torch.no_grad()
-    def set_residual_scale(self, features: torch.Tensor, batch_size: int = 16) -> None:
+    def set_residual_scale(
+        self, features: torch.Tensor, batch_size: int = 16, held: torch.Tensor | None = None
+    ) -> None:
         """Set residual_scale (1, C, 1, 1) to the per-channel RMS of f - f_hat over standardised
         training features (N, C, h, w), in the model's current mode (call it in eval mode); with
-        "channel_position", also the per-position statistics of the scaled grid error. The same
-        for the image scorer's residual (scorer_* buffers), where the model has one.
+        "channel_position", also the per-position statistics of the scaled grid error
+        (shrunk_position_stats: weight 0.5 for the map). The same for the image scorer's residual
+        (scorer_* buffers), where the model has one, with score.scorer_position_weight; while that
+        is None it is chosen here (choose_position_weight) on `held`, standardised held-out good
+        features (M, C, h, w), and recorded in score_cfg (0.5 without two or more held-out images).
 
         Dividing by it before the norm weighs every channel by how well good parts are
         reconstructed in it: a whitening of the residual (diagonal), the same idea as
         normalising each stage's error by its training error (Dinomaly, CVPR 2025, sec. 3)."""
-        pairs = [(self.reconstructor, ("residual_scale", "position_mean", "position_std"))]
+        pairs = [(self.reconstructor, ("residual_scale", "position_mean", "position_std"), False)]
         if self.image_scorer is not None:
-            pairs.append((self.image_scorer, ("scorer_residual_scale", "scorer_position_mean", "scorer_position_std")))
-        for rec, (scale, pos_mean, pos_std) in pairs:
+            pairs.append((self.image_scorer, ("scorer_residual_scale", "scorer_position_mean", "scorer_position_std"),
+                          True))  # fmt: skip
+        for rec, (scale, pos_mean, pos_std), is_scorer in pairs:
             scale, pos_mean, pos_std = (self.get_buffer(n) for n in (scale, pos_mean, pos_std))
             total = torch.zeros(self.channels, dtype=torch.float64, device=scale.device)
             for f in self._batches(features, batch_size):
                 total += (f - rec(f)).double().pow(2).sum(dim=(0, 2, 3))
             count = len(features) * features.shape[2] * features.shape[3]
             scale.copy_((total / max(1, count)).sqrt().clamp_min(1e-6).float().view(1, -1, 1, 1))
-            if self.score_cfg.residual_norm == "channel_position":
-                grids = torch.cat([torch.linalg.vector_norm((f - rec(f)) / scale, dim=1)
-                                   for f in self._batches(features, batch_size)])  # fmt: skip
-                # Half per-position, half whole-grid: unaligned parts (a plate anywhere in the image)
-                # get less of the per-position estimate's noise (screened, docs/design.md).
-                mean = 0.5 * grids.mean(0) + 0.5 * grids.mean()
-                var = 0.5 * grids.var(0) + 0.5 * grids.var() if len(grids) > 1 else torch.ones_like(mean)
-                pos_mean.copy_(mean.unsqueeze(0))
-                pos_std.copy_(var.sqrt().clamp_min(1e-6).unsqueeze(0))
+            if self.score_cfg.residual_norm != "channel_position":
+                continue
+
+            def grid_errors(x: torch.Tensor, rec: nn.Module = rec, scale: torch.Tensor = scale) -> torch.Tensor:
+                return torch.cat([torch.linalg.vector_norm((f - rec(f)) / scale, dim=1)
+                                  for f in self._batches(x, batch_size)])  # fmt: skip
+
+            grids = grid_errors(features)
+            # The map: half per-position, half whole-grid, so unaligned parts (a plate anywhere
+            # in the image) get less of the per-position estimate's noise (screened, docs/design.md).
+            w = 0.5
+            if is_scorer:
+                w = self.score_cfg.scorer_position_weight
+                if w is None:
+                    w = choose_position_weight(grids, grid_errors(held)) if held is not None and len(held) > 1 else 0.5
+                    self.score_cfg = dataclasses.replace(self.score_cfg, scorer_position_weight=w)
+            mean, var = shrunk_position_stats(grids, w)
+            pos_mean.copy_(mean.unsqueeze(0))
+            pos_std.copy_(var.sqrt().clamp_min(1e-6).unsqueeze(0))
 
     def _batches(self, features: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         device = self.residual_scale.device
@@ -434,6 +455,36 @@ class ADTR(nn.Module):
 
 
 MAP_SCORES = ("top_mean", "max_pool", "mean")  # image scores computed from the map alone
+
+POSITION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the candidates of choose_position_weight
+
+
+def shrunk_position_stats(grids: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid errors of good images (N, h, w) -> the mean and variance (h, w) each position is
+    standardised with: its own weighted `weight`, the whole grid's 1 - weight (a shrinkage
+    towards the grid; 1: PaDiM-like per-position statistics, 0: one for the grid). With a
+    single image the variance is 1."""
+    mean = weight * grids.mean(0) + (1 - weight) * grids.mean()
+    if len(grids) < 2:
+        return mean, torch.ones_like(mean)
+    return mean, weight * grids.var(0) + (1 - weight) * grids.var()
+
+
+def choose_position_weight(train: torch.Tensor, held: torch.Tensor) -> float:
+    """The weight of POSITION_WEIGHTS whose statistics of the training grid errors (N, h, w)
+    predict the held-out good images' grid errors (M, h, w) best: the least mean Gaussian
+    negative log-likelihood over their positions (the smaller weight on a tie). Aligned parts
+    (the same thing at each position on every image) choose per-position statistics; parts
+    that lie anywhere, the grid's. docs/design.md, "The image scorer's statistics per position"."""
+    train, held = train.double(), held.double()
+
+    def nll(w: float) -> float:
+        mean, var = shrunk_position_stats(train, w)
+        var = var.clamp_min(1e-12)
+        return float((0.5 * var.log() + 0.5 * (held - mean) ** 2 / var).mean())
+
+    scores = [nll(w) for w in POSITION_WEIGHTS]
+    return POSITION_WEIGHTS[scores.index(min(scores))]
 
 
 def map_image_score(m: torch.Tensor, score: ScoreConfig, size: tuple[int, int]) -> torch.Tensor:

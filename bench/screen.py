@@ -56,18 +56,19 @@ from adtr.model import ADTR, gaussian_kernel1d, map_image_score, upsample_map  #
 from adtr.runtime import configure_cpu  # noqa: E402
 
 _features: dict[tuple, dict] = {}
+DEVICE = torch.device("cpu")  # --device: where features are extracted and models trained; scoring stays on the CPU
 
 
 def features(name: str, root: Path, cfg: RunConfig) -> dict:
     """Raw aligned features of a set's training and test images, cached per feature setting."""
-    key = (name, cfg.model.image_size, cfg.model.strides, cfg.model.align, cfg.model.backbone, cfg.model.grid_size)
+    key = (name, cfg.model.image_size, cfg.model.strides, cfg.model.align, cfg.model.backbone, cfg.model.grid_size,
+           cfg.model.feature_pool)  # fmt: skip
     if key not in _features:
         train, test = train_samples(root), test_samples(root)
-        model = ADTR(cfg.model)
-        cpu = torch.device("cpu")
+        model = ADTR(cfg.model).to(DEVICE)
         _features[key] = {
-            "train": extract_features(model, train, cpu, progress=False),
-            "test": extract_features(model, test, cpu, progress=False),
+            "train": extract_features(model, train, DEVICE, progress=False),
+            "test": extract_features(model, test, DEVICE, progress=False),
             "labels": np.array([s.label for s in test]),
             "masks": [s.mask_path for s in test],
             "sizes": [image_size(s.path) for s in test],
@@ -89,14 +90,15 @@ def run(name: str, root: Path, variant: dict, keep: Path | None = None, quick: b
         train_idx, val_idx = split_validation(len(d["train"]), cfg.train.val_fraction, cfg.train.seed)
         model.set_feature_stats(d["train"][train_idx])
         f = model.standardize(d["train"])
+        model.to(DEVICE)
         t0 = time.perf_counter()
-        history = fit_reconstructor(model, TrainingData(f[train_idx]), f[val_idx], cfg.train, torch.device("cpu"),
+        history = fit_reconstructor(model, TrainingData(f[train_idx]), f[val_idx], cfg.train, DEVICE,
                                     torch.Generator().manual_seed(cfg.train.seed), progress=False)  # fmt: skip
         if model.uses_image_scorer:  # as adtr.fit does
-            fit_image_scorer(model, TrainingData(f[train_idx]), f[val_idx], cfg.train, torch.device("cpu"),
+            fit_image_scorer(model, TrainingData(f[train_idx]), f[val_idx], cfg.train, DEVICE,
                              progress=False)  # fmt: skip
         fit_seconds = time.perf_counter() - t0
-    model.eval()
+    model.cpu().eval()
     if cfg.score.residual_norm != "none":
         model.set_residual_scale(f[train_idx])
     with torch.no_grad():
@@ -119,8 +121,10 @@ def run(name: str, root: Path, variant: dict, keep: Path | None = None, quick: b
     if has_masks:
         masks = [read_mask(m, s) if m else np.zeros(s, bool) for m, s in zip(d["masks"], d["sizes"], strict=True)]
         res.update(pixel_metrics(ResizedMaps(maps, d["sizes"]), masks))
-    for name_, (score_, maps_) in extra.items():
+    for name_, (score_, maps_, *weight) in extra.items():
         res[f"image_auroc_{name_}"] = image_metrics(score_, labels)["image_auroc"]
+        if weight:
+            res[f"weight_{name_}"] = weight[0]
         if masks is not None and maps_ is not None:
             pm = pixel_metrics(ResizedMaps(maps_, d["sizes"]), masks)
             res[f"pixel_auroc_{name_}"], res[f"aupro_{name_}"] = pm["pixel_auroc"], pm["aupro"]
@@ -201,7 +205,10 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
     from the held-out good images `val` / from training and held-out images together (a
     model fits its training images more closely than unseen good ones); whiten / whiten_plain:
     the Mahalanobis norm of the residual under its training covariance (see below); stage /
-    cosine: every backbone stage weighed alike, and a cosine map as Dinomaly's, on standardised features.
+    cosine: every backbone stage weighed alike, and a cosine map as Dinomaly's, on standardised features;
+    scorer / map_scorer (models whose image scorer scores the image): the image scorer's grid
+    error as the map, and the sum of both standardised grids; pos_w* / pos_auto / scorer_auto:
+    the per-position statistics' weight (below).
     Returns {name: (image scores (N,), maps list or None)}.
     """
 
@@ -285,6 +292,53 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
 
     out["stage"] = halfway(stage_error(r_train), stage_error(r_test))
     out["cosine"] = halfway(cosine_error(train, r_train), cosine_error(test, r_test))
+    # pos_w*: the chan grid error standardised per position with the per-position statistics
+    # weighted w (1 - w: the whole grid's), as pos_chan (w 1) and pos_chan_half (w 0.5) do;
+    # pos_auto / scorer_auto: w chosen without test images, by the Gaussian negative
+    # log-likelihood of the held-out good images' grid errors under each w's mean and variance
+    # (aligned parts: the per-position statistics predict unseen good images; unaligned: noise).
+    weights = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def shrunk(ref: torch.Tensor, w: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return w * ref.mean(0) + (1 - w) * ref.mean(), (w * ref.var(0) + (1 - w) * ref.var()).clamp_min(1e-12)
+
+    def best_weight(ref: torch.Tensor, held: torch.Tensor) -> float:
+        nll = {w: (0.5 * var.log() + 0.5 * (held - mu) ** 2 / var).mean().item()
+               for w in weights for mu, var in [shrunk(ref, w)]}  # fmt: skip
+        return min(nll, key=nll.get)
+
+    c_tr = torch.linalg.vector_norm(r_train / rms, dim=1)
+    c_te = torch.linalg.vector_norm(r_test / rms, dim=1)
+    for w in (0.0, 0.25, 0.75):
+        mu, var = shrunk(c_tr, w)
+        o = model.score_maps(((c_te - mu) / var.sqrt()).clamp_min(0))
+        out[f"pos_w{int(w * 100)}"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
+    if len(val) > 1:
+        w_map = best_weight(c_tr, torch.linalg.vector_norm(residuals(val) / rms, dim=1))
+        mu, var = shrunk(c_tr, w_map)
+        o = model.score_maps(((c_te - mu) / var.sqrt()).clamp_min(0))
+        out["pos_auto"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
+        out["pos_auto"] += (w_map,)
+        if model.image_scorer is not None:
+            def scorer_grid(f: torch.Tensor) -> torch.Tensor:
+                return torch.cat([torch.linalg.vector_norm((b - model.image_scorer(b)) / model.scorer_residual_scale,
+                                                           dim=1) for b in model._batches(f, 16)])  # fmt: skip
+
+            s_tr, s_te = scorer_grid(train), scorer_grid(test)
+            w_s = best_weight(s_tr, scorer_grid(val))
+            for name_, w in (("scorer_auto", w_s), ("scorer_w100", 1.0)):
+                mu, var = shrunk(s_tr, w)
+                o = model.score_maps(((s_te - mu) / var.sqrt()).clamp_min(0))
+                out[name_] = (o.anomaly_score.double().numpy(), None, w)
+    if model.image_scorer is not None and model.uses_image_scorer:
+        # scorer / map+scorer: the image scorer's grid error as the map, and the sum of both
+        # standardised grids (the long-trained CNN's map joined with the reconstructor's)
+        batches = list(model._batches(test, 16))
+        s_grid = torch.cat([model.scorer_grid(b) for b in batches])
+        m_grid = torch.cat([model.residual_grid(model.residual(b)) for b in batches])
+        for name_, g in (("scorer", s_grid), ("map_scorer", m_grid + s_grid)):
+            o = model.score_maps(g)
+            out[name_] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
     out["pooled"] = (torch.linalg.vector_norm(r_test.mean(dim=(2, 3)), dim=1).double().numpy(), None)
     out["pooled_chan"] = (torch.linalg.vector_norm((r_test / rms).mean(dim=(2, 3)), dim=1).double().numpy(), None)
     # combo: the chan map's top-1% mean and pooled_chan, each standardised by its mean and std
@@ -310,8 +364,13 @@ def main() -> None:
     p.add_argument("--ensembles", default="[]", help="JSON list of lists of settings objects: combined maps")
     p.add_argument("--quick", action="store_true", help="only the configured score: no free variants, no proxy")
     p.add_argument("--combine", choices=("sum", "max"), default="sum", help="how an ensemble combines its maps")
+    p.add_argument("--device", default="cpu", help="where features are extracted and models trained (e.g. cuda); "
+                   "the CPU figures are the ones reported, another device's only screen")  # fmt: skip
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2: the target machine)")
     args = p.parse_args()
-    configure_cpu(2)
+    configure_cpu(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     variants, ensembles = json.loads(args.variants), json.loads(args.ensembles)
     if ensembles and args.keep is None:
         p.error("--ensembles needs --keep (the folder of the members' maps)")
@@ -332,8 +391,10 @@ def main() -> None:
             "pixel_auroc_pos_chan_half", "aupro_pos_chan_half", "image_auroc_pooled",
             "image_auroc_pooled_chan", "image_auroc_combo",
             *(f"{m}_{v}"
-              for v in ("sigma2", "sigma8", "held", "trainval", "whiten_plain", "whiten", "stage", "cosine")
+              for v in ("sigma2", "sigma8", "held", "trainval", "whiten_plain", "whiten", "stage", "cosine", "scorer",
+                        "map_scorer", "pos_w0", "pos_w25", "pos_w75", "pos_auto")
               for m in ("image_auroc", "pixel_auroc", "aupro")),
+            "weight_pos_auto", "image_auroc_scorer_auto", "weight_scorer_auto", "image_auroc_scorer_w100",
             "proxy_image", "proxy_token", "val_loss", "fit_seconds"]  # fmt: skip
     rows = [[r["set"], json.dumps(r["variant"]), *(_fmt(r.get(k, "-")) for k in keys)] for r in results]
     md = (
@@ -370,9 +431,14 @@ def main() -> None:
                 "combo: image",
                 *(
                     f"{v}: {m}"
-                    for v in ("sigma 2", "sigma 8", "held", "trainval", "whiten plain", "whiten", "stage", "cosine")
+                    for v in ("sigma 2", "sigma 8", "held", "trainval", "whiten plain", "whiten", "stage", "cosine",
+                              "scorer", "map+scorer", "pos w0", "pos w0.25", "pos w0.75", "pos auto")
                     for m in ("image", "pixel", "AUPRO")
                 ),
+                "pos auto: weight",
+                "scorer auto: image",
+                "scorer auto: weight",
+                "scorer w1: image",
                 "proxy: image",
                 "proxy: token",
                 "val loss",

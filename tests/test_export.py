@@ -120,6 +120,16 @@ def test_export_token_patch(tmp_path):
     assert export_onnx(ADTR(cfg).eval(), tmp_path / "m.onnx") < 1e-4
 
 
+def test_export_feature_pool(tmp_path):
+    """PatchCore's local averaging of the features (ModelConfig.feature_pool) is inside the graph too."""
+    from adtr.config import ModelConfig
+    from adtr.model import ADTR
+
+    cfg = ModelConfig(image_size=(64, 96), align="area", hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1,
+                      num_heads=4, ffn_dim=64, token_patch=2, feature_pool=3)  # fmt: skip
+    assert export_onnx(ADTR(cfg).eval(), tmp_path / "m.onnx") < 1e-4
+
+
 def test_export_layer_query(tmp_path):
     """UniAD's layer-wise query (a query per decoder layer) exports too."""
     from adtr.config import ModelConfig

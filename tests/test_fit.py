@@ -176,6 +176,12 @@ def test_image_scorer_trains_longer_scores_the_image_and_resumes_the_same(raw, t
     assert not all(torch.equal(initial[k], trained[k]) for k in initial)
     for name in ("scorer_residual_scale", "scorer_position_std"):
         assert not torch.equal(m.get_buffer(name), torch.ones_like(m.get_buffer(name))), name
+    # the scorer's per-position weight, unset in the config, chosen on the two held-out images
+    from adtr.model import choose_position_weight
+
+    with torch.no_grad():
+        grid = lambda f: torch.linalg.vector_norm((f - m.image_scorer(f)) / m.scorer_residual_scale, dim=1)  # noqa: E731
+        assert m.score_cfg.scorer_position_weight == choose_position_weight(grid(fitted.train), grid(fitted.val))
     assert len(fit_image_scorer(copy.deepcopy(m), TrainingData(fitted.train), None, config.train, cpu,
                                 progress=False)) == 2 * 3  # fmt: skip
     with torch.no_grad():
@@ -185,7 +191,7 @@ def test_image_scorer_trains_longer_scores_the_image_and_resumes_the_same(raw, t
         assert not torch.allclose(out.anomaly_score, own.anomaly_score)
     # resumed after the reconstructor's last saved epoch: the scorer is trained again, to the same weights
     again = fit_on_features(config, raw, cpu, val_idx=[0, 1], state_dir=tmp_path, resume=True, progress=False)
-    assert _same_weights(m, again.model)
+    assert _same_weights(m, again.model) and again.model.score_cfg == m.score_cfg
     # an update (init) continues the scorer from its weights
     cont = fit_on_features(config, raw, cpu, val_idx=[0, 1], init=copy.deepcopy(m), progress=False).model
     assert not all(torch.equal(trained[k], cont.image_scorer.state_dict()[k]) for k in trained)

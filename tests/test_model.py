@@ -317,6 +317,57 @@ def test_channel_position_standardises_the_grid_error_per_position():
     assert {"residual_scale", "position_mean", "position_std"} <= set(m.state_dict())
 
 
+@pytest.mark.parametrize("weight", [1.0, 0.25])
+def test_the_image_scorer_weighs_its_per_position_statistics_by_scorer_position_weight(weight):
+    """The scorer's grid error is standardised with its per-position training statistics
+    weighted scorer_position_weight (the whole grid's 1 - w); the map's stay half and half."""
+    m = ADTR(dataclasses.replace(SMALL, image_scorer="cnn"), ScoreConfig(scorer_position_weight=weight)).eval()
+    m.reconstructor, m.image_scorer = _ZeroReconstructor(), _ZeroReconstructor()
+    f = torch.randn(6, m.channels, *SMALL.grid_size, generator=torch.Generator().manual_seed(3))
+    f[:, :, 0, 0] *= 5
+    m.set_residual_scale(f, batch_size=4)
+    grids = torch.linalg.vector_norm(f / m.scorer_residual_scale, dim=1)
+    for buf_mean, buf_std, w in ((m.scorer_position_mean, m.scorer_position_std, weight),
+                                 (m.position_mean, m.position_std, 0.5)):  # fmt: skip
+        torch.testing.assert_close(buf_mean[0], w * grids.mean(0) + (1 - w) * grids.mean())
+        torch.testing.assert_close(buf_std[0], (w * grids.var(0) + (1 - w) * grids.var()).sqrt())
+    old = RunConfig.from_dict({"schema_version": 1, "score": {"residual_norm": "channel_position"}})
+    assert old.score.scorer_position_weight == 0.5  # runs saved before the setting: half and half
+    with pytest.raises(ValueError, match="scorer position weight"):
+        ScoreConfig(scorer_position_weight=1.5)
+
+
+def test_the_position_weight_is_chosen_on_held_out_images_aligned_parts_per_position():
+    """choose_position_weight: grid errors with a fixed pattern over positions (an aligned part)
+    choose the per-position statistics; errors without one (a part anywhere) the grid's."""
+    from adtr.model import choose_position_weight
+
+    g = torch.Generator().manual_seed(0)
+    pattern = torch.rand(4, 6, generator=g) * 5
+    aligned = pattern + 0.3 * torch.randn(30, 4, 6, generator=g)
+    assert choose_position_weight(aligned[:20], aligned[20:]) == 1.0
+    anywhere = torch.rand(30, 4, 6, generator=g) * 5
+    assert choose_position_weight(anywhere[:20], anywhere[20:]) <= 0.25
+
+
+def test_an_unset_scorer_position_weight_is_chosen_and_recorded_by_set_residual_scale():
+    """score.scorer_position_weight None: set_residual_scale chooses it on the held-out features
+    and records it in score_cfg (the run's config); without held-out images it is 0.5."""
+    assert ScoreConfig().scorer_position_weight is None
+    m = ADTR(dataclasses.replace(SMALL, image_scorer="cnn")).eval()
+    m.reconstructor, m.image_scorer = _ZeroReconstructor(), _ZeroReconstructor()
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(12, m.channels, *SMALL.grid_size, generator=g) * 0.3
+    f[:, :, 0, 0] += 4  # every good image errs far more at one position: an aligned part
+    m.set_residual_scale(f[:8], held=f[8:])
+    assert m.score_cfg.scorer_position_weight == 1.0
+    grids = torch.linalg.vector_norm(f[:8] / m.scorer_residual_scale, dim=1)
+    torch.testing.assert_close(m.scorer_position_mean[0], grids.mean(0))
+    alone = ADTR(dataclasses.replace(SMALL, image_scorer="cnn")).eval()
+    alone.set_residual_scale(f[:8])
+    assert alone.score_cfg.scorer_position_weight == 0.5
+
+
 def test_cli_image_scorer_option_keeps_the_presets_unless_given():
     from adtr.cli import _image_scorer
 
@@ -424,3 +475,40 @@ def test_changed_score_settings_change_the_maps_smoothing():
 
 def test_presets_token_patch():
     assert MODEL_PRESETS["cpu"].token_patch == 2 and MODEL_PRESETS["paper"].token_patch == 1
+
+
+def test_feature_pool_averages_each_position_with_its_neighbourhood():
+    """feature_pool 3: each position is the mean of the 3x3 block around it in the aligned
+    features, the border the mean of the positions it has (PatchCore's local aggregation)."""
+    torch.manual_seed(0)
+    plain = ADTR(ModelConfig(image_size=(64, 96), align="area", token_patch=2)).eval()
+    pooled = ADTR(dataclasses.replace(plain.cfg, feature_pool=3)).eval()
+    images = torch.rand(2, 3, 64, 96) * 255
+    f, g = plain.extract(images), pooled.extract(images)
+    assert g.shape == f.shape == (2, plain.channels, 8, 12)
+    torch.testing.assert_close(g[:, :, 3, 5], f[:, :, 2:5, 4:7].mean(dim=(2, 3)))  # inside: 9 positions
+    torch.testing.assert_close(g[:, :, 0, 0], f[:, :, :2, :2].mean(dim=(2, 3)))  # a corner: 4
+    with pytest.raises(ValueError, match="odd"):
+        ModelConfig(feature_pool=2)
+
+
+def test_feature_pool_off_keeps_the_fingerprint_of_runs_saved_before():
+    """feature_pool 1 (off) is left out of the fingerprint, so graphs exported before the
+    setting existed stay valid; any other value changes it."""
+    import json
+
+    from adtr.checkpoint import _state_hash, model_fingerprint
+
+    cfg = ModelConfig(image_size=(64, 64), hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4,
+                      ffn_dim=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = ADTR(cfg)
+    pooled = ADTR(dataclasses.replace(cfg, feature_pool=3))
+    pooled.load_state_dict(model.state_dict())
+    assert model_fingerprint(pooled) != model_fingerprint(model)
+    # the fingerprint as computed before the setting existed: settings without the key
+    model_settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "feature_pool"}
+    added = ("head_gain", "head_image_score", "scorer_position_weight")
+    score = {k: v for k, v in dataclasses.asdict(model.score_cfg).items() if k not in added}
+    before = json.dumps({"model": model_settings, "score": score}, sort_keys=True)
+    assert model_fingerprint(model) == _state_hash(model.state_dict(), before.encode())
