@@ -147,7 +147,8 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         if self.residual_norm not in RESIDUAL_NORMS:
             raise ValueError(f"residual_norm must be one of {RESIDUAL_NORMS}, got {self.residual_norm!r}")
-        if self.scorer_position_weight is not None and not 0 <= self.scorer_position_weight <= 1:
+        w = self.scorer_position_weight
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= 1):
             raise ValueError(f"scorer position weight must be in [0, 1], got {self.scorer_position_weight}")
         if not 0 <= self.smoothing_sigma < math.inf:
             raise ValueError(f"smoothing sigma must be a finite number >= 0, got {self.smoothing_sigma}")

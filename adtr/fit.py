@@ -137,7 +137,8 @@ def fit_run(
     source = calibration_source(config.train.calibration, len(samples), len(val_idx))
     if source == "crossfit":  # every image trains the final model; the folds' models score them
         train_idx, val_idx = list(range(len(samples))), []
-    if not val_idx and config.score.scorer_position_weight is None:  # no held-out images to choose it on
+    chooses = config.model.image_scorer is not None and config.score.residual_norm == "channel_position"
+    if chooses and len(val_idx) < 2 and config.score.scorer_position_weight is None:  # too few held out to choose
         config = dataclasses.replace(config, score=dataclasses.replace(config.score, scorer_position_weight=0.5))
     fold_init = copy.deepcopy(base) if base is not None and source == "crossfit" else None  # before fitting base
     # with --init and masked defects for the head alone, the init's reconstructor is kept as it is

@@ -52,7 +52,14 @@ from adtr.engine import (  # noqa: E402
 )
 from adtr.evaluate import ResizedMaps  # noqa: E402
 from adtr.metrics import image_metrics, pixel_metrics  # noqa: E402
-from adtr.model import ADTR, gaussian_kernel1d, map_image_score, upsample_map  # noqa: E402
+from adtr.model import (  # noqa: E402
+    ADTR,
+    choose_position_weight,
+    gaussian_kernel1d,
+    map_image_score,
+    shrunk_position_stats,
+    upsample_map,
+)
 from adtr.runtime import configure_cpu  # noqa: E402
 
 _features: dict[tuple, dict] = {}
@@ -100,7 +107,7 @@ def run(name: str, root: Path, variant: dict, keep: Path | None = None, quick: b
         fit_seconds = time.perf_counter() - t0
     model.cpu().eval()
     if cfg.score.residual_norm != "none":
-        model.set_residual_scale(f[train_idx])
+        model.set_residual_scale(f[train_idx], held=f[val_idx] if val_idx else None)  # as adtr.fit does
     with torch.no_grad():
         test = model.standardize(d["test"])
         outs = [model.score(test[i : i + 16]) for i in range(0, len(test), 16)]
@@ -111,6 +118,7 @@ def run(name: str, root: Path, variant: dict, keep: Path | None = None, quick: b
     flat = torch.from_numpy(np.stack(maps)).flatten(1)
     labels = d["labels"]
     res = {"set": name, "variant": variant, "fit_seconds": round(fit_seconds, 1), "epochs": len(history),
+           "scorer_position_weight": model.score_cfg.scorer_position_weight,
            "val_loss": history[-1].get("val_loss"),
            "image_auroc": image_metrics(scores, labels)["image_auroc"],
            "image_auroc_top1": image_metrics(flat.topk(max(1, round(0.01 * flat.shape[1])), 1).values.mean(1)
@@ -296,16 +304,14 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
     # weighted w (1 - w: the whole grid's), as pos_chan (w 1) and pos_chan_half (w 0.5) do;
     # pos_auto / scorer_auto: w chosen without test images, by the Gaussian negative
     # log-likelihood of the held-out good images' grid errors under each w's mean and variance
-    # (aligned parts: the per-position statistics predict unseen good images; unaligned: noise).
-    weights = (0.0, 0.25, 0.5, 0.75, 1.0)
+    # (the library's choose_position_weight, which the fit applies to the image scorer);
+    # pos_mean / pos_mean_half: the per-position mean weighted 1 / 0.5 and the whole grid's variance.
 
     def shrunk(ref: torch.Tensor, w: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return w * ref.mean(0) + (1 - w) * ref.mean(), (w * ref.var(0) + (1 - w) * ref.var()).clamp_min(1e-12)
+        mean, var = shrunk_position_stats(ref, w)
+        return mean, var.clamp_min(1e-12)
 
-    def best_weight(ref: torch.Tensor, held: torch.Tensor) -> float:
-        nll = {w: (0.5 * var.log() + 0.5 * (held - mu) ** 2 / var).mean().item()
-               for w in weights for mu, var in [shrunk(ref, w)]}  # fmt: skip
-        return min(nll, key=nll.get)
+    best_weight = choose_position_weight
 
     c_tr = torch.linalg.vector_norm(r_train / rms, dim=1)
     c_te = torch.linalg.vector_norm(r_test / rms, dim=1)
@@ -313,6 +319,10 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
         mu, var = shrunk(c_tr, w)
         o = model.score_maps(((c_te - mu) / var.sqrt()).clamp_min(0))
         out[f"pos_w{int(w * 100)}"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
+    for name_, w in (("pos_mean", 1.0), ("pos_mean_half", 0.5)):
+        mu, var = shrunk(c_tr, w)[0], c_tr.var()
+        o = model.score_maps(((c_te - mu) / var.sqrt()).clamp_min(0))
+        out[name_] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
     if len(val) > 1:
         w_map = best_weight(c_tr, torch.linalg.vector_norm(residuals(val) / rms, dim=1))
         mu, var = shrunk(c_tr, w_map)
@@ -392,7 +402,7 @@ def main() -> None:
             "image_auroc_pooled_chan", "image_auroc_combo",
             *(f"{m}_{v}"
               for v in ("sigma2", "sigma8", "held", "trainval", "whiten_plain", "whiten", "stage", "cosine", "scorer",
-                        "map_scorer", "pos_w0", "pos_w25", "pos_w75", "pos_auto")
+                        "map_scorer", "pos_w0", "pos_w25", "pos_w75", "pos_auto", "pos_mean", "pos_mean_half")
               for m in ("image_auroc", "pixel_auroc", "aupro")),
             "weight_pos_auto", "image_auroc_scorer_auto", "weight_scorer_auto", "image_auroc_scorer_w100",
             "proxy_image", "proxy_token", "val_loss", "fit_seconds"]  # fmt: skip
@@ -432,7 +442,8 @@ def main() -> None:
                 *(
                     f"{v}: {m}"
                     for v in ("sigma 2", "sigma 8", "held", "trainval", "whiten plain", "whiten", "stage", "cosine",
-                              "scorer", "map+scorer", "pos w0", "pos w0.25", "pos w0.75", "pos auto")
+                              "scorer", "map+scorer", "pos w0", "pos w0.25", "pos w0.75", "pos auto", "pos mean",
+                              "pos mean half")
                     for m in ("image", "pixel", "AUPRO")
                 ),
                 "pos auto: weight",

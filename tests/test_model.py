@@ -321,20 +321,29 @@ def test_channel_position_standardises_the_grid_error_per_position():
 def test_the_image_scorer_weighs_its_per_position_statistics_by_scorer_position_weight(weight):
     """The scorer's grid error is standardised with its per-position training statistics
     weighted scorer_position_weight (the whole grid's 1 - w); the map's stay half and half."""
+    class OddChannels(torch.nn.Module):  # rebuilds the even channels exactly: residual in the odd ones only
+        def forward(self, f: torch.Tensor) -> torch.Tensor:
+            out = f.clone()
+            out[:, 1::2] = 0
+            return out
+
     m = ADTR(dataclasses.replace(SMALL, image_scorer="cnn"), ScoreConfig(scorer_position_weight=weight)).eval()
-    m.reconstructor, m.image_scorer = _ZeroReconstructor(), _ZeroReconstructor()
+    m.reconstructor, m.image_scorer = _ZeroReconstructor(), OddChannels()
     f = torch.randn(6, m.channels, *SMALL.grid_size, generator=torch.Generator().manual_seed(3))
     f[:, :, 0, 0] *= 5
+    f[:, 1::2, 1, 1] *= 9  # the scorer's residual has a position of its own
     m.set_residual_scale(f, batch_size=4)
-    grids = torch.linalg.vector_norm(f / m.scorer_residual_scale, dim=1)
-    for buf_mean, buf_std, w in ((m.scorer_position_mean, m.scorer_position_std, weight),
-                                 (m.position_mean, m.position_std, 0.5)):  # fmt: skip
+    map_grids = torch.linalg.vector_norm(f / m.residual_scale, dim=1)
+    scorer_grids = torch.linalg.vector_norm(f[:, 1::2] / m.scorer_residual_scale[:, 1::2], dim=1)
+    for buf_mean, buf_std, grids, w in ((m.scorer_position_mean, m.scorer_position_std, scorer_grids, weight),
+                                        (m.position_mean, m.position_std, map_grids, 0.5)):  # fmt: skip
         torch.testing.assert_close(buf_mean[0], w * grids.mean(0) + (1 - w) * grids.mean())
         torch.testing.assert_close(buf_std[0], (w * grids.var(0) + (1 - w) * grids.var()).sqrt())
     old = RunConfig.from_dict({"schema_version": 1, "score": {"residual_norm": "channel_position"}})
     assert old.score.scorer_position_weight == 0.5  # runs saved before the setting: half and half
-    with pytest.raises(ValueError, match="scorer position weight"):
-        ScoreConfig(scorer_position_weight=1.5)
+    for bad in (1.5, -0.1, True, "1"):
+        with pytest.raises(ValueError, match="scorer position weight"):
+            ScoreConfig(scorer_position_weight=bad)
 
 
 def test_the_position_weight_is_chosen_on_held_out_images_aligned_parts_per_position():

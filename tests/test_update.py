@@ -220,3 +220,27 @@ def test_a_run_without_validation_images_updates_with_a_warning(parent, tmp_path
     assert any("the forgetting guard cannot run" in r.message for r in caplog.records)
     guard = new.record_.provenance["update"]["forgetting_guard"]
     assert guard["n"] == 0 and guard["passed"] is None and guard["false_alarm_rate"] is None
+
+
+def test_the_chosen_scorer_position_weight_is_saved_and_kept_by_an_update(parent, tmp_path):
+    """A fit with an image scorer and held-out images chooses the scorer's per-position weight,
+    writes it to config.json and loads it back; an update keeps it; a cross-fitted fit (no
+    held-out images to choose on) records 0.5."""
+    import dataclasses
+
+    from adtr.model import POSITION_WEIGHTS
+
+    root, _ = parent
+    model = dataclasses.replace(TINY, image_scorer="cnn")
+    train = dataclasses.replace(TRAIN, epochs=1, image_scorer_epochs=1)
+    det = ADTRDetector(model, train=train, progress=False, backend="torch").fit(root)
+    chosen = det.config.score.scorer_position_weight
+    assert chosen in POSITION_WEIGHTS and chosen == det.model_.score_cfg.scorer_position_weight
+    det.save(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / CONFIG_FILE).read_text())["score"]["scorer_position_weight"] == chosen
+    loaded = ADTRDetector.load(tmp_path / "run", progress=False, backend="torch")
+    assert loaded.config.score.scorer_position_weight == chosen
+    assert loaded.update(good=root / "new_good", steps=2).config.score.scorer_position_weight == chosen
+    crossfit = dataclasses.replace(train, calibration="crossfit")
+    folded = ADTRDetector(model, train=crossfit, progress=False, backend="torch").fit(root)
+    assert folded.config.score.scorer_position_weight == 0.5
