@@ -311,23 +311,27 @@ class ADTR(nn.Module):
             scale.copy_((total / max(1, count)).sqrt().clamp_min(1e-6).float().view(1, -1, 1, 1))
             if self.score_cfg.residual_norm != "channel_position":
                 continue
-
-            def grid_errors(x: torch.Tensor, rec: nn.Module = rec, scale: torch.Tensor = scale) -> torch.Tensor:
-                return torch.cat([torch.linalg.vector_norm((f - rec(f)) / scale, dim=1)
-                                  for f in self._batches(x, batch_size)])  # fmt: skip
-
-            grids = grid_errors(features)
+            grids = self._scaled_grid_errors(rec, scale, features, batch_size)
             # The map: half per-position, half whole-grid, so unaligned parts (a plate anywhere
             # in the image) get less of the per-position estimate's noise (screened, docs/design.md).
             w = 0.5
             if is_scorer:
                 w = self.score_cfg.scorer_position_weight
                 if w is None:
-                    w = choose_position_weight(grids, grid_errors(held)) if held is not None and len(held) > 1 else 0.5
+                    held_grids = self._scaled_grid_errors(rec, scale, held, batch_size) if held is not None else None
+                    w = choose_position_weight(grids, held_grids) if held is not None and len(held) > 1 else 0.5
                     self.score_cfg = dataclasses.replace(self.score_cfg, scorer_position_weight=w)
             mean, var = shrunk_position_stats(grids, w)
             pos_mean.copy_(mean.unsqueeze(0))
             pos_std.copy_(var.sqrt().clamp_min(1e-6).unsqueeze(0))
+
+    def _scaled_grid_errors(
+        self, rec: nn.Module, scale: torch.Tensor, features: torch.Tensor, batch_size: int = 16
+    ) -> torch.Tensor:
+        """The norm per position (N, h, w) of a reconstructor's residual on standardised features
+        (N, C, h, w), divided by `scale`: the grid error before per-position standardisation."""
+        return torch.cat([torch.linalg.vector_norm((f - rec(f)) / scale, dim=1)
+                          for f in self._batches(features, batch_size)])  # fmt: skip
 
     def _batches(self, features: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         device = self.residual_scale.device

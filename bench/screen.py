@@ -311,8 +311,6 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
         mean, var = shrunk_position_stats(ref, w)
         return mean, var.clamp_min(1e-12)
 
-    best_weight = choose_position_weight
-
     c_tr = torch.linalg.vector_norm(r_train / rms, dim=1)
     c_te = torch.linalg.vector_norm(r_test / rms, dim=1)
     for w in (0.0, 0.25, 0.75):
@@ -324,18 +322,14 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
         o = model.score_maps(((c_te - mu) / var.sqrt()).clamp_min(0))
         out[name_] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
     if len(val) > 1:
-        w_map = best_weight(c_tr, torch.linalg.vector_norm(residuals(val) / rms, dim=1))
+        w_map = choose_position_weight(c_tr, torch.linalg.vector_norm(residuals(val) / rms, dim=1))
         mu, var = shrunk(c_tr, w_map)
         o = model.score_maps(((c_te - mu) / var.sqrt()).clamp_min(0))
-        out["pos_auto"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))
-        out["pos_auto"] += (w_map,)
+        out["pos_auto"] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()), w_map)
         if model.image_scorer is not None:
-            def scorer_grid(f: torch.Tensor) -> torch.Tensor:
-                return torch.cat([torch.linalg.vector_norm((b - model.image_scorer(b)) / model.scorer_residual_scale,
-                                                           dim=1) for b in model._batches(f, 16)])  # fmt: skip
-
-            s_tr, s_te = scorer_grid(train), scorer_grid(test)
-            w_s = best_weight(s_tr, scorer_grid(val))
+            s_tr, s_te, s_val = (model._scaled_grid_errors(model.image_scorer, model.scorer_residual_scale, x)
+                                 for x in (train, test, val))  # fmt: skip
+            w_s = choose_position_weight(s_tr, s_val)
             for name_, w in (("scorer_auto", w_s), ("scorer_w100", 1.0)):
                 mu, var = shrunk(s_tr, w)
                 o = model.score_maps(((s_te - mu) / var.sqrt()).clamp_min(0))
