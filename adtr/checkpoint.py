@@ -68,7 +68,10 @@ def model_fingerprint(model: ADTR) -> str:
     backbone, reconstructor, feature statistics) and its model and score settings. A graph
     stored with another fingerprint was built from other weights or settings (backend.py)."""
     score = asdict(model.score_cfg)
-    if not score["defect_head"] or score["head_gain"] == 1.0:  # as before the key: cached graphs stay valid
+    head, gain, image_gain = score["defect_head"], score["head_gain"], score["head_image_gain"]
+    if not head or score["head_image_score"] == "map" or image_gain == gain:
+        del score["head_image_gain"]  # as before the key (the image took the map's gain): cached graphs stay valid
+    if not head or gain == 1.0:  # likewise
         del score["head_gain"]
     if not score["defect_head"] or score["head_image_score"] == "map":  # likewise
         del score["head_image_score"]
@@ -293,7 +296,7 @@ def check_fit_target(run_dir: Path | str, resume: bool = False, force: bool = Fa
 def _training_settings(config: Any) -> Any:
     """A saved or current config as JSON, with keys added since filled in (RunConfig.from_dict), so
     that a state saved by an earlier version resumes; without the defect head's gain, which is set
-    after training and does not change it, what scores a head run's image, the map's smoothing,
+    after training and does not change it, what scores a head run's image and at what weight, the map's smoothing,
     the image scorer's per-position weight, and the query fallback's threshold."""
     try:
         doc = json.loads(json.dumps(RunConfig.from_dict(config).to_dict()))  # as JSON: tuples are lists there
@@ -302,6 +305,7 @@ def _training_settings(config: Any) -> Any:
     doc["score"].pop("head_gain", None)
     # nor what scores a head run's image: a score setting (a state saved before it reads "map")
     doc["score"].pop("head_image_score", None)
+    doc["score"].pop("head_image_gain", None)
     # nor the map's smoothing, applied after the model (a state saved when its default was 4
     # resumes under today's default; the finished run takes the smoothing resumed with)
     doc["score"].pop("smoothing_sigma", None)

@@ -375,9 +375,9 @@ class ADTR(nn.Module):
             return self.score_maps(grid, residual)
         m = self.upsample(grid)
         image_grid = self.scorer_grid(f)
-        if logit is not None:  # the labelled defects' evidence joins the scorer's as it joins the map
+        if logit is not None:  # the labelled defects' evidence joins the scorer's, at its own weight
             norm = torch.cat([self.scorer_head_norm, self.head_norm[2:]])
-            image_grid = combine_defect_head(image_grid, logit, norm, self.head_gain)
+            image_grid = combine_defect_head(image_grid, logit, norm, self.score_cfg.head_image_gain)
         score = map_image_score(self.upsample(image_grid), self.score_cfg, self.cfg.image_size)
         return AnomalyOutput(m[:, 0], score)
 

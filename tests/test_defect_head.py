@@ -7,6 +7,8 @@ import copy
 import dataclasses
 import json
 import logging
+import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -308,6 +310,14 @@ def test_runs_without_the_key_load_as_trained_with_the_loss():
         ScoreConfig(head_gain=0.0)
     with pytest.raises(ValueError, match="head_image_score"):
         ScoreConfig(head_image_score="logit")
+    # before head_image_gain, the image took the map's gain (1 when that was unset too)
+    assert old.score.head_image_gain == 1.0 and ScoreConfig().head_image_gain == 1.0
+    four = RunConfig.from_dict({"schema_version": 1, "model": {"image_size": [64, 64]},
+                                "score": {"defect_head": True, "head_gain": 4.0}, "train": {}})  # fmt: skip
+    assert four.score.head_image_gain == 4.0
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="head image gain"):
+            ScoreConfig(head_image_gain=bad)
 
 
 def test_with_an_image_scorer_the_head_joins_the_scorers_map_for_the_image_score(parts, tmp_path, caplog):
@@ -325,9 +335,13 @@ def test_with_an_image_scorer_the_head_joins_the_scorers_map_for_the_image_score
         r = m.residual(f)
         logit = (r * m.head_weight).sum(1) + m.head_bias
         norm = torch.cat([m.scorer_head_norm, m.head_norm[2:]])
-        want = m.score_maps(combine(m.scorer_grid(f), logit, norm, m.head_gain)).anomaly_score
+        want = m.score_maps(combine(m.scorer_grid(f), logit, norm, 1.0)).anomaly_score
         head_map = m.score_maps(combine(m.residual_grid(r), logit, m.head_norm, m.head_gain))
+        at_map_gain = m.score_maps(combine(m.scorer_grid(f), logit, norm, m.head_gain)).anomaly_score
+    # four masked defects: the map weighs the logit 4 times, the image score once (head_image_gain)
+    assert m.head_gain == MASK_GAIN and m.score_cfg.head_image_gain == 1.0
     assert torch.allclose(out.anomaly_score, want) and torch.allclose(out.anomaly_map, head_map.anomaly_map)
+    assert not torch.allclose(out.anomaly_score, at_map_gain)
     assert not torch.allclose(out.anomaly_score, head_map.anomaly_score)
     assert m.scorer_head_norm[1] > 0 and not torch.equal(m.scorer_head_norm, torch.tensor([0.0, 1.0]))
     # the same scores after a save and load, and from the exported graph
@@ -339,6 +353,21 @@ def test_with_an_image_scorer_the_head_joins_the_scorers_map_for_the_image_score
     assert [p.anomaly_score for p in loaded.predict(probe)] == want_scores
     onnx = ADTRDetector.load(tmp_path / "run", progress=False, backend="onnx")
     assert np.allclose([p.anomaly_score for p in onnx.predict(probe)], want_scores, rtol=1e-3, atol=1e-4)
+    # a run saved before head_image_gain joined the logit at the map's gain, and loads so
+    pre_gain = tmp_path / "pre_gain"
+    pre_gain.mkdir()
+    doc = json.loads((tmp_path / "run" / "config.json").read_text())
+    del doc["score"]["head_image_gain"]
+    (pre_gain / "config.json").write_text(json.dumps(doc))
+    shutil.copy(tmp_path / "run" / "model.safetensors", pre_gain / "model.safetensors")
+    pre = ADTRDetector.load(pre_gain, progress=False, backend="torch")
+    assert pre.config.score.head_image_gain == MASK_GAIN
+    with torch.no_grad():
+        assert torch.allclose(pre.model_.score(f).anomaly_score, at_map_gain)
+    # the image gain is part of what a graph is built from, unless it is the map's (as before the key)
+    assert model_fingerprint(pre.model_) != model_fingerprint(m)
+    fp = model_fingerprint(m.with_score(dataclasses.replace(m.score_cfg, head_image_gain=MASK_GAIN)))
+    assert fp == model_fingerprint(pre.model_)
     # "map": the head-joined map scores the image, as runs saved before the setting did
     as_map = m.with_score(dataclasses.replace(m.score_cfg, head_image_score="map"))
     with torch.no_grad():
