@@ -348,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--head-gain",
         type=_positive_float,
         default=None,
-        help="weight of the defect head's logit against the residual map in the anomaly map (and against the "
-        "image scorer's map in the image score): larger finds the "
+        help="weight of the defect head's logit against the residual map in the anomaly map (the image score "
+        "joins it to the image scorer's map with weight 1): larger finds the "
         "labelled defect types better, smaller keeps types the head never saw as visible as without it "
         f"(docs/design.md) (default: {MASK_GAIN:g} with at least {MIN_MASKED} masked anomalies, else {DEFAULT_GAIN:g})",
     )

@@ -133,7 +133,7 @@ class ScoreConfig:
     # (defect_head.default_gain; docs/design.md, "The head's weight"; runs saved before this key: 1).
     head_gain: float | None = None
     # What scores the image of a run with a defect head and an image scorer: "scorer", the image
-    # scorer's map joined with the head's logit at head_gain, as the map joins them; "map", the
+    # scorer's map joined with the head's logit (at head_image_gain) as the map joins them; "map", the
     # head-joined map itself (runs saved before this key). docs/design.md, "The image score of a
     # run with a defect head".
     head_image_score: str = "scorer"
@@ -154,16 +154,21 @@ class ScoreConfig:
         if self.residual_norm not in RESIDUAL_NORMS:
             raise ValueError(f"residual_norm must be one of {RESIDUAL_NORMS}, got {self.residual_norm!r}")
         w = self.scorer_position_weight
-        if w is not None and (isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= 1):
+        if w is not None and not (_is_number(w) and 0 <= w <= 1):
             raise ValueError(f"scorer position weight must be in [0, 1], got {self.scorer_position_weight}")
         if not 0 <= self.smoothing_sigma < math.inf:
             raise ValueError(f"smoothing sigma must be a finite number >= 0, got {self.smoothing_sigma}")
-        if self.head_gain is not None and not 0 < self.head_gain < math.inf:
-            raise ValueError(f"head gain must be a finite number > 0, got {self.head_gain}")
-        if not 0 <= self.head_image_gain < math.inf:
-            raise ValueError(f"head image gain must be a finite number >= 0, got {self.head_image_gain}")
+        if self.head_gain is not None and not (_is_number(self.head_gain) and 0 < self.head_gain < math.inf):
+            raise ValueError(f"head gain must be a finite number > 0, got {self.head_gain!r}")
+        if not (_is_number(self.head_image_gain) and 0 <= self.head_image_gain < math.inf):
+            raise ValueError(f"head image gain must be a finite number >= 0, got {self.head_image_gain!r}")
         if self.head_image_score not in HEAD_IMAGE_SCORES:
             raise ValueError(f"head_image_score must be one of {HEAD_IMAGE_SCORES}, got {self.head_image_score!r}")
+
+
+def _is_number(v: object) -> bool:
+    """An int or float, not a bool (a JSON true would otherwise pass as 1)."""
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 @dataclass

@@ -101,8 +101,8 @@ def fit_run(
     """A run from folders or samples: (fitted model, its record: settings, calibration,
     provenance, history). The arguments are ADTRDetector.fit's; the record's config has the
     input size filled in (from the training images' aspect ratio when unset) and, with init,
-    that run's model and score settings (but a head fitted now takes config's head gain, or the
-    default rule when it is None); record.replay keeps good features for later updates
+    that run's model and score settings (but a head fitted now takes config's head gains: the
+    map's, or the default rule when it is None, and the image's); record.replay keeps good features for later updates
     (replay.py), record.inputs profiles the good images (drift.InputProfile). DataError /
     SettingsError / RunFolderError for bad input.
     """
@@ -122,8 +122,9 @@ def fit_run(
     if init is not None:
         base, base_config, _ = load_run(init, device)
         score = base_config.score
-        if head_samples(config, labelled):  # a head fitted now takes the caller's gain (None: the fit's rule)
-            score = dataclasses.replace(score, head_gain=config.score.head_gain)
+        if head_samples(config, labelled):  # a head fitted now takes the caller's gains (None: the fit's rule)
+            score = dataclasses.replace(score, head_gain=config.score.head_gain,
+                                        head_image_gain=config.score.head_image_gain)  # fmt: skip
         config = dataclasses.replace(config, model=base_config.model, score=score)
         replay = load_replay(init, (base.channels, *base_config.model.grid_size))
         prior = replay.defect_pool(base) if replay is not None else None  # an init's head keeps its defects

@@ -40,6 +40,7 @@ import torch
 from adtr import __version__
 from adtr.calibration import calibrate, feature_scores, score_stats
 from adtr.checkpoint import WEIGHTS_FILE, RunRecord, file_list_summary, file_sha256
+from adtr.config import ScoreConfig
 from adtr.data.folder import anomaly_samples, good_images, image_folder
 from adtr.data.mvtec import is_mvtec, train_samples
 from adtr.data.samples import Sample
@@ -47,7 +48,7 @@ from adtr.data.splits import split_validation
 from adtr.drift import ImageInfo, InputProfile
 from adtr.engine import extract_features
 from adtr.errors import ForgettingError, RunFolderError, SettingsError
-from adtr.fit import fit_on_features, head_only, threshold_anomaly_scores, with_defect_head
+from adtr.fit import fit_on_features, head_only, head_samples, threshold_anomaly_scores, with_defect_head
 from adtr.model import ADTR
 from adtr.replay import REPLAY_FILE, make_replay
 
@@ -97,7 +98,9 @@ def update_run(
     The parent model is not changed (a copy is trained). The new record names the parent
     (folder and weights hash) and what was added (counts, hashes of paths and contents).
     head_gain: the defect head's weight in the map (ScoreConfig.head_gain) instead of the
-    parent's; SettingsError when the new run has no head.
+    parent's; SettingsError when the new run has no head. A head fitted (anomalies) or reweighed
+    (head_gain) now takes today's weight in the image score (ScoreConfig.head_image_gain);
+    otherwise the parent's is kept.
     Raises RunFolderError for a parent without replay features (saved before they existed),
     SettingsError for nothing to add or a bad step count, DataError for unreadable data,
     ForgettingError when the guard fails and allow_forgetting is False.
@@ -129,15 +132,22 @@ def update_run(
     features = torch.cat([replay.good.float(), new_raw[new_train], replay.val.float(), new_raw[new_val]])
     n_train = len(replay.good) + len(new_train)
     config, model = with_defect_head(config, labelled, model)
+    score = config.score
     if head_gain is not None:
-        if not config.score.defect_head:
+        if not score.defect_head:
             raise SettingsError("--head-gain: this run has no defect head and the update fits none (it needs "
                                 "labelled anomalies)")  # fmt: skip
         try:
-            config = dataclasses.replace(config, score=dataclasses.replace(config.score, head_gain=head_gain))
+            score = dataclasses.replace(score, head_gain=head_gain)
         except ValueError as e:  # ScoreConfig's own checks
             raise SettingsError(str(e)) from None
-        model = model.with_score(config.score)
+    if score.defect_head and (head_samples(config, labelled) or head_gain is not None):
+        # a head fitted or reweighed now scores the image as a fresh fit's does (a parent saved
+        # before ScoreConfig.head_image_gain weighed it as in the map)
+        score = dataclasses.replace(score, head_image_gain=ScoreConfig().head_image_gain)
+    if score != config.score:
+        config = dataclasses.replace(config, score=score)
+        model = model.with_score(score)
     # new masked defects alone only fit the defect head: the reconstructor has nothing to learn
     keep = not new_good and head_only(config, labelled, new_external)
     fitted = fit_on_features(config, features, device, val_idx=range(n_train, len(features)),

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from adtr import ADTRDetector
-from adtr.checkpoint import STATE_DIR, STATE_JSON, model_fingerprint, saved_config_matches
+from adtr.checkpoint import STATE_DIR, STATE_JSON, _state_hash, model_fingerprint, saved_config_matches
 from adtr.config import RunConfig, ScoreConfig, TrainConfig
 from adtr.defect_head import DEFAULT_GAIN, MASK_GAIN, combine, default_gain, fit_defect_head
 from adtr.errors import DataError, RunFolderError, SettingsError
@@ -312,12 +312,18 @@ def test_runs_without_the_key_load_as_trained_with_the_loss():
         ScoreConfig(head_image_score="logit")
     # before head_image_gain, the image took the map's gain (1 when that was unset too)
     assert old.score.head_image_gain == 1.0 and ScoreConfig().head_image_gain == 1.0
+    unset = RunConfig.from_dict({"schema_version": 1, "model": {"image_size": [64, 64]},
+                                 "score": {"defect_head": True, "head_gain": None}, "train": {}})  # fmt: skip
+    assert unset.score.head_image_gain == 1.0
     four = RunConfig.from_dict({"schema_version": 1, "model": {"image_size": [64, 64]},
                                 "score": {"defect_head": True, "head_gain": 4.0}, "train": {}})  # fmt: skip
     assert four.score.head_image_gain == 4.0
-    for bad in (-1.0, math.inf, math.nan):
+    for bad in (-1.0, math.inf, math.nan, True, "1", None):
         with pytest.raises(ValueError, match="head image gain"):
             ScoreConfig(head_image_gain=bad)
+    for bad in (0.0, True, "4"):
+        with pytest.raises(ValueError, match="head gain"):
+            ScoreConfig(head_gain=bad)
 
 
 def test_with_an_image_scorer_the_head_joins_the_scorers_map_for_the_image_score(parts, tmp_path, caplog):
@@ -359,15 +365,36 @@ def test_with_an_image_scorer_the_head_joins_the_scorers_map_for_the_image_score
     doc = json.loads((tmp_path / "run" / "config.json").read_text())
     del doc["score"]["head_image_gain"]
     (pre_gain / "config.json").write_text(json.dumps(doc))
-    shutil.copy(tmp_path / "run" / "model.safetensors", pre_gain / "model.safetensors")
+    for file in ("model.safetensors", REPLAY_FILE):
+        shutil.copy(tmp_path / "run" / file, pre_gain / file)
     pre = ADTRDetector.load(pre_gain, progress=False, backend="torch")
     assert pre.config.score.head_image_gain == MASK_GAIN
     with torch.no_grad():
         assert torch.allclose(pre.model_.score(f).anomaly_score, at_map_gain)
-    # the image gain is part of what a graph is built from, unless it is the map's (as before the key)
+    # the image gain is part of what a graph is built from, unless it is the map's: such a run's
+    # fingerprint is the one computed before the key existed, so its cached graph stays valid
     assert model_fingerprint(pre.model_) != model_fingerprint(m)
-    fp = model_fingerprint(m.with_score(dataclasses.replace(m.score_cfg, head_image_gain=MASK_GAIN)))
-    assert fp == model_fingerprint(pre.model_)
+    score = dataclasses.asdict(pre.model_.score_cfg)
+    del score["head_image_gain"], score["scorer_position_weight"]
+    model_cfg = dataclasses.asdict(pre.model_.cfg)
+    del model_cfg["feature_pool"]
+    before = json.dumps({"model": model_cfg, "score": score}, sort_keys=True)
+    assert model_fingerprint(pre.model_) == _state_hash(pre.model_.state_dict(), before.encode())
+    # and a training state saved before the key resumes under today's image gain
+    pre_state = tmp_path / "pre_state"
+    (pre_state / STATE_DIR).mkdir(parents=True)
+    (pre_state / STATE_DIR / STATE_JSON).write_text(json.dumps({"config": doc}))
+    assert saved_config_matches(pre_state, det.config) and det.config.score.head_image_gain == 1.0
+    # an update with good images only keeps the parent's image gain; a head fitted or reweighed
+    # now (update with defects or a new map gain, an init with defects) takes today's
+    assert pre.update(good=parts / "train", steps=1).config.score.head_image_gain == MASK_GAIN
+    reweighed = pre.update(good=parts / "train", steps=1, head_gain=1.0)
+    assert (reweighed.config.score.head_gain, reweighed.model_.score_cfg.head_image_gain) == (1.0, 1.0)
+    refitted = pre.update(anomalies=parts / "probe")
+    assert (refitted.config.score.head_gain, refitted.model_.score_cfg.head_image_gain) == (MASK_GAIN, 1.0)
+    init = ADTRDetector(scored, train=train, progress=False, backend="torch").fit(
+        parts / "train", anomalies=parts / "probe", init=pre_gain)
+    assert init.config.score.head_image_gain == 1.0 == init.model_.score_cfg.head_image_gain
     # "map": the head-joined map scores the image, as runs saved before the setting did
     as_map = m.with_score(dataclasses.replace(m.score_cfg, head_image_score="map"))
     with torch.no_grad():
