@@ -274,8 +274,9 @@ class ADTRDetector:
         engine = OnnxModel(path, self.config.model)
         parity = check_parity(engine, self.thresholds_)
         if not parity.agrees:
-            log.warning("%s: its scores differ from this run's PyTorch model (max difference %.1e on the check "
-                        "images): exported from other weights?", path, parity.max_difference)  # fmt: skip
+            log.warning("%s: its scores differ from this run's PyTorch model (max difference %.1e on the "
+                        "check images, relative above 1): exported from other weights?", path,
+                        parity.max_difference)  # fmt: skip
         self.backend_ = SelectedBackend("onnx", engine, f"{path} (--onnx)")
         return self
 

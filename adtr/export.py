@@ -35,7 +35,10 @@ if TYPE_CHECKING:
 OPSET = 17
 # The one decision rule (thresholds.py), stated in the graph's metadata.
 DECISION_RULE = "anomalous when anomaly_score >= thresholds.image; defect pixel when anomaly_map >= thresholds.pixel"
-TOLERANCE = 1e-4  # largest accepted |ONNX Runtime - PyTorch fp32| image score
+# Largest accepted |ONNX Runtime - PyTorch fp32| image score, relative to the score where it is
+# above 1: float32 rounding grows with the magnitude, and a run whose scores are standardised by
+# small per-position variances (scores of 10-20 on bottle) differs by about 1e-4 in the last digits.
+TOLERANCE = 1e-4
 FINGERPRINT_KEY = "adtr_model_sha256"  # metadata: checkpoint.model_fingerprint of the exported model
 REFERENCE_KEY = "adtr_check_scores"  # metadata: PyTorch fp32 image scores of check_images
 
@@ -121,7 +124,9 @@ def run_metadata(model: ADTR, thresholds: Thresholds) -> dict[str, Any]:
 class Parity:
     """ONNX Runtime against PyTorch fp32 on check_images."""
 
-    max_difference: float  # max |image score difference|; inf when the graph holds no reference
+    # max |image score difference| / max(1, |PyTorch's score|) (the absolute difference for scores
+    # up to 1); inf when the graph holds no reference
+    max_difference: float
     same_decisions: bool  # every check image on the same side of the image threshold
 
     @property
@@ -132,14 +137,15 @@ class Parity:
 def check_parity(engine: OnnxModel, thresholds: Thresholds | None = None) -> Parity:
     """Run the graph on check_images and compare with the PyTorch scores stored in it at export.
 
-    Only ONNX Runtime runs (one batch of 4): PyTorch's side was computed by export_onnx. A graph
-    without stored scores (written before they were) gets an infinite difference.
+    Only ONNX Runtime runs (one batch of 4): PyTorch's side was computed by export_onnx. The
+    difference is relative above a score of 1 (TOLERANCE). A graph without stored scores
+    (written before they were) gets an infinite difference.
     """
     reference = engine.metadata.get(REFERENCE_KEY)
     if not isinstance(reference, list) or len(reference) != 4:
         return Parity(math.inf, False)
     got = engine(check_images(engine.cfg.image_size)).anomaly_score.double().tolist()
-    diff = max(abs(a - b) for a, b in zip(got, reference, strict=True))
+    diff = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(got, reference, strict=True))
     same = thresholds is None or all(
         thresholds.is_anomalous(a) == thresholds.is_anomalous(b) for a, b in zip(got, reference, strict=True)
     )

@@ -175,7 +175,7 @@ def test_a_graph_that_disagrees_is_not_used_by_auto(tiny_run, tmp_path, caplog):
     proto = onnx.load(str(old / GRAPH_FILE))
     for prop in proto.metadata_props:  # PyTorch's stored scores moved by 10x the tolerance
         if prop.key == REFERENCE_KEY:
-            prop.value = json.dumps([s + 10 * TOLERANCE for s in json.loads(prop.value)])
+            prop.value = json.dumps([s + 10 * TOLERANCE * max(1.0, abs(s)) for s in json.loads(prop.value)])
     onnx.save(proto, str(old / GRAPH_FILE))
     with caplog.at_level(logging.WARNING):
         chosen = ADTRDetector.load(old, progress=False).selected_backend()
@@ -210,3 +210,27 @@ def test_a_detector_without_run_folder_builds_its_graph_in_memory(tiny_run):
     assert chosen.name == "onnx"
     ref = ADTRDetector.load(run, progress=False, backend="torch")
     assert np.abs(_scores(fresh, files) - _scores(ref, files)).max() < TOLERANCE
+
+
+def test_parity_is_relative_for_scores_above_one():
+    """Float32 rounding grows with the score: a difference of 1.2e-4 on a score of 17 agrees
+    (bottle's default run fell back to PyTorch on it), the same on a score of 0.5 does not."""
+    from types import SimpleNamespace
+
+    from adtr.export import check_parity
+
+    class Engine:  # check_parity's view of an OnnxModel: metadata, cfg and a call
+        def __init__(self, got: list[float], reference: list[float]):
+            self.got, self.metadata = got, {REFERENCE_KEY: reference}
+            self.cfg = SimpleNamespace(image_size=(32, 32))
+
+        def __call__(self, images: torch.Tensor) -> SimpleNamespace:
+            assert images.shape == (4, 3, 32, 32)
+            return SimpleNamespace(anomaly_score=torch.tensor(self.got, dtype=torch.float64))
+
+    big = check_parity(Engine([17.0, 3.0, 2.0, 1.0], [17.00012, 3.0, 2.0, 1.0]))
+    assert big.agrees and big.max_difference == pytest.approx(1.2e-4 / 17.00012)
+    small = check_parity(Engine([0.5, 0.2, 0.1, 0.0], [0.50012, 0.2, 0.1, 0.0]))
+    assert not small.agrees and small.max_difference == pytest.approx(1.2e-4)
+    far = check_parity(Engine([17.0, 3.0, 2.0, 1.0], [17.01, 3.0, 2.0, 1.0]))  # 6e-4 relative
+    assert not far.agrees
