@@ -106,6 +106,8 @@ def run_child(set_name: str, method: str, data_root: Path, settings: dict, image
             use_query=det.config.model.use_query,
             # the learnable query's validation loss when the fit fell back to no query (TrainConfig.query_fallback)
             query_val_loss=det.history_[-1].get("query_val_loss") if det.history_ else None,
+            # what scored the test images: a fallback to PyTorch halves the speed (docs/design.md, "Deployment")
+            backend=det.selected_backend().name,
         )
         return out
     from references import REFERENCES
@@ -186,7 +188,8 @@ def main() -> None:
             ref = published(e["method"], e["set"])
         rows.append([
             e["set"], e["method"], "x".join(map(str, e["image_size"])), reconstructor(e), *(fmt(e[k]) for k in METRICS),
-            round(e["fit_seconds"], 1), round(e["images_per_second"], 1), round(e["peak_mib"]), ref,
+            round(e["fit_seconds"], 1), f"{e['images_per_second']:.1f}" + (f" ({e['backend']})" if e.get("backend")
+                                                                           else ""), round(e["peak_mib"]), ref,
         ])  # fmt: skip
     means = []
     for method in methods:
@@ -198,7 +201,7 @@ def main() -> None:
         row += [round(sum(e["fit_seconds"] for e in mine), 1), "", "", ""]
         means.append(row)
     header = ["set", "method", "input HxW", "reconstructor, val loss", "image AUROC", "pixel AUROC", "AUPRO",
-              "fit s", "img/s", "peak MiB",
+              "fit s", "img/s (backend)", "peak MiB",
               "issue 13 figures (image / pixel / AUPRO)"]  # fmt: skip
     md = (
         f"# Quality suite: variant `{variant_name}`\n\n"
