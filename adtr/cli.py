@@ -672,7 +672,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     det = ADTRDetector.load(args.run, progress=False)
     out = args.out or args.run / "model.onnx"
     diff = export_run(det, out)
-    print(f"exported {out}; onnxruntime vs PyTorch, max image-score difference {diff:.2e} (relative above 1)")
+    print(f"exported {out}; onnxruntime vs PyTorch, max image-score difference {diff:.2e}")
     return 0
 
 

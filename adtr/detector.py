@@ -52,7 +52,8 @@ class ADTRDetector:
     parent), and backend_ the SelectedBackend, chosen on first use (selected_backend()).
 
     backend: what scores images: "auto" (default: ONNX Runtime where its scores match PyTorch
-    fp32 within 1e-4, with the graph cached in the run folder; else PyTorch), "torch" or "onnx".
+    fp32 within 1e-4 + 1e-5 x |score|, with the graph cached in the run folder; else PyTorch),
+    "torch" or "onnx".
     """
 
     def __init__(
@@ -267,15 +268,20 @@ class ADTRDetector:
         return result
 
     def use_onnx(self, path: str | Path) -> ADTRDetector:
-        """Score through onnxruntime with this exported graph (adtr export); a graph whose scores
-        on the check images disagree with these weights' is used all the same, with a warning."""
-        from adtr.export import OnnxModel, check_parity
+        """Score through onnxruntime with this exported graph (adtr export); a graph built from
+        other weights or settings than this run's (its fingerprint), or whose scores on the check
+        images disagree with those it was exported with, is used all the same, with a warning."""
+        from adtr.checkpoint import model_fingerprint
+        from adtr.export import FINGERPRINT_KEY, OnnxModel, check_parity
 
         engine = OnnxModel(path, self.config.model)
+        if engine.metadata.get(FINGERPRINT_KEY) != model_fingerprint(self._require_model()):
+            log.warning("%s: built from other weights or settings than this run's (its fingerprint differs): "
+                        "its scores are not this run's", path)  # fmt: skip
         parity = check_parity(engine, self.thresholds_)
         if not parity.agrees:
-            log.warning("%s: its scores differ from this run's PyTorch model (max difference %.1e on the "
-                        "check images, relative above 1): exported from other weights?", path,
+            log.warning("%s: ONNX Runtime's scores differ from those the graph was exported with (max difference "
+                        "%.1e on the check images): another onnxruntime or a broken file?", path,
                         parity.max_difference)  # fmt: skip
         self.backend_ = SelectedBackend("onnx", engine, f"{path} (--onnx)")
         return self

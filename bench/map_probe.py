@@ -15,6 +15,11 @@ split_validation). Two questions, each with every candidate's test figures besid
    held-out good images' tokens on the token grid (token AUROC and token AUPRO per w).
 2. The image score's top fraction (ScoreConfig.top_fraction, default 0.01; 0: the maximum) of
    the image scorer's map and of the reconstructor's map: image AUROC on the test images.
+3. The residual's scale per position and channel (a diagonal PaDiM on the residual): each
+   channel's residual divided by the square root of a x its mean square at that position + (1 - a)
+   x its mean square over the grid (a 0: today's per-channel RMS), on the training images; then
+   standardised per position as today: the image scorer's image AUROC (its weight chosen by the
+   held-out likelihood, as the fit does, and at 1) and the map's pixel AUROC / AUPRO (weight 0.5).
 
 Writes OUT.json and OUT.md (docs/design.md, "Score choices probed on saved runs").
 """
@@ -40,6 +45,7 @@ from adtr.data.mvtec import test_samples, train_samples  # noqa: E402
 from adtr.data.splits import split_validation  # noqa: E402
 from adtr.engine import extract_features, synthetic_pools  # noqa: E402
 from adtr.evaluate import ResizedMaps  # noqa: E402
+from adtr.fit import calibration_source  # noqa: E402
 from adtr.metrics import image_metrics, pixel_metrics  # noqa: E402
 from adtr.model import POSITION_WEIGHTS, choose_position_weight, map_image_score, shrunk_position_stats  # noqa: E402
 from adtr.runtime import configure_cpu  # noqa: E402
@@ -59,8 +65,10 @@ def main() -> None:
     model, cfg, cpu = det.model_.eval(), det.config, torch.device("cpu")
     train, test = train_samples(args.data), test_samples(args.data)
     tr_idx, val_idx = split_validation(len(train), cfg.train.val_fraction, cfg.train.seed)
-    if len(val_idx) < 2:
-        raise SystemExit(f"{args.run}: fewer than two held-out good images; nothing to choose with")
+    if calibration_source(cfg.train.calibration, len(train), len(val_idx)) != "held_out" or len(val_idx) < 2:
+        # a cross-fitted run trained on every image: its "held-out" images are training images
+        raise SystemExit(f"{args.run}: not fitted with held-out good images (calibration from held-out images "
+                         "needed); nothing to choose with")  # fmt: skip
     labels = np.array([s.label for s in test])
     sizes = [image_size(s.path) for s in test]
     has_masks = labels.any() and all(s.mask_path for s in test if s.label == 1)
@@ -110,13 +118,43 @@ def main() -> None:
             rec[f"{name}_image_auroc"] = image_metrics(s.double().numpy(), labels)["image_auroc"]
         fractions.append(rec)
         print(rec, flush=True)
+    scales = []
+    with torch.no_grad():
+        r = {name: {k: torch.cat([b - rec(b) for b in model._batches(x, 16)]) for k, x in
+                    (("train", f_train[tr_idx]), ("held", f_train[val_idx]), ("test", f_test))}
+             for name, rec in (("scorer", model.image_scorer), ("map", model.reconstructor))}  # fmt: skip
+    for a in (0.0, 0.5, 1.0):
+        rec = {"a": a}
+        for name, res in r.items():
+            per_channel = res["train"].pow(2).mean(dim=(0, 2, 3), keepdim=True)
+            scale = (a * res["train"].pow(2).mean(0, keepdim=True) + (1 - a) * per_channel).sqrt().clamp_min(1e-6)
+            e = {k: torch.linalg.vector_norm(v / scale, dim=1) for k, v in res.items()}
+            if name == "scorer":
+                w_auto = choose_position_weight(e["train"], e["held"])
+                for key, w in (("scorer_image_auroc_auto", w_auto), ("scorer_image_auroc_w1", 1.0)):
+                    mean, var = shrunk_position_stats(e["train"], w)
+                    with torch.no_grad():
+                        s = model.score_maps(((e["test"] - mean) / var.clamp_min(1e-12).sqrt()).clamp_min(0))
+                    rec[key] = image_metrics(s.anomaly_score.double().numpy(), labels)["image_auroc"]
+                rec["scorer_weight_auto"] = w_auto
+            elif masks is not None:
+                mean, var = shrunk_position_stats(e["train"], 0.5)
+                with torch.no_grad():
+                    maps = model.score_maps(((e["test"] - mean) / var.clamp_min(1e-12).sqrt()).clamp_min(0))
+                pm = pixel_metrics(ResizedMaps(list(maps.anomaly_map.numpy()), sizes), masks)
+                rec["map_pixel_auroc"], rec["map_aupro"] = pm["pixel_auroc"], pm["aupro"]
+        scales.append(rec)
+        print(rec, flush=True)
     choices = {"nll": choose_position_weight(e_train, e_held),
                "proxy_auroc": max(weights, key=lambda r: r["proxy_token_auroc"])["w"],
                "proxy_aupro": max(weights, key=lambda r: r["proxy_token_aupro"])["w"]}  # fmt: skip
     command = "python bench/map_probe.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     data = {"command": command, "machine": machine(), "run": str(args.run), "held_out": len(val_idx),
             "copies": args.copies, "position_weights": weights, "choices": choices, "top_fractions": fractions,
+            "position_channel_scale": scales,
             "scorer_position_weight": model.score_cfg.scorer_position_weight}  # fmt: skip
+    s_cols = ["a", "scorer_weight_auto", "scorer_image_auroc_auto", "scorer_image_auroc_w1"] + (
+        ["map_pixel_auroc", "map_aupro"] if masks is not None else [])
     w_cols = ["w", "proxy_token_auroc", "proxy_token_aupro"] + (["pixel_auroc", "aupro"] if masks is not None else [])
     md = (f"# Score choices probed on a saved run\n\nCommand: `{command}` ({len(val_idx)} held-out good images, "
           f"{args.copies} synthetic copies each). Choices without test images: {choices}.\n\n"
@@ -125,6 +163,8 @@ def main() -> None:
           + "\n\nThe image score's top fraction (0: the maximum), test image AUROC:\n\n"
           + md_table(["top fraction", "image scorer's map", "reconstructor's map"],
                      [[r["top_fraction"], r["scorer_image_auroc"], r["map_image_auroc"]] for r in fractions])
+          + "\n\nThe residual's scale per position and channel (a; 0: today's per channel):\n\n"
+          + md_table(s_cols, [[r.get(c, "-") for c in s_cols] for r in scales])
           + "\n")  # fmt: skip
     name = args.data.name
     write_results(args.out or REPO / "results" / f"map_probe_{name}", data, md)
