@@ -140,7 +140,7 @@ class ScoreConfig:
     # With "scorer", the head's standardised logit weighs this many times the scorer's map in
     # the image score, whatever its weight in the map (head_gain): a head at 4 silences the map's
     # false alarms but lets one misread good image outrank defects (bsdata, 5 masked defects per
-    # type: image AUROC 0.9396 at 4, 0.9454 at 1, 0.9442 without the head). docs/design.md, "The
+    # type: image AUROC 0.9396 at 4, 0.9455 at 1, 0.9442 without the head). docs/design.md, "The
     # head's weight in the image score". Runs saved before this key: head_gain.
     head_image_gain: float = 1.0
     # With "channel_position", the weight of the per-position training statistics in the image

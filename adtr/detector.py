@@ -275,7 +275,11 @@ class ADTRDetector:
         from adtr.export import FINGERPRINT_KEY, OnnxModel, check_parity
 
         engine = OnnxModel(path, self.config.model)
-        if engine.metadata.get(FINGERPRINT_KEY) != model_fingerprint(self._require_model()):
+        fingerprint = engine.metadata.get(FINGERPRINT_KEY)
+        if fingerprint is None:
+            log.warning("%s: exported without a fingerprint (before adtr stored one): whether it is this run's "
+                        "model cannot be checked", path)  # fmt: skip
+        elif fingerprint != model_fingerprint(self._require_model()):
             log.warning("%s: built from other weights or settings than this run's (its fingerprint differs): "
                         "its scores are not this run's", path)  # fmt: skip
         parity = check_parity(engine, self.thresholds_)

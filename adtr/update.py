@@ -112,7 +112,8 @@ def update_run(
             "update needs; fit it again (adtr fit) with this version to make it updatable"
         )
     if anomalies is None and good is None and external is None:
-        raise SettingsError("nothing to add: give new anomalies, good images or external images")
+        raise SettingsError("nothing to add: give new anomalies, good images or external images (--head-gain "
+                            "reweighs the head of an update that adds some)")  # fmt: skip
     labelled = _samples(anomalies, anomaly_samples)
     new_good = _samples(good, _good_samples)
     new_external = _samples(external, lambda p: image_folder(p, label=1))
@@ -144,7 +145,11 @@ def update_run(
     if score.defect_head and (head_samples(config, labelled) or head_gain is not None):
         # a head fitted or reweighed now scores the image as a fresh fit's does (a parent saved
         # before ScoreConfig.head_image_gain weighed it as in the map)
-        score = dataclasses.replace(score, head_image_gain=ScoreConfig().head_image_gain)
+        image_gain = ScoreConfig().head_image_gain
+        if score.head_image_gain != image_gain:  # a run saved before the key: its image scores change meaning
+            log.info("the defect head's weight in the image score: %g (the parent's: %g, saved before the setting); "
+                     "the thresholds are recalibrated", image_gain, score.head_image_gain)  # fmt: skip
+        score = dataclasses.replace(score, head_image_gain=image_gain)
     if score != config.score:
         config = dataclasses.replace(config, score=score)
         model = model.with_score(score)

@@ -257,3 +257,14 @@ def test_use_onnx_warns_for_a_graph_of_other_weights(tiny_run, tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="adtr"):
         other.use_onnx(tmp_path / "m.onnx")
     assert "built from other weights or settings" in caplog.text
+    import onnx
+
+    proto = onnx.load(str(tmp_path / "m.onnx"))  # a graph exported before fingerprints were stored
+    kept = [p for p in proto.metadata_props if p.key != FINGERPRINT_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adtr"):
+        det.use_onnx(tmp_path / "old.onnx")
+    assert "without a fingerprint" in caplog.text and "other weights" not in caplog.text

@@ -390,7 +390,10 @@ def test_with_an_image_scorer_the_head_joins_the_scorers_map_for_the_image_score
     assert pre.update(good=parts / "train", steps=1).config.score.head_image_gain == MASK_GAIN
     reweighed = pre.update(good=parts / "train", steps=1, head_gain=1.0)
     assert (reweighed.config.score.head_gain, reweighed.model_.score_cfg.head_image_gain) == (1.0, 1.0)
-    refitted = pre.update(anomalies=parts / "probe")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="adtr"):
+        refitted = pre.update(anomalies=parts / "probe")
+    assert "weight in the image score: 1 (the parent's: 4" in caplog.text
     assert (refitted.config.score.head_gain, refitted.model_.score_cfg.head_image_gain) == (MASK_GAIN, 1.0)
     init = ADTRDetector(scored, train=train, progress=False, backend="torch").fit(
         parts / "train", anomalies=parts / "probe", init=pre_gain)
