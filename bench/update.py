@@ -120,7 +120,8 @@ def main() -> None:
         return det, (None if resume else wall), (None if resume else cpu)
 
     row(f"parent (normal-only fit, {train.steps} steps)", fit_parent)
-    row(f"update: +{args.k} {args.defect}, {args.update_steps} steps", update)
+    row(f"update: +{args.k} {args.defect}, {args.update_steps} steps (none where only the defect head is fitted)",
+        update)
     row(f"re-fit: train/good + {args.k} {args.defect}, {train.steps} steps", refit)
     for r in rows:
         r["gain"] = {k: r[k] - rows[0][k] for k in METRICS}
