@@ -73,7 +73,7 @@ def model_fingerprint(model: ADTR) -> str:
         del score["head_image_gain"]  # as before the key (the image took the map's gain): cached graphs stay valid
     if not head or gain == 1.0:  # likewise
         del score["head_gain"]
-    if not score["defect_head"] or score["head_image_score"] == "map":  # likewise
+    if not head or score["head_image_score"] == "map":  # likewise
         del score["head_image_score"]
     del score["scorer_position_weight"]  # it shapes stored statistics (hashed), not the graph
     model_cfg = asdict(model.cfg)

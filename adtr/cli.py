@@ -666,15 +666,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from adtr.detector import ADTRDetector
-    from adtr.export import OnnxModel, check_parity, export_run
+    from adtr.export import export_run
 
     _output(args.out, "--out", folder=False)
     det = ADTRDetector.load(args.run, progress=False)
     out = args.out or args.run / "model.onnx"
-    diff = export_run(det, out)
-    verdict = "agrees" if check_parity(OnnxModel(out, det.config.model), det.thresholds_).agrees else (
+    parity = export_run(det, out)
+    verdict = "agrees" if parity.agrees else (
         "DISAGREES: outside 1e-4 + 1e-5 x |score| or another decision; `--backend auto` will not use it")
-    print(f"exported {out}; onnxruntime vs PyTorch, max image-score difference {diff:.2e}: {verdict}")
+    print(f"exported {out}; onnxruntime vs PyTorch, max image-score difference {parity.max_difference:.2e}: "
+          f"{verdict}")
     return 0
 
 

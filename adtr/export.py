@@ -108,13 +108,14 @@ def export_onnx(model: ADTR, out: Path | str, metadata: dict | None = None, chec
     return check_parity(OnnxModel(out, model.cfg)).max_difference
 
 
-def export_run(detector: ADTRDetector, out: Path | str) -> float:
+def export_run(detector: ADTRDetector, out: Path | str) -> Parity:
     """Export a fitted detector to `out` with its input size and thresholds as ONNX metadata.
 
-    Returns the parity check's max image-score difference (export_onnx). The export runs on
-    the CPU whatever the detector's device.
+    Returns the written graph's parity with PyTorch (check_parity, with the run's thresholds).
+    The export runs on the CPU whatever the detector's device.
     """
-    return export_onnx(detector.model_, out, metadata=run_metadata(detector.model_, detector.thresholds_))
+    export_onnx(detector.model_, out, metadata=run_metadata(detector.model_, detector.thresholds_), check=False)
+    return check_parity(OnnxModel(out, detector.model_.cfg), detector.thresholds_)
 
 
 def run_metadata(model: ADTR, thresholds: Thresholds) -> dict[str, Any]:

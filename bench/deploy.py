@@ -97,7 +97,7 @@ def main() -> None:
     configure_cpu(2)
     det = ADTRDetector.load(args.run, progress=False)
     onnx_path = args.run / "model.onnx"
-    diff = export_run(det, onnx_path)
+    diff = export_run(det, onnx_path).max_difference
     size = det.config.model.image_size
     torch_ips = throughput(det.model_, size)
     onnx_ips = throughput(OnnxModel(onnx_path, det.config.model, threads=2), size)
