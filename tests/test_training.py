@@ -47,10 +47,13 @@ def test_step_schedule_is_the_previous_one():
 
 def test_input_size_keeps_the_aspect_ratio():
     assert input_size_for([(900, 900), (900, 900)]) == (256, 256)
-    assert input_size_for([(460, 1130)] * 3) == (160, 384)  # bsdata: width/height 2.46 -> 2.4
-    assert input_size_for([(1130, 460)]) == (384, 160)  # portrait
+    assert input_size_for([(460, 1130)] * 3) == (224, 544)  # bsdata: capped at 2 x 256^2 pixels
+    assert input_size_for([(1130, 460)]) == (544, 224)  # portrait
+    assert input_size_for([(480, 640)]) == (256, 352)  # 4:3 under the cap keeps the short side 256
+    assert input_size_for([(460, 1130)], max_pixels=256 * 256) == (160, 384)  # the rule before
     h, w = input_size_for([(300, 2000)])
     assert h % 32 == 0 and w % 32 == 0 and abs(w / h - 2000 / 300) / (2000 / 300) < 0.25
+    assert h * w <= 2 * 256 * 256 * 1.15  # the cap holds up to the rounding to multiples of 32
     with pytest.raises(ValueError):
         input_size_for([])
 

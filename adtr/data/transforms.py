@@ -13,17 +13,24 @@ import torch
 from PIL import Image
 
 
-def input_size_for(sizes: list[tuple[int, int]], pixels: int = 256 * 256, multiple: int = 32) -> tuple[int, int]:
+def input_size_for(
+    sizes: list[tuple[int, int]], short_side: int = 256, max_pixels: int = 2 * 256 * 256, multiple: int = 32
+) -> tuple[int, int]:
     """Model input (height, width) for images of the given (height, width) sizes.
 
-    Keeps the median aspect ratio (long parts are not squashed) at about `pixels` pixels,
-    both sides multiples of `multiple`: square images -> 256x256; 1130x460 -> 160x384.
+    Keeps the median aspect ratio (long parts are not squashed), the short side `short_side`
+    unless that makes more than `max_pixels` pixels (then as many as that allows), both sides
+    multiples of `multiple`: square images -> 256x256; 1130x460 -> 224x544 (about 1.9x the
+    pixels of 256x256; before, a fixed 256x256 pixel count gave 160x384, which lost bsdata's small
+    pits: docs/design.md, "The input of long parts"). The cap bounds the fit time (it grows with
+    the pixels). Raises ValueError for no sizes.
     """
     if not sizes:
         raise ValueError("no image sizes to choose an input size from")
     ratio = float(np.median([w / h for h, w in sizes]))  # width / height
     long_ratio = max(ratio, 1 / ratio)  # the short side first, so that portrait = landscape turned
-    short = max(multiple, round((pixels / long_ratio) ** 0.5 / multiple) * multiple)
+    short_px = min(float(short_side), (max_pixels / long_ratio) ** 0.5)
+    short = max(multiple, round(short_px / multiple) * multiple)
     long = max(multiple, round(short * long_ratio / multiple) * multiple)
     return (int(short), int(long)) if ratio >= 1 else (int(long), int(short))
 
