@@ -75,7 +75,7 @@ def model_fingerprint(model: ADTR) -> str:
         del score["head_gain"]
     if not head or score["head_image_score"] == "map":  # likewise
         del score["head_image_score"]
-    del score["scorer_position_weight"]  # it shapes stored statistics (hashed), not the graph
+    del score["scorer_position_weight"], score["map_position_weight"]  # they shape stored statistics (hashed)
     model_cfg = asdict(model.cfg)
     if model_cfg["feature_pool"] == 1:  # likewise
         del model_cfg["feature_pool"]
@@ -309,8 +309,9 @@ def _training_settings(config: Any) -> Any:
     # nor the map's smoothing, applied after the model (a state saved when its default was 4
     # resumes under today's default; the finished run takes the smoothing resumed with)
     doc["score"].pop("smoothing_sigma", None)
-    # nor the scorer's per-position weight, used on the statistics set after training
+    # nor the scorer's and the map's per-position weights, used on the statistics set after training
     doc["score"].pop("scorer_position_weight", None)
+    doc["score"].pop("map_position_weight", None)
     # nor the query fallback's threshold: a state saved before it existed (read as off) resumes
     # under the default; a state saved after the fallback is told apart by its use_query
     doc["train"].pop("query_fallback", None)

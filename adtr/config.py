@@ -149,13 +149,20 @@ class ScoreConfig:
     # per-position statistics, parts that lie anywhere the grid's) and recorded in the run;
     # docs/design.md, "The image scorer's statistics per position". Runs saved before: 0.5.
     scorer_position_weight: float | None = None
+    # With "channel_position", the same weight for the map's statistics. None: chosen by the fit
+    # as min(0.5, the image scorer's chosen weight) (model.map_position_weight_for): parts whose
+    # held-out images say per-position statistics do not predict them (a plate anywhere) get
+    # none in the map either; others keep half and half. Recorded in the run; runs saved before,
+    # and models without an image scorer: 0.5. docs/design.md, "The map's per-position weight".
+    map_position_weight: float | None = None
 
     def __post_init__(self) -> None:
         if self.residual_norm not in RESIDUAL_NORMS:
             raise ValueError(f"residual_norm must be one of {RESIDUAL_NORMS}, got {self.residual_norm!r}")
-        w = self.scorer_position_weight
-        if w is not None and not (_is_number(w) and 0 <= w <= 1):
-            raise ValueError(f"scorer position weight must be in [0, 1], got {self.scorer_position_weight}")
+        for name in ("scorer_position_weight", "map_position_weight"):
+            w = getattr(self, name)
+            if w is not None and not (_is_number(w) and 0 <= w <= 1):
+                raise ValueError(f"{name.replace('_', ' ')} must be in [0, 1], got {w!r}")
         if not 0 <= self.smoothing_sigma < math.inf:
             raise ValueError(f"smoothing sigma must be a finite number >= 0, got {self.smoothing_sigma}")
         if self.head_gain is not None and not (_is_number(self.head_gain) and 0 < self.head_gain < math.inf):
@@ -297,9 +304,9 @@ class RunConfig:
         return cls(
             model=model,
             # Runs saved before any of these keys: the plain residual, smoothing sigma 4, the
-            # scorer's statistics half per-position.
+            # scorer's and the map's statistics half per-position.
             score=_build(ScoreConfig, {"residual_norm": "none", "smoothing_sigma": 4.0, "scorer_position_weight": 0.5,
-                                       **old_head, **score}),  # fmt: skip
+                                       "map_position_weight": 0.5, **old_head, **score}),  # fmt: skip
             # Runs saved before the step budget trained with the warm-up + x0.1 schedule.
             # Runs saved before the hard-position loss existed trained with the MSE.
             # Runs saved before the defect head trained the reconstructor with L_px on masked anomalies.

@@ -195,8 +195,11 @@ def test_image_scorer_trains_longer_scores_the_image_and_resumes_the_same(raw, t
     # an update (init) continues the scorer from its weights
     cont = fit_on_features(config, raw, cpu, val_idx=[0, 1], init=copy.deepcopy(m), progress=False).model
     assert not all(torch.equal(trained[k], cont.image_scorer.state_dict()[k]) for k in trained)
-    # the scorer leaves the map as it is: a fit without it trains the same reconstructor
-    plain = dataclasses.replace(config, model=dataclasses.replace(config.model, image_scorer=None))
+    # the scorer leaves the map as it is but for the map's per-position weight, which follows the
+    # scorer's (model.map_position_weight_for): a fit without it at that weight is the same model
+    assert m.score_cfg.map_position_weight == min(0.5, m.score_cfg.scorer_position_weight)
+    same_map = dataclasses.replace(config.score, map_position_weight=m.score_cfg.map_position_weight)
+    plain = dataclasses.replace(config, model=dataclasses.replace(config.model, image_scorer=None), score=same_map)
     other = fit_on_features(plain, raw, cpu, val_idx=[0, 1], progress=False).model
     kept = {k: v for k, v in m.state_dict().items() if not k.startswith(("image_scorer.", "scorer_"))}
     assert kept.keys() == other.state_dict().keys()

@@ -13,6 +13,7 @@ from adtr.model import (
     TokenGridReconstructor,
     gaussian_kernel1d,
     map_image_score,
+    shrunk_position_stats,
     upsample_map,
     upsample_matrix,
 )
@@ -320,7 +321,8 @@ def test_channel_position_standardises_the_grid_error_per_position():
 @pytest.mark.parametrize("weight", [1.0, 0.25])
 def test_the_image_scorer_weighs_its_per_position_statistics_by_scorer_position_weight(weight):
     """The scorer's grid error is standardised with its per-position training statistics
-    weighted scorer_position_weight (the whole grid's 1 - w); the map's stay half and half."""
+    weighted scorer_position_weight (the whole grid's 1 - w); the map's are weighted
+    min(0.5, w) (map_position_weight unset: it follows the scorer's, at most half and half)."""
     class OddChannels(torch.nn.Module):  # rebuilds the even channels exactly: residual in the odd ones only
         def forward(self, f: torch.Tensor) -> torch.Tensor:
             out = f.clone()
@@ -336,14 +338,44 @@ def test_the_image_scorer_weighs_its_per_position_statistics_by_scorer_position_
     map_grids = torch.linalg.vector_norm(f / m.residual_scale, dim=1)
     scorer_grids = torch.linalg.vector_norm(f[:, 1::2] / m.scorer_residual_scale[:, 1::2], dim=1)
     for buf_mean, buf_std, grids, w in ((m.scorer_position_mean, m.scorer_position_std, scorer_grids, weight),
-                                        (m.position_mean, m.position_std, map_grids, 0.5)):  # fmt: skip
+                                        (m.position_mean, m.position_std, map_grids, min(0.5, weight))):  # fmt: skip
         torch.testing.assert_close(buf_mean[0], w * grids.mean(0) + (1 - w) * grids.mean())
         torch.testing.assert_close(buf_std[0], (w * grids.var(0) + (1 - w) * grids.var()).sqrt())
+    assert m.score_cfg.map_position_weight == min(0.5, weight)  # recorded for the run's config
     old = RunConfig.from_dict({"schema_version": 1, "score": {"residual_norm": "channel_position"}})
     assert old.score.scorer_position_weight == 0.5  # runs saved before the setting: half and half
+    assert old.score.map_position_weight == 0.5
     for bad in (1.5, -0.1, True, "1"):
         with pytest.raises(ValueError, match="scorer position weight"):
             ScoreConfig(scorer_position_weight=bad)
+        with pytest.raises(ValueError, match="map position weight"):
+            ScoreConfig(map_position_weight=bad)
+
+
+@pytest.mark.parametrize(("scorer", "scorer_weight", "map_weight", "expected"), [
+    ("cnn", 0.0, None, 0.0),  # parts anywhere: no per-position statistics in the map either
+    ("cnn", 0.75, None, 0.5),  # aligned parts: the map keeps half and half
+    (None, None, None, 0.5),  # no image scorer to follow
+    ("cnn", 0.0, 0.75, 0.75),  # a weight given is used as it is
+])  # fmt: skip
+def test_the_maps_position_weight_follows_the_image_scorers_chosen_weight(scorer, scorer_weight, map_weight, expected):
+    """map_position_weight None: set_residual_scale takes min(0.5, the scorer's weight), weighs
+    the map's per-position statistics with it and records it; a number is used as it is."""
+    m = ADTR(dataclasses.replace(SMALL, image_scorer=scorer),
+             ScoreConfig(scorer_position_weight=scorer_weight, map_position_weight=map_weight)).eval()  # fmt: skip
+    m.reconstructor = _ZeroReconstructor()
+    if scorer is not None:
+        m.image_scorer = _ZeroReconstructor()
+    f = torch.randn(6, m.channels, *SMALL.grid_size, generator=torch.Generator().manual_seed(4))
+    f[:, :, 1, 2] *= 6  # a position of its own, so that the weights give different statistics
+    m.set_residual_scale(f, batch_size=4)
+    assert m.score_cfg.map_position_weight == expected
+    grids = torch.linalg.vector_norm(f / m.residual_scale, dim=1)
+    mean, var = shrunk_position_stats(grids, expected)
+    torch.testing.assert_close(m.position_mean[0], mean)
+    torch.testing.assert_close(m.position_std[0], var.sqrt())
+    other, _ = shrunk_position_stats(grids, 0.5 if expected != 0.5 else 0.0)
+    assert not torch.allclose(m.position_mean[0], other)  # the weight shows in the statistics
 
 
 def test_the_position_weight_is_chosen_on_held_out_images_aligned_parts_per_position():
@@ -517,7 +549,7 @@ def test_feature_pool_off_keeps_the_fingerprint_of_runs_saved_before():
     assert model_fingerprint(pooled) != model_fingerprint(model)
     # the fingerprint as computed before the setting existed: settings without the key
     model_settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "feature_pool"}
-    added = ("head_gain", "head_image_score", "head_image_gain", "scorer_position_weight")
+    added = ("head_gain", "head_image_score", "head_image_gain", "scorer_position_weight", "map_position_weight")
     score = {k: v for k, v in dataclasses.asdict(model.score_cfg).items() if k not in added}
     before = json.dumps({"model": model_settings, "score": score}, sort_keys=True)
     assert model_fingerprint(model) == _state_hash(model.state_dict(), before.encode())
