@@ -53,7 +53,10 @@ def test_input_size_keeps_the_aspect_ratio():
     assert input_size_for([(460, 1130)], max_pixels=256 * 256) == (160, 384)  # the rule before
     h, w = input_size_for([(300, 2000)])
     assert h % 32 == 0 and w % 32 == 0 and abs(w / h - 2000 / 300) / (2000 / 300) < 0.25
-    assert h * w <= 2 * 256 * 256 * 1.15  # the cap holds up to the rounding to multiples of 32
+    assert h * w <= 2 * 256 * 256 * 1.05  # the cap holds up to the long side's rounding to 32
+    for ratio in (1.5, 2.0, 3.0, 4.0, 5.0, 8.0):
+        h, w = input_size_for([(1000, round(1000 * ratio))])
+        assert h * w <= 2 * 256 * 256 * 1.1, (ratio, h, w)
     with pytest.raises(ValueError):
         input_size_for([])
 

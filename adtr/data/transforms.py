@@ -23,14 +23,16 @@ def input_size_for(
     multiples of `multiple`: square images -> 256x256; 1130x460 -> 224x544 (about 1.9x the
     pixels of 256x256; before, a fixed 256x256 pixel count gave 160x384, which lost bsdata's small
     pits: docs/design.md, "The input of long parts"). The cap bounds the fit time (it grows with
-    the pixels). Raises ValueError for no sizes.
+    the pixels; at the cap the short side rounds down). Raises ValueError for no sizes.
     """
     if not sizes:
         raise ValueError("no image sizes to choose an input size from")
     ratio = float(np.median([w / h for h, w in sizes]))  # width / height
     long_ratio = max(ratio, 1 / ratio)  # the short side first, so that portrait = landscape turned
-    short_px = min(float(short_side), (max_pixels / long_ratio) ** 0.5)
-    short = max(multiple, round(short_px / multiple) * multiple)
+    capped = (max_pixels / long_ratio) ** 0.5
+    # at the cap the short side rounds down, so that rounding never adds fit time beyond it
+    short_px = short_side / multiple if short_side <= capped else capped // multiple
+    short = max(multiple, round(short_px) * multiple)
     long = max(multiple, round(short * long_ratio / multiple) * multiple)
     return (int(short), int(long)) if ratio >= 1 else (int(long), int(short))
 
