@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         default=None,
         help="input size N or HxW (height x width), multiples of 32 (default: the training images' aspect "
-        "ratio, short side 256 up to twice 256x256 pixels, e.g. 256x256 for square images, 224x544 for 1130x460)",
+        "ratio, short side 256 up to 1.875x 256x256 pixels, e.g. 256x256 for square images, 224x544 for 1130x460)",
     )
     p.add_argument(
         "--steps",

@@ -31,7 +31,7 @@ MIN_FALSE_ALARM_RATE = 1e-6
 class ModelConfig:
     backbone: str = "lite0"
     # (height, width) fed to the backbone; None: chosen from the training images at fit time
-    # (their aspect ratio, short side 256, at most 2x 256x256 pixels: data.transforms.input_size_for)
+    # (their aspect ratio, short side 256, at most 1.875x 256x256 pixels: data.transforms.input_size_for)
     image_size: tuple[int, int] | None = None
     # backbone stages used; the token grid is the largest's (the feature grid token_patch times finer)
     strides: tuple[int, ...] = (2, 4, 8, 16)

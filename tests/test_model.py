@@ -409,6 +409,29 @@ def test_an_unset_scorer_position_weight_is_chosen_and_recorded_by_set_residual_
     assert alone.score_cfg.scorer_position_weight == 0.5
 
 
+def test_an_unset_maps_position_weight_follows_the_weight_the_scorer_chooses():
+    """With both weights unset the scorer's is chosen first (on held-out grids whose error lies
+    anywhere: a small weight), then the map takes min(0.5, it); a scorer that scores nothing
+    (pooled_residual: the reconstructor scores the image) leaves the map at 0.5."""
+    g = torch.Generator().manual_seed(5)
+    channels = ADTR(SMALL).channels
+    f = torch.randn(24, channels, *SMALL.grid_size, generator=g) * 0.3
+    h, w = SMALL.grid_size
+    for i in range(len(f)):  # each good image errs at a position of its own: parts anywhere
+        f[i, :, torch.randint(h, (1,), generator=g), torch.randint(w, (1,), generator=g)] += 4
+    for image_score, expected in (("top_mean", None), ("pooled_residual", 0.5)):
+        m = ADTR(dataclasses.replace(SMALL, image_scorer="cnn"), ScoreConfig(image_score=image_score)).eval()
+        m.reconstructor, m.image_scorer = _ZeroReconstructor(), _ZeroReconstructor()
+        m.set_residual_scale(f[:16], held=f[16:])
+        chosen = m.score_cfg.scorer_position_weight
+        if expected is None:
+            assert chosen < 0.5  # the case where following the scorer matters
+            expected = chosen
+        assert m.score_cfg.map_position_weight == expected, image_score
+        grids = torch.linalg.vector_norm(f[:16] / m.residual_scale, dim=1)
+        torch.testing.assert_close(m.position_mean[0], shrunk_position_stats(grids, expected)[0])
+
+
 def test_cli_image_scorer_option_keeps_the_presets_unless_given():
     from adtr.cli import _image_scorer
 

@@ -47,16 +47,20 @@ def test_step_schedule_is_the_previous_one():
 
 def test_input_size_keeps_the_aspect_ratio():
     assert input_size_for([(900, 900), (900, 900)]) == (256, 256)
-    assert input_size_for([(460, 1130)] * 3) == (224, 544)  # bsdata: capped at 2 x 256^2 pixels
+    assert input_size_for([(460, 1130)] * 3) == (224, 544)  # bsdata: short side 256 would pass the cap
     assert input_size_for([(1130, 460)]) == (544, 224)  # portrait
     assert input_size_for([(480, 640)]) == (256, 352)  # 4:3 under the cap keeps the short side 256
-    assert input_size_for([(460, 1130)], max_pixels=256 * 256) == (160, 384)  # the rule before
+    assert input_size_for([(500, 1000)]) == (224, 448)  # 2:1: 256x512 would pass the cap
+    assert input_size_for([(460, 1130)], max_pixels=256 * 256) == (160, 384)  # a smaller cap, less
     h, w = input_size_for([(300, 2000)])
     assert h % 32 == 0 and w % 32 == 0 and abs(w / h - 2000 / 300) / (2000 / 300) < 0.25
-    assert h * w <= 2 * 256 * 256 * 1.05  # the cap holds up to the long side's rounding to 32
-    for ratio in (1.5, 2.0, 3.0, 4.0, 5.0, 8.0):
+    for ratio in (1.1, 1.5, 1.99, 2.0, 2.01, 3.0, 4.0, 5.1, 8.0, 20.0, 100.0):
         h, w = input_size_for([(1000, round(1000 * ratio))])
-        assert h * w <= 2 * 256 * 256 * 1.1, (ratio, h, w)
+        assert h * w <= 120 * 1024, (ratio, h, w)  # never past the cap, whatever the rounding
+        assert min(h, w) <= 256 and min(h, w) % 32 == 0 and max(h, w) % 32 == 0
+        if ratio <= 1.5:
+            assert min(h, w) == 256, (ratio, h, w)  # under the cap: the square image's short side
+    assert input_size_for([(10, 10000)]) == (32, 32000)  # 1000:1 keeps the smallest short side, past the cap
     with pytest.raises(ValueError):
         input_size_for([])
 

@@ -222,6 +222,40 @@ def test_a_run_without_validation_images_updates_with_a_warning(parent, tmp_path
     assert guard["n"] == 0 and guard["passed"] is None and guard["false_alarm_rate"] is None
 
 
+def test_the_maps_position_weight_is_saved_and_kept_by_load_update_and_init(parent, tmp_path):
+    """A map weight under 0.5 (it follows a scorer weight of 0) is written to config.json and kept
+    by a load, an update and a fit from the run (--init), with the statistics it made; a run saved
+    before the key (config.json without it) reads 0.5, and its update keeps 0.5."""
+    import dataclasses
+
+    from adtr.config import ScoreConfig
+
+    root, _ = parent
+    model = dataclasses.replace(TINY, image_scorer="cnn")
+    train = dataclasses.replace(TRAIN, epochs=1, image_scorer_epochs=1)
+    det = ADTRDetector(model, ScoreConfig(scorer_position_weight=0.0), train=train, progress=False,
+                       backend="torch").fit(root)  # fmt: skip
+    assert det.config.score.map_position_weight == 0.0
+    det.save(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / CONFIG_FILE).read_text())["score"]["map_position_weight"] == 0.0
+    loaded = ADTRDetector.load(tmp_path / "run", progress=False, backend="torch")
+    assert loaded.config.score.map_position_weight == 0.0 == loaded.model_.score_cfg.map_position_weight
+    assert torch.equal(loaded.model_.position_mean, det.model_.position_mean)
+    updated = loaded.update(good=root / "new_good", steps=2)
+    assert updated.config.score.map_position_weight == 0.0 == updated.model_.score_cfg.map_position_weight
+    init = ADTRDetector(model, train=train, progress=False, backend="torch").fit(root, init=tmp_path / "run")
+    assert init.config.score.map_position_weight == 0.0
+    # a run saved before the key: its map keeps half and half, also through an update
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "run", old)
+    doc = json.loads((old / CONFIG_FILE).read_text())
+    del doc["score"]["map_position_weight"]
+    (old / CONFIG_FILE).write_text(json.dumps(doc))
+    before = ADTRDetector.load(old, progress=False, backend="torch")
+    assert before.config.score.map_position_weight == 0.5
+    assert before.update(good=root / "new_good", steps=2).config.score.map_position_weight == 0.5
+
+
 def test_the_chosen_scorer_position_weight_is_saved_and_kept_by_an_update(parent, tmp_path):
     """A fit with an image scorer and held-out images chooses the scorer's per-position weight,
     writes it to config.json and loads it back; an update keeps it; a cross-fitted fit (no

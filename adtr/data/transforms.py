@@ -14,27 +14,31 @@ from PIL import Image
 
 
 def input_size_for(
-    sizes: list[tuple[int, int]], short_side: int = 256, max_pixels: int = 2 * 256 * 256, multiple: int = 32
+    sizes: list[tuple[int, int]], short_side: int = 256, max_pixels: int = 120 * 1024, multiple: int = 32
 ) -> tuple[int, int]:
     """Model input (height, width) for images of the given (height, width) sizes.
 
     Keeps the median aspect ratio (long parts are not squashed), the short side `short_side`
-    unless that makes more than `max_pixels` pixels (then as many as that allows), both sides
-    multiples of `multiple`: square images -> 256x256; 1130x460 -> 224x544 (about 1.9x the
-    pixels of 256x256; before, a fixed 256x256 pixel count gave 160x384, which lost bsdata's small
-    pits: docs/design.md, "The input of long parts"). The cap bounds the fit time (it grows with
-    the pixels; at the cap the short side rounds down). Raises ValueError for no sizes.
+    (rounded to a multiple of `multiple`) unless that makes more than `max_pixels` pixels; then
+    the largest multiple of `multiple` whose input stays within them (at least `multiple`, so
+    ratios above about 120:1 pass the cap). Both sides are multiples of `multiple`: square images
+    -> 256x256; 1130x460 -> 224x544; 2:1 -> 224x448. The cap, 1.875x the pixels of 256x256, bounds
+    the fit time, which grows with the pixels (bsdata at 1.86x: 474-595 s of issue 13's 600);
+    before it, a fixed 256x256 pixel count gave bsdata 160x384, which lost its small pits
+    (docs/design.md, "The input of long parts"). Raises ValueError for no sizes.
     """
     if not sizes:
         raise ValueError("no image sizes to choose an input size from")
     ratio = float(np.median([w / h for h, w in sizes]))  # width / height
     long_ratio = max(ratio, 1 / ratio)  # the short side first, so that portrait = landscape turned
-    capped = (max_pixels / long_ratio) ** 0.5
-    # at the cap the short side rounds down, so that rounding never adds fit time beyond it
-    short_px = short_side / multiple if short_side <= capped else capped // multiple
-    short = max(multiple, round(short_px) * multiple)
-    long = max(multiple, round(short * long_ratio / multiple) * multiple)
-    return (int(short), int(long)) if ratio >= 1 else (int(long), int(short))
+
+    def long_for(short: int) -> int:
+        return max(multiple, round(short * long_ratio / multiple) * multiple)
+
+    short = max(multiple, round(short_side / multiple) * multiple)
+    while short > multiple and short * long_for(short) > max_pixels:
+        short -= multiple
+    return (short, long_for(short)) if ratio >= 1 else (long_for(short), short)
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int], letterbox: bool = False) -> torch.Tensor:
