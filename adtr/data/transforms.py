@@ -23,7 +23,7 @@ def input_size_for(
     the largest multiple of `multiple` whose input stays within them (at least `multiple`, so
     ratios above about 120:1 pass the cap). Both sides are multiples of `multiple`: square images
     -> 256x256; 1130x460 -> 224x544; 2:1 -> 224x448. The cap, 1.875x the pixels of 256x256, bounds
-    the fit time, which grows with the pixels (bsdata at 1.86x: 474-595 s of issue 13's 600);
+    the fit time, which grows with the pixels (bsdata at 1.86x: 444-595 s of issue 13's 600);
     before it, a fixed 256x256 pixel count gave bsdata 160x384, which lost its small pits
     (docs/design.md, "The input of long parts"). Raises ValueError for no sizes.
     """
