@@ -31,8 +31,8 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro")
 def probe(run: Path, data: Path, sigmas: list[float]) -> list[dict]:
     """One row per sigma: the run's test metrics with its smoothing set to that sigma."""
     rows = []
+    det = ADTRDetector.load(run, progress=False, backend="torch")
     for sigma in sigmas:
-        det = ADTRDetector.load(run, progress=False, backend="torch")
         score = dataclasses.replace(det.config.score, smoothing_sigma=sigma)
         det.config = dataclasses.replace(det.config, score=score)
         det.model_.score_cfg = score  # rebuilds the map's upsampling with the new kernel
