@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from adtr.config import SCHEMA_VERSION, RunConfig
+from adtr.config import SCHEMA_VERSION, RunConfig, steps_for
 from adtr.drift import InputProfile
 from adtr.errors import RunFolderError
 from adtr.fileio import atomic_write, atomic_write_json
@@ -297,7 +297,8 @@ def _training_settings(config: Any) -> Any:
     """A saved or current config as JSON, with keys added since filled in (RunConfig.from_dict), so
     that a state saved by an earlier version resumes; without the defect head's gain, which is set
     after training and does not change it, what scores a head run's image and at what weight, the map's smoothing,
-    the image scorer's per-position weight, and the query fallback's threshold."""
+    the image scorer's per-position weight, and the query fallback's threshold; step_pixels as the
+    reconstructor's steps it gives (config.steps_for)."""
     try:
         doc = json.loads(json.dumps(RunConfig.from_dict(config).to_dict()))  # as JSON: tuples are lists there
     except (TypeError, ValueError, AttributeError):
@@ -315,6 +316,11 @@ def _training_settings(config: Any) -> Any:
     # nor the query fallback's threshold: a state saved before it existed (read as off) resumes
     # under the default; a state saved after the fallback is told apart by its use_query
     doc["train"].pop("query_fallback", None)
+    # step_pixels as the reconstructor's budget it plans: a state saved before the key (read as
+    # off) resumes where the input is no larger than step_pixels, and the plan is the same
+    run = RunConfig.from_dict(config)
+    doc["train"]["reconstructor_steps"] = steps_for(run.train, run.model.image_size)
+    doc["train"].pop("step_pixels", None)
     return doc
 
 

@@ -138,6 +138,12 @@ def _fallback(text: str) -> float | None:
     return _number(text, float, lambda v: 0 < v < math.inf, "'off' or a finite number > 0")
 
 
+def _step_pixels(text: str) -> int | None:
+    if text.strip().lower() == "off":
+        return None
+    return _number(text, int, lambda v: v >= 1, "'off' or a whole number >= 1")
+
+
 def _non_negative_float(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 
@@ -268,7 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_positive_int,
         default=d_train.steps,
-        help=f"optimisation steps, rounded up to whole epochs (default: {d_train.steps})",
+        help="optimisation steps at an input of --step-pixels pixels or fewer (a larger input trains "
+        f"proportionally fewer), rounded up to whole epochs (default: {d_train.steps})",
+    )
+    p.add_argument(
+        "--step-pixels",
+        type=_step_pixels,
+        default=d_train.step_pixels,
+        metavar="PIXELS|off",
+        help="the input size in pixels --steps are counted at: an input of more pixels trains --steps x PIXELS / "
+        "its pixels (as many tokens seen, about the same fit time); 'off' trains --steps at any size "
+        f"(default: {d_train.step_pixels}, 256x256)",
     )
     p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs; overrides --steps")
     p.add_argument(
@@ -524,6 +540,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                                     token_patch=args.token_patch or preset.token_patch)  # fmt: skip
         train = TrainConfig(
             steps=args.steps,
+            step_pixels=args.step_pixels,
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,

@@ -178,12 +178,23 @@ def _is_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _is_int(v: object) -> bool:
+    """An int, not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass
 class TrainConfig:
     # The budget: `steps` optimisation steps, rounded up to whole epochs, so that a small and
     # a large category both get a converged fit in about the same time; `epochs` overrides.
     steps: int = 200
     epochs: int | None = None
+    # The input size, in pixels, the reconstructor's `steps` are counted at: a larger input
+    # (more tokens per image) trains steps x step_pixels / its pixels, rounded up (steps_for),
+    # so that each fit updates on about as many tokens and takes about as long as at 256x256;
+    # a smaller input keeps `steps`. The image scorer keeps its budget (image_scorer_epochs).
+    # None: off. Runs saved before: None. docs/design.md, "The step budget of large inputs".
+    step_pixels: int | None = 256 * 256
     batch_size: int = 16
     lr: float = 1e-3  # screened on the development sets (docs/design.md, "Quality beyond bottle")
     weight_decay: float = 1e-4
@@ -222,6 +233,10 @@ class TrainConfig:
         checks = [
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (
+                self.step_pixels is None or (_is_int(self.step_pixels) and self.step_pixels >= 1),
+                f"step pixels must be a whole number >= 1 or None (off), got {self.step_pixels!r}",
+            ),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (0 < self.lr < math.inf, f"learning rate must be a finite number > 0, got {self.lr}"),
             (0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}"),
@@ -311,8 +326,9 @@ class RunConfig:
             # Runs saved before the hard-position loss existed trained with the MSE.
             # Runs saved before the defect head trained the reconstructor with L_px on masked anomalies.
             # Runs saved before the query fallback never fell back.
+            # Runs saved before step_pixels trained `steps` at any input size.
             train=_build(TrainConfig, {"schedule": "step", "loss": "mse", "labelled_anomalies": "loss",
-                                       "query_fallback": None,
+                                       "query_fallback": None, "step_pixels": None,
                                        **data.get("train", {})}),  # fmt: skip
         )
 
@@ -358,3 +374,14 @@ def parse_image_size(text: str) -> tuple[int, int]:
     if len(values) == 2:
         return values[0], values[1]
     raise ValueError(f"image size {text!r} is not N or HxW")
+
+
+def steps_for(cfg: TrainConfig, image_size: tuple[int, int] | None = None) -> int:
+    """The reconstructor's step budget at an input of image_size (H, W) pixels: cfg.steps, times
+    cfg.step_pixels / (H * W) rounded up where the input is larger (its grid has that many times
+    the tokens of an image, so each step trains on as many more; docs/design.md, "The step budget
+    of large inputs"). cfg.steps without an image size or with step_pixels None."""
+    pixels = image_size[0] * image_size[1] if image_size is not None else 0
+    if cfg.step_pixels is None or pixels <= cfg.step_pixels:
+        return cfg.steps
+    return max(1, -(-cfg.steps * cfg.step_pixels // pixels))  # rounded up, in whole numbers

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from adtr.anomalies import AnomalyGenerator
-from adtr.config import ScoreConfig, TrainConfig
+from adtr.config import ScoreConfig, TrainConfig, steps_for
 from adtr.data.images import DataError, read_image, read_mask
 from adtr.data.prefetch import map_ahead
 from adtr.data.samples import Sample
@@ -284,11 +284,12 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     raise ValueError(f"unknown precision {cfg.precision!r}; choose 'auto', 'fp32' or 'bf16'")
 
 
-def planned_epochs(n_train: int, cfg: TrainConfig) -> int:
-    """Epochs of a fit on n_train good images: cfg.epochs, or cfg.steps rounded up to epochs."""
+def planned_epochs(n_train: int, cfg: TrainConfig, image_size: tuple[int, int] | None = None) -> int:
+    """Epochs of a fit on n_train good images: cfg.epochs, or steps_for(cfg, image_size) rounded
+    up to whole epochs."""
     if cfg.epochs is not None:
         return cfg.epochs
-    return max(1, math.ceil(cfg.steps / max(1, math.ceil(n_train / cfg.batch_size))))
+    return max(1, math.ceil(steps_for(cfg, image_size) / max(1, math.ceil(n_train / cfg.batch_size))))
 
 
 def lr_factor(step: int, steps_per_epoch: int, epochs: int, cfg: TrainConfig) -> float:
@@ -376,7 +377,7 @@ def fit_reconstructor(
         optimizer = make_optimizer(model, cfg, device)
     history = []
     n = len(data.normal)
-    epochs = planned_epochs(n, cfg)
+    epochs = planned_epochs(n, cfg, model.cfg.image_size)
     per_epoch = math.ceil(n / cfg.batch_size)
     bf16 = use_bf16(cfg, device)
     bar = tqdm(total=epochs * per_epoch, initial=start_epoch * per_epoch, desc="fit", unit="step",
@@ -454,6 +455,7 @@ class _ScorerView:
 
     def __init__(self, model: ADTR):
         self.reconstructor = model.image_scorer
+        self.cfg = model.cfg
 
 
 def fit_image_scorer(
@@ -467,9 +469,11 @@ def fit_image_scorer(
 ) -> list[dict]:
     """Train model.image_scorer (ModelConfig.image_scorer) on the reconstructor's training data
     (good features, and the synthetic / labelled / external anomalies it trains with, under the
-    same losses) for cfg.image_scorer_epochs times the reconstructor's planned epochs, from its
-    current weights. Seeded by cfg.seed (shuffling and dropout), so that a resumed fit trains
-    the same scorer. Returns one record per epoch, as fit_reconstructor."""
+    same losses) for cfg.image_scorer_epochs times the epochs of cfg.steps, from its current
+    weights. A larger input does not shorten them as steps_for does the reconstructor's: the
+    scorer's step costs about 1/15 of the transformer's. Seeded by cfg.seed (shuffling and
+    dropout), so that a resumed fit trains the same scorer. Returns one record per epoch, as
+    fit_reconstructor."""
     scorer_cfg = dataclasses.replace(cfg, epochs=planned_epochs(len(data.normal), cfg) * cfg.image_scorer_epochs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

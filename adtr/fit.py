@@ -393,7 +393,8 @@ def fit_on_features(
         if resume:
             with distributed.train_state_from_main(state_dir) as folder:  # rank 0's state on every rank
                 start_epoch, history = load_train_state(folder, model, optimizer, generator, config)
-            log.info("resuming after epoch %d of %d", start_epoch, planned_epochs(len(train_idx), cfg))
+            epochs = planned_epochs(len(train_idx), cfg, model.cfg.image_size)
+            log.info("resuming after epoch %d of %d", start_epoch, epochs)
             query_val_loss = history[-1].get("query_val_loss") if history else None
 
         def on_epoch_end(epoch: int, opt: torch.optim.Optimizer, record: dict) -> None:

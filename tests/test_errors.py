@@ -240,6 +240,19 @@ def test_query_fallback_option_reads_off_and_numbers():
     assert parse(["fit", "D", "--out", "R"]).query_fallback == TrainConfig().query_fallback
 
 
+def test_step_pixels_option_reads_off_and_whole_numbers(capsys):
+    from adtr.config import TrainConfig
+
+    parse = cli.build_parser().parse_args
+    assert parse(["fit", "D", "--out", "R", "--step-pixels", "off"]).step_pixels is None
+    assert parse(["fit", "D", "--out", "R", "--step-pixels", "100000"]).step_pixels == 100000
+    assert parse(["fit", "D", "--out", "R"]).step_pixels == TrainConfig().step_pixels == 65536
+    for bad in ("0", "1.5", "many"):
+        with pytest.raises(SystemExit):
+            parse(["fit", "D", "--out", "R", "--step-pixels", bad])
+        assert "'off' or a whole number >= 1" in capsys.readouterr().err
+
+
 def test_fit_with_init_warns_that_model_and_score_options_are_ignored(caplog):
     parser = cli.build_parser()
     plain = parser.parse_args(["fit", "data", "--out", "run", "--init", "base"])

@@ -158,6 +158,21 @@ def test_cross_fitting_folds_keep_the_final_models_reconstructor(raw, monkeypatc
     assert folds == [True, True]  # each fold holds images out, but none falls back on its own
 
 
+def test_an_input_larger_than_step_pixels_shortens_the_reconstructor_not_the_image_scorer(raw):
+    import dataclasses
+
+    cpu = torch.device("cpu")
+    model = dataclasses.replace(TINY, image_scorer="cnn")  # 64x64 = 4096 pixels
+    fits = {}
+    for step_pixels in (None, 2048):  # 10 training images, 3 steps per epoch: 6 steps or 3
+        train = TrainConfig(steps=6, batch_size=4, step_pixels=step_pixels, image_scorer_epochs=2)
+        fits[step_pixels] = fit_on_features(RunConfig(model, train=train), raw, cpu, val_idx=[0, 1], progress=False)
+    assert len(fits[None].history) == 2 and len(fits[2048].history) == 1
+    assert not _same_weights(fits[None].model.reconstructor, fits[2048].model.reconstructor)
+    # the scorer trained 2 x 2 epochs in both fits, from the same seed: the same weights
+    assert _same_weights(fits[None].model.image_scorer, fits[2048].model.image_scorer)
+
+
 def test_image_scorer_trains_longer_scores_the_image_and_resumes_the_same(raw, tmp_path):
     import copy
     import dataclasses

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from adtr.config import ModelConfig, RunConfig, ScoreConfig, TrainConfig, with_overrides
+from adtr.config import ModelConfig, RunConfig, ScoreConfig, TrainConfig, steps_for, with_overrides
 from adtr.data.transforms import input_size_for
 from adtr.engine import lr_factor, planned_epochs, use_bf16
 from adtr.losses import reconstruction_loss
@@ -21,6 +21,43 @@ def test_steps_become_whole_epochs():
     assert planned_epochs(49, cfg) == 75  # 4 steps per epoch
     assert planned_epochs(5000, cfg) == 1  # one epoch is already more than the budget
     assert planned_epochs(188, TrainConfig(steps=300, epochs=3)) == 3  # epochs override steps
+
+
+def test_a_larger_input_trains_proportionally_fewer_steps():
+    cfg = TrainConfig()  # 200 steps counted at 256x256
+    assert steps_for(cfg, (256, 256)) == 200 and steps_for(cfg, None) == 200
+    assert steps_for(cfg, (128, 128)) == 200  # a smaller input keeps the budget
+    assert steps_for(cfg, (224, 544)) == 108  # bsdata: 200 x 65536 / 121856 = 107.6, rounded up
+    assert steps_for(cfg, (512, 512)) == 50  # exact: no float rounding up to 51
+    assert steps_for(TrainConfig(step_pixels=None), (224, 544)) == 200  # off
+    assert steps_for(TrainConfig(steps=1), (2048, 2048)) == 1  # never below one step
+    assert planned_epochs(360, cfg, (224, 544)) == 5  # 23 steps per epoch: 108 -> 5 epochs (115 steps)
+    assert planned_epochs(360, cfg) == 9  # 200 -> 9 epochs
+    assert planned_epochs(360, TrainConfig(epochs=7), (224, 544)) == 7  # epochs override both
+    for bad in (0, -1, 1.5, True, "65536"):
+        with pytest.raises(ValueError, match="step pixels"):
+            TrainConfig(step_pixels=bad)
+
+
+def test_runs_saved_before_step_pixels_read_it_as_off_and_their_states_resume_where_the_plan_is_the_same():
+    from adtr.checkpoint import _training_settings
+
+    doc = RunConfig(ModelConfig(image_size=(256, 256))).to_dict()
+    assert doc["train"]["step_pixels"] == 256 * 256
+    old = json_copy(doc)
+    del old["train"]["step_pixels"]
+    assert RunConfig.from_dict(old).train.step_pixels is None
+    assert _training_settings(old) == _training_settings(doc)  # 256x256: 200 steps either way
+    for d in (old, doc):
+        d["model"]["image_size"] = [224, 544]
+    assert _training_settings(old) != _training_settings(doc)  # 200 steps against 108
+    assert _training_settings(old)["train"]["reconstructor_steps"] == 200
+
+
+def json_copy(doc: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps(doc))
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
