@@ -300,7 +300,8 @@ def _training_settings(config: Any) -> Any:
     the image scorer's per-position weight, and the query fallback's threshold; step_pixels as the
     reconstructor's steps it gives (config.steps_for)."""
     try:
-        doc = json.loads(json.dumps(RunConfig.from_dict(config).to_dict()))  # as JSON: tuples are lists there
+        run = RunConfig.from_dict(config)
+        doc = json.loads(json.dumps(run.to_dict()))  # as JSON: tuples are lists there
     except (TypeError, ValueError, AttributeError):
         return config
     doc["score"].pop("head_gain", None)
@@ -318,7 +319,6 @@ def _training_settings(config: Any) -> Any:
     doc["train"].pop("query_fallback", None)
     # step_pixels as the reconstructor's budget it plans: a state saved before the key (read as
     # off) resumes where the input is no larger than step_pixels, and the plan is the same
-    run = RunConfig.from_dict(config)
     doc["train"]["reconstructor_steps"] = steps_for(run.train, run.model.image_size)
     doc["train"].pop("step_pixels", None)
     return doc
