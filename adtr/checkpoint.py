@@ -319,7 +319,8 @@ def _training_settings(config: Any) -> Any:
     doc["train"].pop("query_fallback", None)
     # step_pixels as the reconstructor's budget it plans: a state saved before the key (read as
     # off) resumes where the input is no larger than step_pixels, and the plan is the same
-    doc["train"]["reconstructor_steps"] = steps_for(run.train, run.model.image_size)
+    doc["train"]["reconstructor_steps"] = (steps_for(run.train, run.model.image_size)
+                                           if run.train.epochs is None else None)  # epochs override both  # fmt: skip
     doc["train"].pop("step_pixels", None)
     return doc
 
@@ -358,8 +359,13 @@ def load_train_state(
         differ = sorted(f"{key} (saved {saved[part][key]!r}, now {now[part].get(key)!r})"
                         for part in ("model", "score", "train") if isinstance(saved, dict) and part in saved
                         for key in saved[part] if saved[part][key] != now.get(part, {}).get(key))  # fmt: skip
-        raise RunFolderError(f"{json_path}: the run was started with other settings"
-                             f"{': ' + ', '.join(differ) if differ else ''}; resume with the same ones")  # fmt: skip
+        hint = ""
+        if any(d.startswith("reconstructor_steps") for d in differ):  # a plan, not an option: name the options
+            hint = (" (reconstructor_steps: the transformer's steps that --steps and --step-pixels plan at the input "
+                    "size; a state saved before --step-pixels existed resumes with --step-pixels off)")
+        listed = ": " + ", ".join(differ) if differ else ""
+        raise RunFolderError(f"{json_path}: the run was started with other settings{listed}{hint}; "
+                             "resume with the same ones")  # fmt: skip
     epoch = int(doc["epoch"])
     if saved_epoch != str(epoch):
         raise RunFolderError(f"{state_dir}: weights and {STATE_JSON} are from different epochs")

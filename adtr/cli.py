@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-scorer",
         choices=[k or "off" for k in IMAGE_SCORERS],
         default=None,
-        help="a second reconstructor, trained 5x longer on the same data, that gives the image score (the "
+        help="a second reconstructor, trained 5x the epochs of --steps (at any input size) on the same data, "
+        "that gives the image score (the "
         "map stays the reconstructor's; with a defect head its map is joined with the head's output; not with "
         "--image-score pooled_residual, where the reconstructor scores the image): on the development sets "
         "with stride-16 maps (--token-patch 1) image AUROC 0.9826 against 0.9754 on average, transistor 0.996 "
@@ -275,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=d_train.steps,
         help="optimisation steps at an input of --step-pixels pixels or fewer (a larger input trains "
-        f"proportionally fewer), rounded up to whole epochs (default: {d_train.steps})",
+        "proportionally fewer; the image scorer keeps its budget), rounded up to whole epochs "
+        f"(default: {d_train.steps})",
     )
     p.add_argument(
         "--step-pixels",
@@ -286,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
         "its pixels (as many tokens seen, about the same fit time); 'off' trains --steps at any size "
         f"(default: {d_train.step_pixels}, 256x256)",
     )
-    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs; overrides --steps")
+    p.add_argument(
+        "--epochs", type=_positive_int, default=None, help="training epochs; overrides --steps and --step-pixels"
+    )
     p.add_argument(
         "--batch-size",
         type=_positive_int,

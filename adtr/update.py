@@ -118,7 +118,8 @@ def update_run(
     new_good = _samples(good, _good_samples)
     new_external = _samples(external, lambda p: image_folder(p, label=1))
     try:
-        train = dataclasses.replace(record.config.train, steps=steps, epochs=None)
+        # `steps` as given, at any input size (step_pixels off): an update's budget is its own
+        train = dataclasses.replace(record.config.train, steps=steps, epochs=None, step_pixels=None)
     except ValueError as e:  # TrainConfig's own checks
         raise SettingsError(str(e)) from None
     config = dataclasses.replace(record.config, train=train)

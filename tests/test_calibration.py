@@ -168,12 +168,14 @@ def test_fit_reconstructor_option_saves_and_reloads_the_cnn(tmp_path, run_cli):
     from adtr.model import CNNReconstructor, TokenGridReconstructor
 
     data = _good_folder(tmp_path / "data", 6, seed=2)
-    code, out, err = run_cli("fit", data, "--out", tmp_path / "run", "--image-size", "32", "--epochs", "1",
-                             "--reconstructor", "cnn", "--calibration", "held_out", "--val-fraction", "0.5",
-                             "--quiet")  # fmt: skip
+    # 3 training images, one step an epoch; 4 steps counted at 512 pixels -> 2 at 32x32 (1024)
+    code, out, err = run_cli("fit", data, "--out", tmp_path / "run", "--image-size", "32", "--steps", "4",
+                             "--step-pixels", "512", "--reconstructor", "cnn", "--calibration", "held_out",
+                             "--val-fraction", "0.5", "--quiet")  # fmt: skip
     assert code == 0, err
     doc = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
     assert doc["model"]["reconstructor"] == "cnn"
+    assert doc["train"]["step_pixels"] == 512 and len(doc["history"]) == 2
     # its validation loss is far above the query fallback's threshold, yet only the
     # transformer's learnable query ever falls back
     assert doc["history"][-1]["val_loss"] > TrainConfig().query_fallback

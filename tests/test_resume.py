@@ -81,8 +81,22 @@ def test_resume_refuses_other_settings(tiny_run, tmp_path):
     del doc["config"]["score"]["head_gain"]
     doc["config"]["score"]["smoothing_sigma"] = 4.0  # the default when it was saved
     del doc["config"]["train"]["query_fallback"]
+    del doc["config"]["train"]["step_pixels"]  # read as off: at this 64x64 input the same plan
     state.write_text(json.dumps(doc))
     assert load_train_state(tmp_path, det.model_, opt, gen, det.config)[0] == 1
+    # ... where the input is larger than step_pixels the plan differs: refused, naming the options
+    doc["config"]["train"]["epochs"] = None  # the budget in steps (epochs override both)
+    state.write_text(json.dumps(doc))
+    fewer = RunConfig.from_dict(det.config.to_dict())
+    fewer.train.epochs, fewer.train.step_pixels = None, 1024  # 64x64 is 4096 pixels: a quarter of the steps
+    steps = det.config.train.steps
+    with pytest.raises(CheckpointError, match=rf"reconstructor_steps \(saved {steps}, now {-(-steps // 4)}\)"
+                                              r".*resumes with --step-pixels off"):  # fmt: skip
+        load_train_state(tmp_path, det.model_, opt, gen, fewer)
+    fewer.train.step_pixels = None  # --step-pixels off: the old plan
+    assert load_train_state(tmp_path, det.model_, opt, gen, fewer)[0] == 1
+    doc["config"]["train"]["epochs"] = det.config.train.epochs
+    state.write_text(json.dumps(doc))
     other = RunConfig.from_dict(det.config.to_dict())
     other.train.seed += 1
     seed = det.config.train.seed

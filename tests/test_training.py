@@ -28,7 +28,7 @@ def test_a_larger_input_trains_proportionally_fewer_steps():
     assert steps_for(cfg, (256, 256)) == 200 and steps_for(cfg, None) == 200
     assert steps_for(cfg, (128, 128)) == 200  # a smaller input keeps the budget
     assert steps_for(cfg, (224, 544)) == 108  # bsdata: 200 x 65536 / 121856 = 107.6, rounded up
-    assert steps_for(cfg, (512, 512)) == 50  # exact: no float rounding up to 51
+    assert steps_for(cfg, (512, 512)) == 50  # a quarter of the steps at four times the pixels
     assert steps_for(TrainConfig(step_pixels=None), (224, 544)) == 200  # off
     assert steps_for(TrainConfig(steps=1), (2048, 2048)) == 1  # never below one step
     assert planned_epochs(360, cfg, (224, 544)) == 5  # 23 steps per epoch: 108 -> 5 epochs (115 steps)
@@ -52,6 +52,9 @@ def test_runs_saved_before_step_pixels_read_it_as_off_and_their_states_resume_wh
         d["model"]["image_size"] = [224, 544]
     assert _training_settings(old) != _training_settings(doc)  # 200 steps against 108
     assert _training_settings(old)["train"]["reconstructor_steps"] == 200
+    for d in (old, doc):  # with epochs given, step_pixels plans nothing
+        d["train"]["epochs"] = 3
+    assert _training_settings(old) == _training_settings(doc)
 
 
 def json_copy(doc: dict) -> dict:

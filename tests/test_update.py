@@ -117,6 +117,8 @@ def test_update_learns_new_data_records_its_parent_and_leaves_it_untouched(paren
     assert added["anomalies"]["n"] == 3 and added["anomalies"]["n_pixel_labelled"] == 3
     assert added["good_train"]["n"] == 8 and added["good_val"]["n"] == 2 and added["external"]["n"] == 0
     assert len(added["anomalies"]["content_sha256"]) == 64 and update["steps"] == 40
+    # the update's steps as given, at any input size: none scaled away by the parent's step_pixels
+    assert old.config.train.step_pixels == 65536 and again.config.train.step_pixels is None
     # thresholds from the parent's 5 validation images + the 2 new held-out ones; replay grows
     # (the defects fitted the defect head: their in-sample scores do not set the threshold)
     assert again.thresholds_.n_good == 7 and again.thresholds_.method == "good_quantile"
