@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -73,6 +74,22 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.read()[-2000:]}")
         return wall, usage.ru_maxrss / 1024.0, out.read()
+
+
+def invocation() -> str:
+    """The command line this benchmark was run with, quoted for a shell: `python bench/X.py ARGS`."""
+    return " ".join(["python", f"bench/{Path(sys.argv[0]).name}", *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+def run_data_pairs(pairs: list[str]) -> list[tuple[Path, Path]]:
+    """RUN:DATA arguments -> (saved run folder, category folder) pairs; SystemExit naming a bad one."""
+    out = []
+    for pair in pairs:
+        run, sep, data = pair.partition(":")
+        if not sep:
+            raise SystemExit(f"{pair!r}: expected RUN:DATA")
+        out.append((Path(run), Path(data)))
+    return out
 
 
 def machine() -> dict:

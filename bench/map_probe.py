@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine, md_table, write_results  # noqa: E402
+from common import REPO, invocation, machine, md_table, write_results  # noqa: E402
 
 from adtr import ADTRDetector  # noqa: E402
 from adtr.anomalies import get_generator  # noqa: E402
@@ -148,7 +147,7 @@ def main() -> None:
     choices = {"nll": choose_position_weight(e_train, e_held),
                "proxy_auroc": max(weights, key=lambda r: r["proxy_token_auroc"])["w"],
                "proxy_aupro": max(weights, key=lambda r: r["proxy_token_aupro"])["w"]}  # fmt: skip
-    command = "python bench/map_probe.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invocation()
     data = {"command": command, "machine": machine(), "run": str(args.run), "held_out": len(val_idx),
             "copies": args.copies, "position_weights": weights, "choices": choices, "top_fractions": fractions,
             "position_channel_scale": scales,

@@ -16,7 +16,6 @@ image scorer's").
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine, md_table, write_results  # noqa: E402
+from common import REPO, invocation, machine, md_table, run_data_pairs, write_results  # noqa: E402
 
 from adtr import ADTRDetector  # noqa: E402
 from adtr.data.images import image_size, read_mask  # noqa: E402
@@ -80,12 +79,9 @@ def main() -> None:
     if not all(0 <= w <= 1 for w in weights):
         raise SystemExit(f"--weights: each must be in [0, 1], got {args.weights}")
     rows = []
-    for pair in args.pairs:
-        run, sep, data = pair.partition(":")
-        if not sep:
-            raise SystemExit(f"{pair!r}: expected RUN:DATA")
-        rows += probe(Path(run), Path(data), weights)
-    command = "python bench/scorer_mix_probe.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    for run, data in run_data_pairs(args.pairs):
+        rows += probe(run, data, weights)
+    command = invocation()
     table = md_table(["data", "scorer's weight", "image AUROC", "pixel AUROC", "AUPRO"],
                      [[r["data"], r["weight"], *(r[k] if r[k] is not None else "-" for k in METRICS)]
                       for r in rows])  # fmt: skip

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine, md_table, write_results  # noqa: E402
+from common import REPO, invocation, machine, md_table, run_data_pairs, write_results  # noqa: E402
 
 from adtr import ADTRDetector  # noqa: E402
 from adtr.runtime import configure_cpu  # noqa: E402
@@ -51,12 +50,9 @@ def main() -> None:
     configure_cpu()
     sigmas = [float(s) for s in args.sigmas.split(",")]
     rows = []
-    for pair in args.pairs:
-        run, sep, data = pair.partition(":")
-        if not sep:
-            raise SystemExit(f"{pair!r}: expected RUN:DATA")
-        rows += probe(Path(run), Path(data), sigmas)
-    command = "python bench/smoothing_probe.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    for run, data in run_data_pairs(args.pairs):
+        rows += probe(run, data, sigmas)
+    command = invocation()
     table = md_table(["data", "sigma", "image AUROC", "pixel AUROC", "AUPRO"],
                      [[r["data"], r["sigma"], *(r[k] if r[k] is not None else "-" for k in METRICS)]
                       for r in rows])  # fmt: skip
