@@ -231,7 +231,7 @@ def load_record(run_dir: Path | str, device: torch.device | str = "cpu") -> tupl
         record = RunRecord.from_doc(doc, config)
     except (KeyError, TypeError, ValueError) as e:
         raise RunFolderError(f"{Path(run_dir) / CONFIG_FILE}: missing or invalid thresholds or inputs ({e})") from None
-    record.replay = load_replay(run_dir, (model.channels, *config.model.grid_size))
+    record.replay = load_replay(run_dir, (model.channels, *config.model.grid_size), config.model.image_size)
     return model, record
 
 

@@ -49,6 +49,7 @@ from adtr.data.samples import Sample
 from adtr.data.splits import split_validation
 from adtr.data.transforms import input_size_for
 from adtr.defect_head import PSEUDO_SHARE, DefectHead, default_gain, fit_defect_head, head_norm
+from adtr.defect_paste import defect_pixels, load_backgrounds, paste_defects
 from adtr.drift import ImageInfo, InputProfile
 from adtr.engine import (
     AnomalyPool,
@@ -60,6 +61,7 @@ from adtr.engine import (
     make_optimizer,
     planned_epochs,
     synthetic_pools,
+    token_labels,
 )
 from adtr.errors import DataError, SettingsError
 from adtr.model import ADTR
@@ -83,6 +85,8 @@ class FitResult:
     raw: torch.Tensor  # (N, C, h, w) raw features of all good images, in their order (cross-fitting reuses them)
     infos: list[ImageInfo]  # size and colour mode of each good image file, in order ([] for features)
     head_defects: AnomalyPool | None = None  # standardised defects the defect head was fitted on
+    backgrounds: torch.Tensor | None = None  # (B, H, W, 3) uint8 good images defects are pasted onto
+    head_pasted: int = 0  # pasted copies of defects the head was also fitted on (defect_paste.py)
 
 
 def fit_run(
@@ -126,7 +130,7 @@ def fit_run(
             score = dataclasses.replace(score, head_gain=config.score.head_gain,
                                         head_image_gain=config.score.head_image_gain)  # fmt: skip
         config = dataclasses.replace(config, model=base_config.model, score=score)
-        replay = load_replay(init, (base.channels, *base_config.model.grid_size))
+        replay = load_replay(init, (base.channels, *base_config.model.grid_size), base_config.model.image_size)
         prior = replay.defect_pool(base) if replay is not None else None  # an init's head keeps its defects
     config, base = with_defect_head(config, labelled, base)
     if config.model.image_size is None:
@@ -185,7 +189,9 @@ def fit_run(
                             "threshold": config.train.query_fallback}
                            if fitted.history and "query_val_loss" in fitted.history[-1] else None),
     }
-    replay = make_replay(fitted.model, fitted.train, fitted.val, config.train.seed, fitted.head_defects)
+    provenance["data"]["head_pasted"] = fitted.head_pasted
+    replay = make_replay(fitted.model, fitted.train, fitted.val, config.train.seed, fitted.head_defects,
+                         fitted.backgrounds)  # fmt: skip
     provenance["replay"] = replay.summary()
     return fitted.model, RunRecord(config, thresholds, score_stats(scores), provenance, fitted.history, replay,
                                    InputProfile.from_infos(fitted.infos))  # fmt: skip
@@ -312,6 +318,7 @@ def fit_on_features(
     progress: bool = True,
     train_reconstructor: bool = True,
     prior_defects: AnomalyPool | None = None,
+    backgrounds: torch.Tensor | None = None,
 ) -> FitResult:
     """Fit ADTR's reconstructor on good images, optionally with anomalies.
 
@@ -335,6 +342,10 @@ def fit_on_features(
     model.cfg says which, and its history records carry the query's "query_val_loss".
     prior_defects: standardised defects the defect head was fitted on before (an update's
         replay.ReplayData.defect_pool): fitted again together with the new ones.
+    backgrounds: uint8 (B, H, W, 3) good images at the input size to paste the new masked
+        defects onto (config.train.head_paste copies each; defect_paste.py), the result's
+        backgrounds; default: defect_paste.load_backgrounds of the training images (image
+        samples; with features, none: no pasting).
     Run by every rank of a process group (adtr/distributed.py), each extracts the features of
     its block of the images and trains on its rows of each batch; rank 0 alone saves state_dir.
     Raises SettingsError for settings the model cannot be built from, synthetic anomalies
@@ -377,6 +388,15 @@ def fit_on_features(
         head_pool = anomaly_pool(model, for_head, device, progress=progress) if for_head else None
         if head_pool is not None:
             check_masks(for_head, head_pool)
+        if backgrounds is None and not isinstance(good, torch.Tensor):  # kept in the run for updates
+            backgrounds = load_backgrounds([good[i] for i in train_idx], model.cfg.image_size, cfg.seed)
+        pasted = None
+        if head_pool is not None and cfg.head_paste:
+            if backgrounds is not None and len(backgrounds):
+                pasted = _pasted_pool(model, for_head, backgrounds, cfg.head_paste, cfg.seed, device)
+            else:
+                log.info("no good images to paste the defects onto (a run saved before it kept them): the defect "
+                         "head is fitted on the defects alone")  # fmt: skip
         feature_seconds = time.perf_counter() - t0 if not isinstance(good, torch.Tensor) else 0.0
         data = TrainingData(features[train_idx], synthetic, pool)
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -434,9 +454,29 @@ def fit_on_features(
     head_defects = AnomalyPool.cat([p for p in (prior_defects, head_pool) if p is not None]) if (
         prior_defects is not None or head_pool is not None) else None  # fmt: skip
     if model.score_cfg.defect_head:
-        fit_head(model, features[train_idx], head_defects)
+        fit_head(model, features[train_idx], head_defects, pasted=pasted)
     return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds, all_raw, infos,
-                     head_defects if model.score_cfg.defect_head else None)  # fmt: skip
+                     head_defects if model.score_cfg.defect_head else None, backgrounds,
+                     len(pasted) if pasted is not None and model.score_cfg.defect_head else 0)  # fmt: skip
+
+
+@torch.no_grad()
+def _pasted_pool(model: ADTR, samples: Sequence[Sample], backgrounds: torch.Tensor, copies: int, seed: int,
+                 device: torch.device, batch_size: int = 8) -> AnomalyPool | None:  # fmt: skip
+    """Standardised features and token labels of `copies` pastes of each masked defect among
+    samples onto the backgrounds (defect_paste.py), or None when no sample has a mask. Made one
+    defect at a time, so that only one defect's copies are in memory as pixels."""
+    images, masks = defect_pixels(samples, model.cfg.image_size)
+    feats, labels = [], []
+    for i in range(len(images)):
+        composites, pasted_masks = paste_defects(images[i : i + 1], masks[i : i + 1], backgrounds, copies, (seed, i))
+        for b in composites.split(batch_size):
+            feats.append(model.standardize(model.extract(b.to(device))).cpu())
+        labels.append(token_labels(pasted_masks, model.cfg.grid_size))
+    if not feats:
+        return None
+    n = sum(len(f) for f in feats)
+    return AnomalyPool(torch.cat(feats), torch.cat(labels), torch.ones(n, dtype=torch.bool), ("synthetic",) * n)
 
 
 def no_query_config(config: RunConfig) -> RunConfig | None:
@@ -473,7 +513,10 @@ def check_masks(samples: Sequence[Sample], pool: AnomalyPool) -> None:
 
 
 @torch.no_grad()
-def fit_head(model: ADTR, good: torch.Tensor, defects: AnomalyPool | None, batch_size: int = 32) -> None:
+def fit_head(
+    model: ADTR, good: torch.Tensor, defects: AnomalyPool | None, batch_size: int = 32,
+    pasted: AnomalyPool | None = None,
+) -> None:
     """Fit the model's defect head (defect_head.py) on standardised good training features
     (N, C, h, w) and labelled defects: a mask gives a defect's token labels; an image label,
     the tokens of its residual map within PSEUDO_SHARE of the map's maximum (positives only).
@@ -481,7 +524,8 @@ def fit_head(model: ADTR, good: torch.Tensor, defects: AnomalyPool | None, batch
     reconstructor changed, e.g. in an update with good images only). An unset gain
     (score.head_gain None) is set by defect_head.default_gain. When the image scorer scores the
     image (model.uses_image_scorer), its grid error's mean and std on the good images are
-    stored too (the scale on which the head's logit joins it)."""
+    stored too (the scale on which the head's logit joins it). pasted: masked defects pasted
+    onto good images (defect_paste.py), fitted beside the defects (not counted for the gain)."""
     device = model.head_weight.device
 
     def residuals(f: torch.Tensor) -> torch.Tensor:
@@ -493,15 +537,16 @@ def fit_head(model: ADTR, good: torch.Tensor, defects: AnomalyPool | None, batch
         head = DefectHead(model.head_weight.flatten().cpu(), float(model.head_bias), model.head_norm.cpu())
         head.norm = head_norm(good_residual, good_map, head.weight, head.bias)
     else:
-        defect_residual = residuals(defects.features)
-        labels = defects.token_labels.clone()
-        image_level = ~defects.pixel_level
+        both = defects if pasted is None else AnomalyPool.cat([defects, pasted])
+        defect_residual = residuals(both.features)
+        labels = both.token_labels.clone()
+        image_level = ~both.pixel_level
         if image_level.any():
             grid = model.residual_grid(defect_residual[image_level].to(device)).cpu()
             top = grid.flatten(1).amax(1).view(-1, 1, 1)
             labels[image_level] = ((grid >= PSEUDO_SHARE * top) & (grid > 0)).float()  # an all-zero map: none
         try:
-            head = fit_defect_head(good_residual, good_map, defect_residual, labels, defects.pixel_level)
+            head = fit_defect_head(good_residual, good_map, defect_residual, labels, both.pixel_level)
         except ValueError as e:  # no labelled token at all
             raise DataError(str(e)) from None
     if model.score_cfg.head_gain is None:  # set now, then kept (a run's updates keep it)

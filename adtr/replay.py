@@ -11,11 +11,16 @@ it learnt. ADTR's backbone is frozen, so its features stand in for the images:
                              in runs with a defect head also "defects": (K, C, h, w) the labelled
                              defects it was fitted on, "defect_labels": (K, h, w) their token
                              labels, "defect_masked": (K,) uint8 (1: the labels come from a mask),
-                             so that an update fits the head on the old defects and the new ones
+                             so that an update fits the head on the old defects and the new ones;
+                             "backgrounds": (B, H, W, 3) uint8, up to defect_paste.BACKGROUNDS good
+                             training images at the input size, for an update to paste its new
+                             defects onto (defect_paste.py), as the fit would
 
 Bound: at most MAX_IMAGES images per set and MAX_BYTES for the file. Lite0 at 256x256 has
 192 x 32 x 32 values an image on the default stride-8 grid (token_patch 2), 384 KiB in
 float16: bottle keeps 63 + 21 images, 33 MB (192 x 16 x 16, 96 KiB and 8.4 MB with token_patch 1).
+The backgrounds add at most 16 x H x W x 3 bytes beyond MAX_BYTES (3.1 MB at 256x256, 5.8 MB at
+bsdata's 224x544).
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ class ReplayData:
     good: torch.Tensor  # (N, C, h, w) a seeded sample of the training images
     val: torch.Tensor  # (M, C, h, w) the held-out good images (all of them, up to the bound)
     defects: AnomalyPool | None = None  # the defect head's labelled defects, raw features (float16)
+    backgrounds: torch.Tensor | None = None  # (B, H, W, 3) uint8 good images to paste defects onto
+
+    def background_images(self) -> torch.Tensor | None:
+        """The backgrounds, or None where there are none (runs saved before them)."""
+        return self.backgrounds if self.backgrounds is not None and len(self.backgrounds) else None
 
     def summary(self) -> dict[str, Any]:
         """What config.json records about the file: counts, size and bound."""
@@ -53,9 +63,12 @@ class ReplayData:
         tensors = [self.good, self.val]
         if d is not None:
             tensors += [d.features, d.token_labels.to(DTYPE), d.pixel_level]
+        if self.backgrounds is not None:
+            tensors.append(self.backgrounds)
         n_bytes = sum(t.numel() * t.element_size() for t in tensors)
         return {"file": REPLAY_FILE, "good": len(self.good), "val": len(self.val),
-                "defects": len(self.defects) if self.defects is not None else 0, "dtype": "float16",
+                "defects": len(self.defects) if self.defects is not None else 0,
+                "backgrounds": len(self.backgrounds) if self.backgrounds is not None else 0, "dtype": "float16",
                 "bytes": n_bytes, "max_images": MAX_IMAGES, "max_bytes": MAX_BYTES}  # fmt: skip
 
     def defect_pool(self, model: ADTR) -> AnomalyPool | None:
@@ -86,12 +99,14 @@ def subsample(features: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
 
 
 def make_replay(
-    model: ADTR, train: torch.Tensor, val: torch.Tensor, seed: int, defects: AnomalyPool | None = None
+    model: ADTR, train: torch.Tensor, val: torch.Tensor, seed: int, defects: AnomalyPool | None = None,
+    backgrounds: torch.Tensor | None = None,
 ) -> ReplayData:
     """What a fitted run keeps, from the standardised features (N, C, h, w) it was fitted on
     (fit.FitResult's train and val): each set subsampled to `capacity`, back to raw features
-    (model.unstandardize), float16; and the defect head's defects (fit.FitResult.head_defects,
-    standardised), the latest MAX_IMAGES of them."""
+    (model.unstandardize), float16; the defect head's defects (fit.FitResult.head_defects,
+    standardised), the latest MAX_IMAGES of them; and the good images defects are pasted onto
+    (fit.FitResult.backgrounds: uint8 (B, H, W, 3)), as they are."""
     has_defects = defects is not None and len(defects) > 0
     limit = capacity(tuple(train.shape[1:]), 3 if has_defects else 2)
     device = model.feature_mean.device
@@ -104,7 +119,7 @@ def make_replay(
         last = slice(max(0, len(defects) - limit), len(defects))
         kept = AnomalyPool(raw(defects.features[last]), defects.token_labels[last].to(DTYPE).contiguous(),
                            defects.pixel_level[last], defects.kinds[last])  # fmt: skip
-    return ReplayData(raw(subsample(train, limit, seed)), raw(subsample(val, limit, seed)), kept)
+    return ReplayData(raw(subsample(train, limit, seed)), raw(subsample(val, limit, seed)), kept, backgrounds)
 
 
 def save_replay(run_dir: Path | str, replay: ReplayData | None) -> None:
@@ -118,14 +133,19 @@ def save_replay(run_dir: Path | str, replay: ReplayData | None) -> None:
         d = replay.defects
         tensors.update(defects=d.features.contiguous(), defect_labels=d.token_labels.to(DTYPE).contiguous(),
                        defect_masked=d.pixel_level.to(torch.uint8).contiguous())  # fmt: skip
+    if replay.backgrounds is not None:
+        tensors["backgrounds"] = replay.backgrounds.contiguous()
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "adtr-replay"}))
 
 
-def load_replay(run_dir: Path | str, feature_shape: tuple[int, ...]) -> ReplayData | None:
+def load_replay(
+    run_dir: Path | str, feature_shape: tuple[int, ...], image_size: tuple[int, int] | None = None
+) -> ReplayData | None:
     """The replay features of a run folder, or None for a folder saved before they existed.
 
-    feature_shape: (C, h, w) of the run's model. RunFolderError for an unreadable file or
-    features of another shape or type."""
+    feature_shape: (C, h, w) of the run's model; image_size: its input (H, W), which the
+    backgrounds must have (unchecked when None). RunFolderError for an unreadable file or
+    tensors of another shape or type."""
     path = Path(run_dir) / REPLAY_FILE
     if not path.is_file():
         return None
@@ -143,7 +163,15 @@ def load_replay(run_dir: Path | str, feature_shape: tuple[int, ...]) -> ReplayDa
     defects = None
     if any(n in tensors for n in names):  # a run with a defect head
         defects = _defects(path, *(tensors.get(n) for n in names), feature_shape)
-    return ReplayData(tensors["good"], tensors["val"], defects)
+    backgrounds = tensors.get("backgrounds")
+    if backgrounds is not None and not (
+        backgrounds.dim() == 4 and backgrounds.shape[3] == 3 and backgrounds.dtype == torch.uint8
+        and (image_size is None or tuple(backgrounds.shape[1:3]) == tuple(image_size))
+    ):  # fmt: skip
+        size = "H, W" if image_size is None else f"{image_size[0]}, {image_size[1]}"
+        raise RunFolderError(f"{path}: tensor 'backgrounds' is {tuple(backgrounds.shape)} {backgrounds.dtype}; "
+                             f"expected uint8 (B, {size}, 3)")  # fmt: skip
+    return ReplayData(tensors["good"], tensors["val"], defects, backgrounds)
 
 
 def _defects(

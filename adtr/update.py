@@ -159,7 +159,8 @@ def update_run(
     fitted = fit_on_features(config, features, device, val_idx=range(n_train, len(features)),
                              anomalies=labelled or None, external=new_external or None, init=model,
                              progress=progress, train_reconstructor=not keep,
-                             prior_defects=replay.defect_pool(model))  # fmt: skip
+                             prior_defects=replay.defect_pool(model),
+                             backgrounds=replay.background_images())  # fmt: skip
     config = dataclasses.replace(config, score=fitted.model.score_cfg)  # with the head's gain, if chosen
     source = "held_out" if len(fitted.val) else "training"
     scores, maxima = feature_scores(fitted.model, fitted.val if len(fitted.val) else fitted.train, device)
@@ -186,12 +187,14 @@ def update_run(
                 "external": file_list_summary([s.path for s in new_external], contents=True),
             },
             "steps": 0 if keep else steps,  # 0: only the defect head was fitted
+            "head_pasted": fitted.head_pasted,  # pasted copies of the new defects (defect_paste.py)
             "forgetting_guard": guard,
         },
         "fit_seconds": time.perf_counter() - t0,
         "feature_seconds": feature_seconds,  # the new good images' (the anomalies' are in fit_seconds)
     }  # fmt: skip
-    new_replay = make_replay(fitted.model, fitted.train, fitted.val, train.seed, fitted.head_defects)
+    new_replay = make_replay(fitted.model, fitted.train, fitted.val, train.seed, fitted.head_defects,
+                             fitted.backgrounds)  # fmt: skip
     provenance["replay"] = new_replay.summary()
     inputs = record.inputs
     if inputs is not None and infos:  # a parent without a profile (saved before it) keeps none

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from adtr import ADTRDetector
-from adtr.data.images import image_size, read_mask
+from adtr.data.images import image_size, read_image, read_mask
 from adtr.data.mvtec import test_samples, train_samples
 from adtr.data.splits import kshot_split
-from adtr.data.transforms import resize_map
+from adtr.data.transforms import resize_image, resize_map
 from adtr.defect_head import fit_defect_head
-from adtr.engine import anomaly_pool, extract_features
+from adtr.engine import anomaly_pool, extract_features, token_labels
 from adtr.metrics import image_metrics, pixel_metrics
 from adtr.model import map_image_score
 from adtr.runtime import configure_cpu
@@ -54,9 +54,18 @@ def main() -> None:
     p.add_argument("--wds", default="1e-3")
     p.add_argument("--holdout", default=None)
     p.add_argument("--pseudo", type=float, default=None)
+    p.add_argument("--paste", type=int, default=0,
+                   help="also fit the head with this many copies of each masked defect pasted onto good images")
+    p.add_argument("--paste-shift", choices=("none", "roll", "flip"), default="none",
+                   help="where a pasted defect lands: where it was (none), moved (roll), moved or mirrored (flip)")
+    p.add_argument("--backgrounds", type=int, default=0, help="paste onto this many good images (0: all)")
+    p.add_argument("--paste-space", choices=("pixels", "features"), default="pixels",
+                   help="paste the defect's masked pixels before the backbone, or its tokens' features after it")
     p.add_argument("--scorer", action="store_true",
                    help="also print image AUROC of the image scorer's map joined with the head (gains 0, 1, 2, 4)")
     args = p.parse_args()
+    if args.paste and (args.desc != "r" or args.hidden or args.pseudo is not None):
+        p.error("--paste needs the product's head (--desc r, no --hidden) and masks (no --pseudo)")
     configure_cpu(2)
     model = ADTRDetector.load(args.run, progress=False).model_.eval()
     dev = torch.device("cpu")
@@ -139,6 +148,68 @@ def main() -> None:
             score = map_image_score(model.upsample(g), model.score_cfg, model.cfg.image_size)
         labels = np.array([s.label for s in samples])
         return round(float(image_metrics(score.double().numpy(), labels)["image_auroc"]), 4)
+    goods = train_samples(args.data)
+    if args.backgrounds:  # a seeded sample of the good images, as a run keeps
+        order = torch.randperm(len(goods), generator=torch.Generator().manual_seed(0))[: args.backgrounds]
+        goods = [goods[i] for i in sorted(order.tolist())]
+
+    @torch.no_grad()
+    def pasted(anomalies: list, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residuals (M, C, h, w) and token labels (M, h, w) of n copies of each masked defect's
+        masked pixels pasted onto good training images (at the model's input size)."""
+        size = model.cfg.image_size
+        g = torch.Generator().manual_seed(seed)
+        images, masks = [], []
+        for s in anomalies:
+            if not s.mask_path:
+                continue
+            img = resize_image(read_image(s.path), size)
+            m = torch.from_numpy(read_mask(s.mask_path, image_size(s.path))).float()
+            m = (F.interpolate(m[None, None], size=size, mode="area")[0] > 0.5).float()  # (1, H, W)
+            for _ in range(n):
+                good = resize_image(read_image(goods[int(torch.randint(len(goods), (1,), generator=g))].path), size)
+                d, dm = img, m
+                if args.paste_shift != "none":
+                    ys, xs = torch.nonzero(dm[0], as_tuple=True)
+                    if len(ys):  # move the defect's box to a random place where it fits
+                        y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+                        ty = int(torch.randint(size[0] - (y1 - y0) + 1, (1,), generator=g))
+                        tx = int(torch.randint(size[1] - (x1 - x0) + 1, (1,), generator=g))
+                        d, dm = d.roll((ty - y0, tx - x0), (1, 2)), dm.roll((ty - y0, tx - x0), (1, 2))
+                    if args.paste_shift == "flip" and bool(torch.rand(1, generator=g) < 0.5):
+                        d, dm = d.flip(2), dm.flip(2)
+                images.append(good * (1 - dm) + d * dm)
+                masks.append(dm[0])
+        x = torch.stack(images)
+        f = torch.cat([model.standardize(model.extract(b)) for b in x.split(8)])
+        return residual(f), token_labels(torch.stack(masks), model.cfg.grid_size)
+
+    @torch.no_grad()
+    def pasted_features(f_anom: torch.Tensor, l_anom: torch.Tensor, n: int, seed: int):
+        """The same in feature space: the tokens a mask touches, with their standardised features,
+        moved into good training images' feature grids."""
+        g = torch.Generator().manual_seed(seed)
+        feats, labels = [], []
+        for f, lab in zip(f_anom, l_anom, strict=True):
+            m = (lab > 0).float()
+            if not m.any():
+                continue
+            for _ in range(n):
+                good = f_train[int(torch.randint(len(f_train), (1,), generator=g))]
+                d, dl = f, lab
+                if args.paste_shift != "none":
+                    ys, xs = torch.nonzero(m, as_tuple=True)
+                    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+                    ty = int(torch.randint(m.shape[0] - (y1 - y0) + 1, (1,), generator=g))
+                    tx = int(torch.randint(m.shape[1] - (x1 - x0) + 1, (1,), generator=g))
+                    d, dl = d.roll((ty - y0, tx - x0), (1, 2)), dl.roll((ty - y0, tx - x0), (0, 1))
+                    if args.paste_shift == "flip" and bool(torch.rand(1, generator=g) < 0.5):
+                        d, dl = d.flip(2), dl.flip(1)
+                dm = (dl > 0).float()
+                feats.append(good * (1 - dm) + d * dm)
+                labels.append(dl)
+        return residual(torch.stack(feats)), torch.stack(labels)
+
     for draw in [int(x) for x in args.draws.split(",")]:
         anomalies, rest = kshot_split(test, 5, draw, pool_size=5)
         if args.holdout:
@@ -153,6 +224,15 @@ def main() -> None:
             labels = (g >= args.pseudo * g.flatten(1).amax(1).view(-1, 1, 1)).float()
             keep = labels > 0.5
         else:
+            keep = (labels > 0.5) | (labels == 0)
+        if args.paste:
+            if args.paste_space == "pixels":
+                r_p, l_p = pasted(anomalies, args.paste, draw)
+            else:
+                masked = pool.pixel_level
+                r_p, l_p = pasted_features(pool.features[masked], pool.token_labels[masked], args.paste, draw)
+            print("draw", draw, "pasted copies", len(r_p), flush=True)
+            r_anom, labels = torch.cat([r_anom, r_p]), torch.cat([labels, l_p])
             keep = (labels > 0.5) | (labels == 0)
         xa, ya = desc(r_anom, pool.features)[keep], labels[keep]
         xg = desc(r_train, f_train).reshape(-1, xa.shape[1])

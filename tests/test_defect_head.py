@@ -285,7 +285,11 @@ def test_corrupt_kept_defects_are_refused(parts, tmp_path):
     det.save(tmp_path / "run")
     path = tmp_path / "run" / REPLAY_FILE
     tensors = load_file(str(path))
-    assert set(tensors) == {"good", "val", "defects", "defect_labels", "defect_masked"}
+    assert set(tensors) == {"good", "val", "defects", "defect_labels", "defect_masked", "backgrounds"}
+    for bad in (tensors["backgrounds"].float(), tensors["backgrounds"][:, :-1]):  # another type, another size
+        save_file({**tensors, "backgrounds": bad.contiguous()}, str(path))
+        with pytest.raises(RunFolderError, match="tensor 'backgrounds'"):
+            ADTRDetector.load(tmp_path / "run", progress=False)
     tensors["defect_labels"] = torch.full_like(tensors["defect_labels"], float("nan"))
     save_file(tensors, str(path))
     with pytest.raises(RunFolderError, match="invalid defect tensors"):
