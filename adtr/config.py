@@ -217,10 +217,12 @@ class TrainConfig:
     # on the residual (defect_head.py; masks give its token labels, image labels the residual
     # map's top tokens); "loss": they enter L_px / L_img (SPEC section 2, the paper).
     labelled_anomalies: str = "head"
-    # Copies of each masked defect pasted onto good training images (defect_paste.py) to fit the
-    # defect head with, beside the defects themselves: 10 measured on metal_plate and bsdata
-    # (docs/design.md, "Defects pasted onto good images"). 0: off. Runs saved before: 0.
-    head_paste: int = 10
+    # Copies of each masked defect pasted onto good training images at random places
+    # (defect_paste.py) to fit the defect head with, beside the defects themselves. None: 10
+    # where the parts lie anywhere (the map's per-position weight below 0.5, as metal_plate's),
+    # none where they are aligned (bottle, bsdata), as measured (docs/design.md, "Defects pasted
+    # onto good images"). 0: off. Runs saved before: 0.
+    head_paste: int | None = None
     # After a fit of the learnable-query transformer, its validation loss (MSE of the held-out
     # good images' standardised features: about the share of their variance it leaves
     # unexplained) above this makes the fit start again without the query (use_query False):
@@ -259,8 +261,8 @@ class TrainConfig:
             (self.calibration_folds >= 2, f"calibration folds must be >= 2, got {self.calibration_folds}"),
             (self.image_scorer_epochs >= 1, f"image scorer epochs must be >= 1, got {self.image_scorer_epochs}"),
             (
-                _is_int(self.head_paste) and self.head_paste >= 0,
-                f"head paste must be a whole number >= 0, got {self.head_paste!r}",
+                self.head_paste is None or (_is_int(self.head_paste) and self.head_paste >= 0),
+                f"head paste must be a whole number >= 0 or None (auto), got {self.head_paste!r}",
             ),
             (
                 self.query_fallback is None or 0 < self.query_fallback < math.inf,

@@ -49,7 +49,7 @@ from adtr.data.samples import Sample
 from adtr.data.splits import split_validation
 from adtr.data.transforms import input_size_for
 from adtr.defect_head import PSEUDO_SHARE, DefectHead, default_gain, fit_defect_head, head_norm
-from adtr.defect_paste import defect_pixels, load_backgrounds, paste_defects
+from adtr.defect_paste import copies_for, defect_pixels, load_backgrounds, paste_copies, paste_defects
 from adtr.drift import ImageInfo, InputProfile
 from adtr.engine import (
     AnomalyPool,
@@ -286,10 +286,16 @@ def crossfit_scores(
     for j in range(k):
         held = sorted(perm[j::k])
         log.info("calibration: cross-fitting fold %d of %d (%d of %d good images held out)", j + 1, k, len(held), n)
+        backgrounds = None  # pasted defects (defect_paste.py) land on the fold's own training images
+        if config.train.head_paste != 0 and head_samples(config, anomalies) and not generators:
+            kept = set(held)
+            backgrounds = load_backgrounds([good[i] for i in range(n) if i not in kept], config.model.image_size,
+                                           config.train.seed)  # fmt: skip
         fold = fit_on_features(config, good if generators else raw, device, val_idx=held, anomalies=anomalies,
                                external=external, generators=generators,
                                init=copy.deepcopy(init) if init is not None else None, progress=progress,
-                               train_reconstructor=train_reconstructor, prior_defects=prior_defects)  # fmt: skip
+                               train_reconstructor=train_reconstructor, prior_defects=prior_defects,
+                               backgrounds=backgrounds)  # fmt: skip
         scores[held], maxima[held] = feature_scores(fold.model, fold.val, device)
     return scores, maxima
 
@@ -388,15 +394,6 @@ def fit_on_features(
         head_pool = anomaly_pool(model, for_head, device, progress=progress) if for_head else None
         if head_pool is not None:
             check_masks(for_head, head_pool)
-        if backgrounds is None and not isinstance(good, torch.Tensor):  # kept in the run for updates
-            backgrounds = load_backgrounds([good[i] for i in train_idx], model.cfg.image_size, cfg.seed)
-        pasted = None
-        if head_pool is not None and cfg.head_paste:
-            if backgrounds is not None and len(backgrounds):
-                pasted = _pasted_pool(model, for_head, backgrounds, cfg.head_paste, cfg.seed, device)
-            else:
-                log.info("no good images to paste the defects onto (a run saved before it kept them): the defect "
-                         "head is fitted on the defects alone")  # fmt: skip
         feature_seconds = time.perf_counter() - t0 if not isinstance(good, torch.Tensor) else 0.0
         data = TrainingData(features[train_idx], synthetic, pool)
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -449,6 +446,18 @@ def fit_on_features(
     if config.score.residual_norm != "none":
         # the held-out good images choose the image scorer's per-position weight (while unset)
         model.set_residual_scale(features[train_idx], held=features[val_idx] if val_idx else None)
+    # defects pasted onto good images for the head (defect_paste.py): parts that lie anywhere only, by default
+    copies = paste_copies(config.train.head_paste, model.score_cfg.map_position_weight)
+    if copies and backgrounds is None and not isinstance(good, torch.Tensor):  # kept in the run for updates
+        backgrounds = load_backgrounds([good[i] for i in train_idx], model.cfg.image_size, cfg.seed)
+    pasted = None
+    if head_pool is not None and copies:
+        if backgrounds is not None and len(backgrounds):
+            first = len(prior_defects) if prior_defects is not None else 0  # new places for new defects
+            pasted = _pasted_pool(model, for_head, backgrounds, copies, cfg.seed, device, first)
+        else:
+            log.info("no good images to paste the defects onto (features without their images, or a run saved "
+                     "before it kept them): the defect head is fitted on the defects alone")  # fmt: skip
     if head_pool is not None:
         pool = head_pool if pool is None else AnomalyPool.cat([pool, head_pool])
     head_defects = AnomalyPool.cat([p for p in (prior_defects, head_pool) if p is not None]) if (
@@ -456,20 +465,25 @@ def fit_on_features(
     if model.score_cfg.defect_head:
         fit_head(model, features[train_idx], head_defects, pasted=pasted)
     return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds, all_raw, infos,
-                     head_defects if model.score_cfg.defect_head else None, backgrounds,
+                     head_defects if model.score_cfg.defect_head else None, backgrounds if copies else None,
                      len(pasted) if pasted is not None and model.score_cfg.defect_head else 0)  # fmt: skip
 
 
 @torch.no_grad()
 def _pasted_pool(model: ADTR, samples: Sequence[Sample], backgrounds: torch.Tensor, copies: int, seed: int,
-                 device: torch.device, batch_size: int = 8) -> AnomalyPool | None:  # fmt: skip
-    """Standardised features and token labels of `copies` pastes of each masked defect among
-    samples onto the backgrounds (defect_paste.py), or None when no sample has a mask. Made one
-    defect at a time, so that only one defect's copies are in memory as pixels."""
+                 device: torch.device, first: int = 0, batch_size: int = 8) -> AnomalyPool | None:  # fmt: skip
+    """Standardised features and token labels of pastes of each masked defect among samples onto
+    the backgrounds (defect_paste.py), or None when no sample has a mask: `copies` each, fewer
+    when the defects are many (defect_paste.copies_for). The i-th defect's copies are drawn with
+    seed (seed, first + i). Made one defect at a time: the copies' pixels of one defect at most
+    are in memory beside their features."""
+    model.eval()
     images, masks = defect_pixels(samples, model.cfg.image_size)
+    copies = copies_for(copies, len(images))
     feats, labels = [], []
     for i in range(len(images)):
-        composites, pasted_masks = paste_defects(images[i : i + 1], masks[i : i + 1], backgrounds, copies, (seed, i))
+        composites, pasted_masks = paste_defects(images[i : i + 1], masks[i : i + 1], backgrounds, copies,
+                                                 (seed, first + i))  # fmt: skip
         for b in composites.split(batch_size):
             feats.append(model.standardize(model.extract(b.to(device))).cpu())
         labels.append(token_labels(pasted_masks, model.cfg.grid_size))

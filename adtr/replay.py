@@ -12,9 +12,10 @@ it learnt. ADTR's backbone is frozen, so its features stand in for the images:
                              defects it was fitted on, "defect_labels": (K, h, w) their token
                              labels, "defect_masked": (K,) uint8 (1: the labels come from a mask),
                              so that an update fits the head on the old defects and the new ones;
-                             "backgrounds": (B, H, W, 3) uint8, up to defect_paste.BACKGROUNDS good
-                             training images at the input size, for an update to paste its new
-                             defects onto (defect_paste.py), as the fit would
+                             in runs that paste defects for the head, "backgrounds": (B, H, W, 3)
+                             uint8, up to defect_paste.BACKGROUNDS good training images at the
+                             input size, for an update to paste its new defects onto
+                             (defect_paste.py), as the fit would
 
 Bound: at most MAX_IMAGES images per set and MAX_BYTES for the file. Lite0 at 256x256 has
 192 x 32 x 32 values an image on the default stride-8 grid (token_patch 2), 384 KiB in
@@ -58,18 +59,19 @@ class ReplayData:
         return self.backgrounds if self.backgrounds is not None and len(self.backgrounds) else None
 
     def summary(self) -> dict[str, Any]:
-        """What config.json records about the file: counts, size and bound."""
+        """What config.json records about the file: counts, sizes (bytes: the features and defects,
+        within max_bytes; background_bytes: the uint8 backgrounds, on top) and bound."""
         d = self.defects
         tensors = [self.good, self.val]
         if d is not None:
             tensors += [d.features, d.token_labels.to(DTYPE), d.pixel_level]
-        if self.backgrounds is not None:
-            tensors.append(self.backgrounds)
-        n_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        n_bytes = sum(t.numel() * t.element_size() for t in tensors)  # the features, bounded by MAX_BYTES
+        background_bytes = self.backgrounds.numel() if self.backgrounds is not None else 0  # uint8, on top
         return {"file": REPLAY_FILE, "good": len(self.good), "val": len(self.val),
                 "defects": len(self.defects) if self.defects is not None else 0,
                 "backgrounds": len(self.backgrounds) if self.backgrounds is not None else 0, "dtype": "float16",
-                "bytes": n_bytes, "max_images": MAX_IMAGES, "max_bytes": MAX_BYTES}  # fmt: skip
+                "bytes": n_bytes, "background_bytes": background_bytes, "max_images": MAX_IMAGES,
+                "max_bytes": MAX_BYTES}  # fmt: skip
 
     def defect_pool(self, model: ADTR) -> AnomalyPool | None:
         """The kept defects with standardised float32 features (for fit.fit_on_features), or None."""

@@ -131,7 +131,7 @@ def bench_set(name: str, root: Path, args: argparse.Namespace, ks: list[int], mo
 
     def fit(labelled_anomalies: str = "head", **fit_args) -> tuple[ADTRDetector, float]:
         t0 = time.perf_counter()
-        train_cfg = TrainConfig(labelled_anomalies=labelled_anomalies)
+        train_cfg = TrainConfig(labelled_anomalies=labelled_anomalies, head_paste=args.head_paste)
         train_cfg = train_cfg if args.steps is None else dataclasses.replace(train_cfg, steps=args.steps)
         det = ADTRDetector(score=ScoreConfig(head_gain=args.head_gain), train=train_cfg, progress=False)
         det.fit(root, **fit_args)
@@ -210,6 +210,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="steps of every fit (default: the library's)")
     p.add_argument("--head-gain", type=float, default=None,
                    help="the defect head's gain (default: the library's, defect_head.default_gain)")
+    p.add_argument("--head-paste", type=int, default=None,
+                   help="copies of each masked defect pasted for the head (default: the library's rule)")
     p.add_argument("--out", type=Path, default=REPO / "results" / "kshot")
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "kshot")
     p.add_argument("--reuse", action="store_true", help="load the normal-only runs an earlier call saved in --runs")

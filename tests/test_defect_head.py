@@ -280,8 +280,9 @@ def test_crossfit_with_init_and_defects_fits_heads_only(parts, tmp_path, monkeyp
 
 
 def test_corrupt_kept_defects_are_refused(parts, tmp_path):
-    det = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(parts / "train",
-                                                                              anomalies=parts / "defects")
+    pasting = dataclasses.replace(TRAIN, head_paste=2)  # a run that pastes keeps its backgrounds
+    det = ADTRDetector(TINY, train=pasting, progress=False, backend="torch").fit(parts / "train",
+                                                                                anomalies=parts / "defects")
     det.save(tmp_path / "run")
     path = tmp_path / "run" / REPLAY_FILE
     tensors = load_file(str(path))

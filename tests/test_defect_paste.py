@@ -13,15 +13,31 @@ from safetensors.torch import load_file, save_file
 from test_defect_head import TRAIN, parts  # noqa: F401  (the fixture)
 
 from adtr import ADTRDetector
-from adtr.config import RunConfig, TrainConfig
+from adtr import fit as fit_module
+from adtr.config import RunConfig, ScoreConfig, TrainConfig
 from adtr.data.folder import anomaly_samples
-from adtr.defect_paste import BACKGROUNDS, defect_pixels, load_backgrounds, paste_defects
+from adtr.data.images import read_image
+from adtr.data.mvtec import train_samples
+from adtr.data.splits import split_validation
+from adtr.data.transforms import resize_image
+from adtr.defect_paste import (
+    AUTO_COPIES,
+    BACKGROUNDS,
+    MAX_PASTED,
+    copies_for,
+    defect_pixels,
+    load_backgrounds,
+    paste_copies,
+    paste_defects,
+)
 from adtr.replay import REPLAY_FILE
 
 
 def _scene() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One 12x16 defect (value 200) whose mask is a 2x3 box, and three constant backgrounds."""
-    image = torch.full((1, 3, 12, 16), 200.0)
+    """One 12x16 defect image whose every pixel differs (a ramp), its mask a 2x3 box at rows
+    5-6, columns 9-11, and three constant backgrounds."""
+    ramp = 100.0 + torch.arange(12 * 16, dtype=torch.float32).view(1, 12, 16) / 4
+    image = torch.cat([ramp, ramp + 1, ramp + 2])[None]
     mask = torch.zeros(1, 12, 16)
     mask[0, 5:7, 9:12] = 1.0
     backgrounds = torch.stack([torch.full((12, 16, 3), v, dtype=torch.uint8) for v in (10, 20, 30)])
@@ -36,15 +52,19 @@ def test_each_copy_moves_the_whole_defect_onto_a_background():
     for composite, m in zip(out, masks, strict=True):
         assert float(m.sum()) == 6.0  # the whole box, never cut at an edge
         ys, xs = torch.nonzero(m, as_tuple=True)
-        assert int(ys.max() - ys.min()) == 1 and int(xs.max() - xs.min()) == 2
-        places.add((int(ys.min()), int(xs.min())))
-        assert torch.all(composite[:, m > 0] == 200.0)  # the defect's pixels inside the mask
+        y, x = int(ys.min()), int(xs.min())
+        assert int(ys.max()) == y + 1 and int(xs.max()) == x + 2
+        places.add((y, x))
+        # the defect's own pixels, in their order, where the mask landed
+        assert torch.equal(composite[:, y : y + 2, x : x + 3], image[0, :, 5:7, 9:12])
         outside = composite[:, m == 0]
         assert float(outside.min()) == float(outside.max()) and float(outside[0, 0]) in (10.0, 20.0, 30.0)
     assert len(places) > 3 and len({float(c[0, 0, 0]) for c in out}) > 1  # places and backgrounds vary
     again, _ = paste_defects(image, mask, backgrounds, copies=12, seed=3)
     other, _ = paste_defects(image, mask, backgrounds, copies=12, seed=4)
     assert torch.equal(out, again) and not torch.equal(out, other)
+    # many defects get fewer copies each, all of them together at most MAX_PASTED
+    assert copies_for(10, 5) == 10 and copies_for(10, 100) == MAX_PASTED // 100 and copies_for(10, 10_000) == 1
 
 
 def test_a_soft_mask_blends_and_empty_masks_or_missing_backgrounds_are_handled():
@@ -52,7 +72,7 @@ def test_a_soft_mask_blends_and_empty_masks_or_missing_backgrounds_are_handled()
     mask[0, 5, 9] = 0.25  # a pixel the defect covers a quarter of
     out, masks = paste_defects(image, mask, backgrounds[:1], copies=1, seed=0)
     ys, xs = torch.nonzero(masks[0] == 0.25, as_tuple=True)
-    assert float(out[0, 0, ys[0], xs[0]]) == 10 * 0.75 + 200 * 0.25
+    assert float(out[0, 0, ys[0], xs[0]]) == 10 * 0.75 + float(image[0, 0, 5, 9]) * 0.25
     empty, no_masks = paste_defects(image, torch.zeros(1, 12, 16), backgrounds, copies=5, seed=0)
     assert empty.shape == (0, 3, 12, 16) and no_masks.shape == (0, 12, 16)
     with pytest.raises(ValueError, match="no good images"):
@@ -69,6 +89,13 @@ def test_defect_pixels_and_backgrounds_are_read_at_the_input_size(parts, tmp_pat
     # the first defect's mask covers rows 16-39 and columns 8-39 of 64x64: half of each side here
     assert torch.equal(masks[0] > 0, torch.zeros(32, 48, dtype=torch.bool).index_fill(0, torch.arange(8, 20), True)
                        & torch.zeros(32, 48, dtype=torch.bool).index_fill(1, torch.arange(6, 30), True))  # fmt: skip
+    assert set(masks.unique().tolist()) == {0.0, 1.0}  # hard edges
+    # a pit smaller than half an input pixel keeps the pixel it touches
+    pit = np.zeros((64, 64), np.uint8)
+    pit[33, 17] = 255
+    write_png(tmp_path / "pit_mask.png", pit)
+    _, small = defect_pixels([dataclasses.replace(samples[0], mask_path=tmp_path / "pit_mask.png")], (16, 16))
+    assert small.sum() == 1 and small[0, 8, 4] == 1
     for i in range(BACKGROUNDS + 4):
         write_png(tmp_path / "good" / f"{i:03d}.png", np.full((20, 30, 3), i, np.uint8))
     goods = [dataclasses.replace(samples[0], path=p, mask_path=None, label=0)
@@ -99,6 +126,18 @@ def test_the_fit_pastes_each_masked_defect_and_an_update_pastes_onto_the_kept_ba
     # (the replay's float16 features move the head by about 1e-5 of its weights)
     assert float((new.model_.head_weight - w3).abs().max()) < apart / 100
     assert torch.equal(new.record_.replay.backgrounds, fits[3].record_.replay.backgrounds)
+    # the backgrounds: the parent's training images (not its held-out ones) as the model sees them, in order
+    parent = ADTRDetector.load(tmp_path / "base", progress=False, backend="torch")
+    h, w = parent.model_.cfg.image_size
+    samples = train_samples(parts / "train")
+    training = [samples[i] for i in split_validation(len(samples), TRAIN.val_fraction, TRAIN.seed)[0]]
+    kept = parent.record_.replay.backgrounds
+    assert kept.dtype == torch.uint8 and kept.shape == (min(BACKGROUNDS, len(training)), h, w, 3)
+    assert torch.equal(kept, load_backgrounds(training, (h, w), TRAIN.seed))
+    first = resize_image(read_image(training[0].path), (h, w)).round().to(torch.uint8).permute(1, 2, 0)
+    assert torch.equal(kept[0], first)
+    recorded = parent.record_.provenance["replay"]
+    assert recorded["backgrounds"] == len(kept) and recorded["background_bytes"] == len(kept) * h * w * 3
     # a parent saved before the backgrounds: its update fits the head on the defects alone
     path = tmp_path / "base" / REPLAY_FILE
     tensors = load_file(str(path))
@@ -109,8 +148,38 @@ def test_the_fit_pastes_each_masked_defect_and_an_update_pastes_onto_the_kept_ba
     assert float((old.model_.head_weight - w0).abs().max()) < apart / 100
 
 
+def test_cross_fitted_folds_paste_onto_their_own_training_images(parts, monkeypatch):  # noqa: F811
+    calls = []
+    real = fit_module._pasted_pool
+
+    def spy(model, samples, backgrounds, *args, **kwargs):
+        calls.append(backgrounds)
+        return real(model, samples, backgrounds, *args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "_pasted_pool", spy)
+    train = dataclasses.replace(TRAIN, head_paste=2, calibration="crossfit", calibration_folds=2)
+    det = ADTRDetector(TINY, train=train, progress=False, backend="torch").fit(parts / "train",
+                                                                              anomalies=parts / "defects")  # fmt: skip
+    assert det.thresholds_.source == "crossfit" and len(calls) == 3  # the final fit and 2 folds
+    final, folds = calls[0], calls[1:]
+    assert len(final) == BACKGROUNDS and all(len(f) == 8 for f in folds)  # 16 images, 8 trained in each fold
+    # each fold's backgrounds are the images its model trained on: the two folds share none
+    flat = [{bytes(b.numpy()) for b in f} for f in folds]
+    assert not flat[0] & flat[1] and flat[0] | flat[1] == {bytes(b.numpy()) for b in final}
+
+
+def test_the_default_pastes_only_where_the_parts_lie_anywhere(parts):  # noqa: F811
+    assert [paste_copies(None, w) for w in (0.0, 0.25, 0.5, 1.0, None)] == [AUTO_COPIES, AUTO_COPIES, 0, 0, 0]
+    assert paste_copies(3, 0.5) == 3 and paste_copies(0, 0.0) == 0  # a number is used as it is
+    for weight, pasted in ((0.0, 4 * AUTO_COPIES), (0.5, 0)):  # the map's per-position weight, as a fit sets it
+        det = ADTRDetector(TINY, ScoreConfig(map_position_weight=weight), train=TRAIN, progress=False,
+                           backend="torch").fit(parts / "train", anomalies=parts / "defects")  # fmt: skip
+        assert det.config.train.head_paste is None and det.record_.provenance["data"]["head_pasted"] == pasted
+        assert (det.record_.replay.backgrounds is None) == (pasted == 0)
+
+
 def test_head_paste_setting():
-    assert TrainConfig().head_paste == 10
+    assert TrainConfig().head_paste is None
     old = RunConfig.from_dict({"schema_version": 1, "model": {"image_size": [64, 64]}, "score": {}, "train": {}})
     assert old.train.head_paste == 0  # runs saved before fitted the head on the defects alone
     for bad in (-1, 1.5, True):
