@@ -322,6 +322,9 @@ def _training_settings(config: Any) -> Any:
     doc["train"]["reconstructor_steps"] = (steps_for(run.train, run.model.image_size)
                                            if run.train.epochs is None else None)  # epochs override both  # fmt: skip
     doc["train"].pop("step_pixels", None)
+    # nor the defects pasted for the head, which is fitted after training (a state saved before
+    # the key reads 0 and resumes under today's default)
+    doc["train"].pop("head_paste", None)
     return doc
 
 

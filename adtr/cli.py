@@ -144,6 +144,14 @@ def _step_pixels(text: str) -> int | None:
     return _number(text, int, lambda v: v >= 1, "'off' or a whole number >= 1")
 
 
+def _head_paste(text: str) -> int | None:
+    if text.strip().lower() == "auto":
+        return None
+    if text.strip().lower() == "off":
+        return 0
+    return _number(text, int, lambda v: v >= 0, "'auto', 'off' or a whole number >= 0")
+
+
 def _non_negative_float(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 
@@ -382,6 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"reconstructor with the paper's L_px / L_img (default: {TrainConfig().labelled_anomalies})",
     )
     g.add_argument(
+        "--head-paste",
+        type=_head_paste,
+        default=TrainConfig().head_paste,
+        metavar="N|auto|off",
+        help="copies of each masked defect pasted onto good training images at random places for the defect "
+        "head: 'auto' pastes 10 where the parts lie anywhere (the fit's map statistics say so) and none where "
+        "they are aligned, as measured (docs/design.md, 'Defects pasted onto good images') (default: auto)",
+    )
+    g.add_argument(
         "--synthetic",
         default="",
         help=f"comma-separated synthetic anomaly generators: {', '.join(sorted(GENERATORS))}",
@@ -554,6 +571,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             calibration=args.calibration,
             loss=args.loss,
             labelled_anomalies=args.labelled_anomalies,
+            head_paste=args.head_paste,
             query_fallback=args.query_fallback,
         )
         score = ScoreConfig(smoothing_sigma=args.smoothing_sigma, image_score=args.image_score,

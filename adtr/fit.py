@@ -287,7 +287,8 @@ def crossfit_scores(
         held = sorted(perm[j::k])
         log.info("calibration: cross-fitting fold %d of %d (%d of %d good images held out)", j + 1, k, len(held), n)
         backgrounds = None  # pasted defects (defect_paste.py) land on the fold's own training images
-        if config.train.head_paste != 0 and head_samples(config, anomalies) and not generators:
+        pastes = paste_copies(config.train.head_paste, config.score.map_position_weight) > 0  # as the final model
+        if pastes and head_samples(config, anomalies) and not generators:
             kept = set(held)
             backgrounds = load_backgrounds([good[i] for i in range(n) if i not in kept], config.model.image_size,
                                            config.train.seed)  # fmt: skip
@@ -448,6 +449,12 @@ def fit_on_features(
         model.set_residual_scale(features[train_idx], held=features[val_idx] if val_idx else None)
     # defects pasted onto good images for the head (defect_paste.py): parts that lie anywhere only, by default
     copies = paste_copies(config.train.head_paste, model.score_cfg.map_position_weight)
+    if cfg.labelled_anomalies != "head":  # no head is fitted from labelled anomalies: nothing to paste
+        copies = 0
+    if head_pool is not None and cfg.head_paste is None:
+        log.info("defects pasted for the head: %d copies each (auto: the map's per-position weight is %s; parts "
+                 "that lie anywhere, below 0.5, paste)", copies, model.score_cfg.map_position_weight)  # fmt: skip
+    given = backgrounds  # an update's (its parent's) are kept as they are
     if copies and backgrounds is None and not isinstance(good, torch.Tensor):  # kept in the run for updates
         backgrounds = load_backgrounds([good[i] for i in train_idx], model.cfg.image_size, cfg.seed)
     pasted = None
@@ -465,7 +472,8 @@ def fit_on_features(
     if model.score_cfg.defect_head:
         fit_head(model, features[train_idx], head_defects, pasted=pasted)
     return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds, all_raw, infos,
-                     head_defects if model.score_cfg.defect_head else None, backgrounds if copies else None,
+                     head_defects if model.score_cfg.defect_head else None,
+                     backgrounds if copies or given is not None else None,
                      len(pasted) if pasted is not None and model.score_cfg.defect_head else 0)  # fmt: skip
 
 

@@ -4,6 +4,7 @@ fit and update paths that use them."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from test_defect_head import TRAIN, parts  # noqa: F401  (the fixture)
 
 from adtr import ADTRDetector
 from adtr import fit as fit_module
+from adtr.checkpoint import CONFIG_FILE
 from adtr.config import RunConfig, ScoreConfig, TrainConfig
 from adtr.data.folder import anomaly_samples
 from adtr.data.images import read_image
@@ -178,6 +180,20 @@ def test_the_default_pastes_only_where_the_parts_lie_anywhere(parts):  # noqa: F
         assert (det.record_.replay.backgrounds is None) == (pasted == 0)
 
 
+@pytest.mark.parametrize("chosen", [0.0, 1.0])
+def test_auto_follows_the_weight_the_image_scorer_chooses_on_held_out_images(parts, monkeypatch, chosen):  # noqa: F811
+    from adtr import model as model_module
+
+    monkeypatch.setattr(model_module, "choose_position_weight", lambda train, held: chosen)
+    scored = dataclasses.replace(TINY, image_scorer="cnn")
+    det = ADTRDetector(scored, train=TRAIN, progress=False, backend="torch")
+    det.fit(parts / "train", anomalies=parts / "defects")
+    score = det.config.score
+    assert det.model_.uses_image_scorer and score.scorer_position_weight == chosen
+    assert score.map_position_weight == min(0.5, chosen)
+    assert det.record_.provenance["data"]["head_pasted"] == (4 * AUTO_COPIES if chosen < 0.5 else 0)
+
+
 def test_head_paste_setting():
     assert TrainConfig().head_paste is None
     old = RunConfig.from_dict({"schema_version": 1, "model": {"image_size": [64, 64]}, "score": {}, "train": {}})
@@ -185,3 +201,22 @@ def test_head_paste_setting():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="head paste"):
             TrainConfig(head_paste=bad)
+
+
+def test_cli_head_paste_option(parts, tmp_path, run_cli, capsys):  # noqa: F811
+    from adtr import cli
+
+    parse = cli.build_parser().parse_args
+    assert parse(["fit", "D", "--out", "R"]).head_paste is None
+    assert parse(["fit", "D", "--out", "R", "--head-paste", "auto"]).head_paste is None
+    assert parse(["fit", "D", "--out", "R", "--head-paste", "off"]).head_paste == 0
+    assert parse(["fit", "D", "--out", "R", "--head-paste", "3"]).head_paste == 3
+    for bad in ("-1", "1.5", "many"):
+        with pytest.raises(SystemExit):
+            parse(["fit", "D", "--out", "R", "--head-paste", bad])
+        assert "'auto', 'off' or a whole number >= 0" in capsys.readouterr().err
+    code, _, err = run_cli("fit", parts / "train", "--out", tmp_path / "run", "--image-size", "32", "--epochs", "1",
+                           "--anomalies", parts / "defects", "--head-paste", "2", "--quiet")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
+    assert doc["train"]["head_paste"] == 2 and doc["provenance"]["data"]["head_pasted"] == 4 * 2

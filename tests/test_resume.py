@@ -82,6 +82,7 @@ def test_resume_refuses_other_settings(tiny_run, tmp_path):
     doc["config"]["score"]["smoothing_sigma"] = 4.0  # the default when it was saved
     del doc["config"]["train"]["query_fallback"]
     del doc["config"]["train"]["step_pixels"]  # read as off: at this 64x64 input the same plan
+    del doc["config"]["train"]["head_paste"]  # read as 0: the head is fitted after training
     state.write_text(json.dumps(doc))
     assert load_train_state(tmp_path, det.model_, opt, gen, det.config)[0] == 1
     # ... where the input is larger than step_pixels the plan differs: refused, naming the options

@@ -87,7 +87,8 @@ def test_fit_keeps_replay_features_within_the_bound(parent):
     assert replay.good.dtype == torch.float16
     recorded = json.loads((run / CONFIG_FILE).read_text())["provenance"]["replay"]
     assert recorded["good"] == 15 and recorded["val"] == 5 and recorded["bytes"] == 20 * 192 * 16 * 2
-    # a run that pastes no defects for its head (aligned parts, by default) keeps no backgrounds
+    # a run whose setting pastes no defects for its head keeps no backgrounds (auto here: no image
+    # scorer, so the map's per-position weight is 0.5, read as aligned parts)
     assert recorded["backgrounds"] == 0 == recorded["background_bytes"] and replay.backgrounds is None
     # the stored validation features are the raw backbone features of the held-out files
     fresh = extract_features(det.model_, [s for s in train_samples(root) if s.path in set(_val_files(root))],
