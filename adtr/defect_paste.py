@@ -10,8 +10,9 @@ draws, 10 copies): MPDD metal_plate's AUPRO 0.9324 -> 0.9379, bsdata's 0.9577 ->
 default only parts that lie anywhere (metal_plate) paste (paste_copies; docs/design.md,
 "Defects pasted onto good images").
 
-The pasted copies only fit the head: they are not stored in the run (replay.py keeps the
-good images they are pasted onto, so that `adtr update` pastes its new defects as a fit does).
+The pasted copies only fit the head: they are not stored in the run. replay.py keeps the good
+images they are pasted onto and the defects' own pixels, so that `adtr update` pastes the old
+defects and its new ones as a fit with all of them does.
 """
 
 from __future__ import annotations
@@ -66,24 +67,24 @@ def load_backgrounds(samples: Sequence[Sample], size: tuple[int, int], seed: int
 
 
 def defect_pixels(samples: Sequence[Sample], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The masked defects among samples at the input size (H, W): images float (K, 3, H, W),
-    values 0..255, and masks float (K, H, W) of 0 / 1: the input pixels the mask covers by at
-    least half (area resizing), or, for a defect smaller than that (a pit under one input
-    pixel), every pixel it touches. Samples without a mask are left out. DataError for an
-    unreadable file."""
-    images, masks = [], []
-    for s in samples:
+    """The labelled defects at the input size (H, W), one row per sample: images uint8
+    (K, H, W, 3) and masks uint8 (K, H, W) of 0 / 1: the input pixels the mask covers by at
+    least half (area resizing), or, for a defect smaller than that (a pit under one input pixel),
+    every pixel it touches. A sample without a mask gets zeros (nothing to paste; its image is not
+    read). The layout replay.py keeps them in. DataError for an unreadable file."""
+    images = torch.zeros((len(samples), *size, 3), dtype=torch.uint8)
+    masks = torch.zeros((len(samples), *size), dtype=torch.uint8)
+    for i, s in enumerate(samples):
         if s.mask_path is None:
             continue
-        images.append(resize_image(read_image(s.path), size))
+        image = resize_image(read_image(s.path), size).round().clamp(0, 255).to(torch.uint8)
+        images[i] = image.permute(1, 2, 0)
         mask = torch.from_numpy(read_mask(s.mask_path, image_size(s.path))).float()
         share = F.interpolate(mask[None, None], size=size, mode="area")[0, 0]
         # a hard edge: the partly covered pixels blended in scored lower on metal_plate's draw 0
         # (AUPRO 0.9048 against 0.9084 and 0.9129 for two placements; docs/design.md)
-        masks.append((share >= 0.5).float() if bool((share >= 0.5).any()) else (share > 0).float())
-    if not images:
-        return torch.zeros((0, 3, *size)), torch.zeros((0, *size))
-    return torch.stack(images), torch.stack(masks)
+        masks[i] = (share >= 0.5) if bool((share >= 0.5).any()) else (share > 0)
+    return images, masks
 
 
 def paste_defects(

@@ -85,6 +85,8 @@ class FitResult:
     raw: torch.Tensor  # (N, C, h, w) raw features of all good images, in their order (cross-fitting reuses them)
     infos: list[ImageInfo]  # size and colour mode of each good image file, in order ([] for features)
     head_defects: AnomalyPool | None = None  # standardised defects the defect head was fitted on
+    # uint8 images (K, H, W, 3) and masks (K, H, W) of head_defects, in a run that pastes them
+    head_pixels: tuple[torch.Tensor, torch.Tensor] | None = None
     backgrounds: torch.Tensor | None = None  # (B, H, W, 3) uint8 good images defects are pasted onto
     head_pasted: int = 0  # pasted copies of defects the head was also fitted on (defect_paste.py)
 
@@ -122,7 +124,7 @@ def fit_run(
     if config.score.head_gain is not None and not head_samples(config, labelled):
         log.warning("the head gain (--head-gain) is ignored: no defect head is fitted now (it needs labelled "
                     "anomalies and --labelled-anomalies head)")  # fmt: skip
-    base, prior = None, None
+    base, prior, prior_pixels = None, None, None
     if init is not None:
         base, base_config, _ = load_run(init, device)
         score = base_config.score
@@ -132,6 +134,7 @@ def fit_run(
         config = dataclasses.replace(config, model=base_config.model, score=score)
         replay = load_replay(init, (base.channels, *base_config.model.grid_size), base_config.model.image_size)
         prior = replay.defect_pool(base) if replay is not None else None  # an init's head keeps its defects
+        prior_pixels = replay.defect_pixels if replay is not None else None
     config, base = with_defect_head(config, labelled, base)
     if config.model.image_size is None:
         size = input_size_for([image_size(s.path) for s in samples])
@@ -150,7 +153,8 @@ def fit_run(
     keep = base is not None and head_only(config, labelled, external_samples, generators)
     fitted = fit_on_features(config, samples, device, val_idx=val_idx, anomalies=labelled, external=external_samples,
                              generators=generators, init=base, state_dir=state_dir, resume=resume,
-                             progress=progress, train_reconstructor=not keep, prior_defects=prior)  # fmt: skip
+                             progress=progress, train_reconstructor=not keep, prior_defects=prior,
+                             prior_pixels=prior_pixels)  # fmt: skip
     # the fitted model's settings: the head's gain, if chosen; no query, if the fit fell back
     config = dataclasses.replace(config, model=fitted.model.cfg, score=fitted.model.score_cfg)
     if source == "crossfit" and keep:
@@ -163,7 +167,7 @@ def fit_run(
         scores, maxima = crossfit_scores(config, samples, fitted.raw, device, anomalies=labelled,
                                          external=external_samples, generators=generators, init=fold_init,
                                          progress=progress, train_reconstructor=not keep,
-                                         prior_defects=prior)  # fmt: skip
+                                         prior_defects=prior, prior_pixels=prior_pixels)  # fmt: skip
     else:
         scores, maxima = feature_scores(fitted.model, fitted.val if source == "held_out" else fitted.train, device)
     anomalous = threshold_anomaly_scores(fitted, device)
@@ -191,7 +195,7 @@ def fit_run(
     }
     provenance["data"]["head_pasted"] = fitted.head_pasted
     replay = make_replay(fitted.model, fitted.train, fitted.val, config.train.seed, fitted.head_defects,
-                         fitted.backgrounds)  # fmt: skip
+                         fitted.backgrounds, fitted.head_pixels)  # fmt: skip
     provenance["replay"] = replay.summary()
     return fitted.model, RunRecord(config, thresholds, score_stats(scores), provenance, fitted.history, replay,
                                    InputProfile.from_infos(fitted.infos))  # fmt: skip
@@ -266,6 +270,7 @@ def crossfit_scores(
     progress: bool = True,
     train_reconstructor: bool = True,
     prior_defects: AnomalyPool | None = None,
+    prior_pixels: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores and map maxima (N,) of every good image, each from a model fitted without it.
 
@@ -296,6 +301,7 @@ def crossfit_scores(
                                external=external, generators=generators,
                                init=copy.deepcopy(init) if init is not None else None, progress=progress,
                                train_reconstructor=train_reconstructor, prior_defects=prior_defects,
+                               prior_pixels=prior_pixels,
                                backgrounds=backgrounds)  # fmt: skip
         scores[held], maxima[held] = feature_scores(fold.model, fold.val, device)
     return scores, maxima
@@ -326,6 +332,7 @@ def fit_on_features(
     train_reconstructor: bool = True,
     prior_defects: AnomalyPool | None = None,
     backgrounds: torch.Tensor | None = None,
+    prior_pixels: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> FitResult:
     """Fit ADTR's reconstructor on good images, optionally with anomalies.
 
@@ -349,10 +356,12 @@ def fit_on_features(
     model.cfg says which, and its history records carry the query's "query_val_loss".
     prior_defects: standardised defects the defect head was fitted on before (an update's
         replay.ReplayData.defect_pool): fitted again together with the new ones.
-    backgrounds: uint8 (B, H, W, 3) good images at the input size to paste the new masked
-        defects onto (config.train.head_paste copies each; defect_paste.py), the result's
-        backgrounds; default: defect_paste.load_backgrounds of the training images (image
-        samples; with features, none: no pasting).
+    backgrounds: uint8 (B, H, W, 3) good images at the input size to paste the head's masked
+        defects onto (config.train.head_paste; defect_paste.py), the result's backgrounds;
+        default: defect_paste.load_backgrounds of the training images (image samples; with
+        features, none: no pasting). prior_pixels: the prior defects' uint8 images and masks
+        (defect_paste.defect_pixels's layout, aligned with prior_defects; replay.ReplayData's),
+        so that they are pasted again with the new ones (None: the prior ones are not pasted).
     Run by every rank of a process group (adtr/distributed.py), each extracts the features of
     its block of the images and trains on its rows of each batch; rank 0 alone saves state_dir.
     Raises SettingsError for settings the model cannot be built from, synthetic anomalies
@@ -457,41 +466,51 @@ def fit_on_features(
     given = backgrounds  # an update's (its parent's) are kept as they are
     if copies and backgrounds is None and not isinstance(good, torch.Tensor):  # kept in the run for updates
         backgrounds = load_backgrounds([good[i] for i in train_idx], model.cfg.image_size, cfg.seed)
-    pasted = None
-    if head_pool is not None and copies:
-        if backgrounds is not None and len(backgrounds):
-            first = len(prior_defects) if prior_defects is not None else 0  # new places for new defects
-            pasted = _pasted_pool(model, for_head, backgrounds, copies, cfg.seed, device, first)
-        else:
-            log.info("no good images to paste the defects onto (features without their images, or a run saved "
-                     "before it kept them): the defect head is fitted on the defects alone")  # fmt: skip
     if head_pool is not None:
         pool = head_pool if pool is None else AnomalyPool.cat([pool, head_pool])
     head_defects = AnomalyPool.cat([p for p in (prior_defects, head_pool) if p is not None]) if (
         prior_defects is not None or head_pool is not None) else None  # fmt: skip
+    head_pixels, pasted = None, None
+    if copies and head_defects is not None and model.score_cfg.defect_head:
+        size = model.cfg.image_size
+        # prior defects kept without their pixels (a parent that did not paste) are not pasted
+        old = prior_pixels if prior_pixels is not None or prior_defects is None else (
+            torch.zeros((len(prior_defects), *size, 3), dtype=torch.uint8),
+            torch.zeros((len(prior_defects), *size), dtype=torch.uint8))  # fmt: skip
+        parts = [p for p in (old, defect_pixels(for_head, size) if head_pool is not None else None) if p is not None]
+        head_pixels = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        if backgrounds is not None and len(backgrounds):
+            pasted = _pasted_pool(model, head_pixels, backgrounds, copies, cfg.seed, device)
+        else:
+            log.info("no good images to paste the defects onto (features without their images, or a run saved "
+                     "before it kept them): the defect head is fitted on the defects alone")  # fmt: skip
     if model.score_cfg.defect_head:
         fit_head(model, features[train_idx], head_defects, pasted=pasted)
     return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds, all_raw, infos,
-                     head_defects if model.score_cfg.defect_head else None,
-                     backgrounds if copies or given is not None else None,
-                     len(pasted) if pasted is not None and model.score_cfg.defect_head else 0)  # fmt: skip
+                     head_defects=head_defects if model.score_cfg.defect_head else None, head_pixels=head_pixels,
+                     backgrounds=backgrounds if copies or given is not None else None,
+                     head_pasted=len(pasted) if pasted is not None else 0)  # fmt: skip
 
 
 @torch.no_grad()
-def _pasted_pool(model: ADTR, samples: Sequence[Sample], backgrounds: torch.Tensor, copies: int, seed: int,
-                 device: torch.device, first: int = 0, batch_size: int = 8) -> AnomalyPool | None:  # fmt: skip
-    """Standardised features and token labels of pastes of each masked defect among samples onto
-    the backgrounds (defect_paste.py), or None when no sample has a mask: `copies` each, fewer
-    when the defects are many (defect_paste.copies_for). The i-th defect's copies are drawn with
-    seed (seed, first + i). Made one defect at a time: the copies' pixels of one defect at most
-    are in memory beside their features."""
+def _pasted_pool(model: ADTR, pixels: tuple[torch.Tensor, torch.Tensor], backgrounds: torch.Tensor, copies: int,
+                 seed: int, device: torch.device, batch_size: int = 8) -> AnomalyPool | None:  # fmt: skip
+    """Standardised features and token labels of pastes of each masked defect onto the backgrounds
+    (defect_paste.py), or None when no mask marks a pixel. pixels: uint8 images (K, H, W, 3) and
+    masks (K, H, W) as defect_paste.defect_pixels gives them (an all-zero mask: not pasted).
+    `copies` each, fewer when the defects are many (defect_paste.copies_for); the i-th defect's
+    copies are drawn with seed (seed, i), so a defect kept by a run is pasted again where it was.
+    Made one defect at a time: the copies' pixels of one defect at most are in memory beside
+    their features."""
     model.eval()
-    images, masks = defect_pixels(samples, model.cfg.image_size)
-    copies = copies_for(copies, len(images))
+    images, masks = pixels
+    copies = copies_for(copies, int((masks.flatten(1).amax(1) > 0).sum()))
     feats, labels = [], []
     for i in range(len(images)):
-        composites, pasted_masks = paste_defects(images[i : i + 1], masks[i : i + 1], backgrounds, copies,
-                                                 (seed, first + i))  # fmt: skip
+        if not masks[i].any():
+            continue
+        composites, pasted_masks = paste_defects(images[i : i + 1].permute(0, 3, 1, 2).float(),
+                                                 masks[i : i + 1].float(), backgrounds, copies, (seed, i))  # fmt: skip
         for b in composites.split(batch_size):
             feats.append(model.standardize(model.extract(b.to(device))).cpu())
         labels.append(token_labels(pasted_masks, model.cfg.grid_size))

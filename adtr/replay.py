@@ -15,7 +15,9 @@ it learnt. ADTR's backbone is frozen, so its features stand in for the images:
                              in runs that paste defects for the head, "backgrounds": (B, H, W, 3)
                              uint8, up to defect_paste.BACKGROUNDS good training images at the
                              input size, for an update to paste its new defects onto
-                             (defect_paste.py), as the fit would
+                             (defect_paste.py), as the fit would; and "defect_images" (K, H, W, 3),
+                             "defect_image_masks" (K, H, W) uint8: the kept defects' pixels and
+                             masks at the input size, pasted again by an update
 
 Bound: at most MAX_IMAGES images per set and MAX_BYTES for the file. Lite0 at 256x256 has
 192 x 32 x 32 values an image on the default stride-8 grid (token_patch 2), 384 KiB in
@@ -53,6 +55,8 @@ class ReplayData:
     val: torch.Tensor  # (M, C, h, w) the held-out good images (all of them, up to the bound)
     defects: AnomalyPool | None = None  # the defect head's labelled defects, raw features (float16)
     backgrounds: torch.Tensor | None = None  # (B, H, W, 3) uint8 good images to paste defects onto
+    # uint8 images (K, H, W, 3) and masks (K, H, W) of `defects`, in runs that paste them
+    defect_pixels: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def background_images(self) -> torch.Tensor | None:
         """The backgrounds, or None where there are none (runs saved before them)."""
@@ -60,13 +64,15 @@ class ReplayData:
 
     def summary(self) -> dict[str, Any]:
         """What config.json records about the file: counts, sizes (bytes: the features and defects,
-        within max_bytes; background_bytes: the uint8 backgrounds, on top) and bound."""
+        within max_bytes; background_bytes: the uint8 backgrounds and defect pixels, on top) and bound."""
         d = self.defects
         tensors = [self.good, self.val]
         if d is not None:
             tensors += [d.features, d.token_labels.to(DTYPE), d.pixel_level]
         n_bytes = sum(t.numel() * t.element_size() for t in tensors)  # the features, bounded by MAX_BYTES
         background_bytes = self.backgrounds.numel() if self.backgrounds is not None else 0  # uint8, on top
+        if self.defect_pixels is not None:
+            background_bytes += sum(t.numel() for t in self.defect_pixels)
         return {"file": REPLAY_FILE, "good": len(self.good), "val": len(self.val),
                 "defects": len(self.defects) if self.defects is not None else 0,
                 "backgrounds": len(self.backgrounds) if self.backgrounds is not None else 0, "dtype": "float16",
@@ -103,12 +109,14 @@ def subsample(features: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
 def make_replay(
     model: ADTR, train: torch.Tensor, val: torch.Tensor, seed: int, defects: AnomalyPool | None = None,
     backgrounds: torch.Tensor | None = None,
+    defect_pixels: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ReplayData:
     """What a fitted run keeps, from the standardised features (N, C, h, w) it was fitted on
     (fit.FitResult's train and val): each set subsampled to `capacity`, back to raw features
     (model.unstandardize), float16; the defect head's defects (fit.FitResult.head_defects,
     standardised), the latest MAX_IMAGES of them; and the good images defects are pasted onto
-    (fit.FitResult.backgrounds: uint8 (B, H, W, 3)), as they are."""
+    (fit.FitResult.backgrounds: uint8 (B, H, W, 3)), as they are, with the kept defects' pixels
+    (fit.FitResult.head_pixels, aligned with defects)."""
     has_defects = defects is not None and len(defects) > 0
     limit = capacity(tuple(train.shape[1:]), 3 if has_defects else 2)
     device = model.feature_mean.device
@@ -116,12 +124,15 @@ def make_replay(
     def raw(f: torch.Tensor) -> torch.Tensor:
         return model.unstandardize(f.to(device)).cpu().to(DTYPE).contiguous()
 
-    kept = None
+    kept, kept_pixels = None, None
     if has_defects:
         last = slice(max(0, len(defects) - limit), len(defects))
         kept = AnomalyPool(raw(defects.features[last]), defects.token_labels[last].to(DTYPE).contiguous(),
                            defects.pixel_level[last], defects.kinds[last])  # fmt: skip
-    return ReplayData(raw(subsample(train, limit, seed)), raw(subsample(val, limit, seed)), kept, backgrounds)
+        if defect_pixels is not None:
+            kept_pixels = (defect_pixels[0][last].contiguous(), defect_pixels[1][last].contiguous())
+    return ReplayData(raw(subsample(train, limit, seed)), raw(subsample(val, limit, seed)), kept, backgrounds,
+                      kept_pixels)  # fmt: skip
 
 
 def save_replay(run_dir: Path | str, replay: ReplayData | None) -> None:
@@ -137,6 +148,9 @@ def save_replay(run_dir: Path | str, replay: ReplayData | None) -> None:
                        defect_masked=d.pixel_level.to(torch.uint8).contiguous())  # fmt: skip
     if replay.backgrounds is not None:
         tensors["backgrounds"] = replay.backgrounds.contiguous()
+    if replay.defect_pixels is not None:
+        tensors.update(defect_images=replay.defect_pixels[0].contiguous(),
+                       defect_image_masks=replay.defect_pixels[1].contiguous())  # fmt: skip
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "adtr-replay"}))
 
 
@@ -173,7 +187,22 @@ def load_replay(
         size = "H, W" if image_size is None else f"{image_size[0]}, {image_size[1]}"
         raise RunFolderError(f"{path}: tensor 'backgrounds' is {tuple(backgrounds.shape)} {backgrounds.dtype}; "
                              f"expected uint8 (B, {size}, 3)")  # fmt: skip
-    return ReplayData(tensors["good"], tensors["val"], defects, backgrounds)
+    pixels = None
+    images, masks = tensors.get("defect_images"), tensors.get("defect_image_masks")
+    if images is not None or masks is not None:
+        k = len(defects) if defects is not None else 0
+        size = tuple(image_size) if image_size is not None else (tuple(images.shape[1:3]) if images is not None
+                                                                 and images.dim() == 4 else None)  # fmt: skip
+        ok = (images is not None and masks is not None and size is not None and images.dtype == torch.uint8
+              and masks.dtype == torch.uint8 and tuple(images.shape) == (k, *size, 3)
+              and tuple(masks.shape) == (k, *size) and (k == 0 or int(masks.max()) <= 1))  # fmt: skip
+        if not ok:
+            shape = lambda t: None if t is None else f"{tuple(t.shape)} {t.dtype}"  # noqa: E731
+            raise RunFolderError(f"{path}: invalid defect pixels: defect_images {shape(images)}, defect_image_masks "
+                                 f"{shape(masks)}; expected uint8 (K, H, W, 3) and uint8 (K, H, W) of 0 / 1 for the "
+                                 f"{k} kept defects")  # fmt: skip
+        pixels = (images, masks)
+    return ReplayData(tensors["good"], tensors["val"], defects, backgrounds, pixels)
 
 
 def _defects(

@@ -160,7 +160,7 @@ def update_run(
                              anomalies=labelled or None, external=new_external or None, init=model,
                              progress=progress, train_reconstructor=not keep,
                              prior_defects=replay.defect_pool(model),
-                             backgrounds=replay.background_images())  # fmt: skip
+                             backgrounds=replay.background_images(), prior_pixels=replay.defect_pixels)  # fmt: skip
     config = dataclasses.replace(config, score=fitted.model.score_cfg)  # with the head's gain, if chosen
     source = "held_out" if len(fitted.val) else "training"
     scores, maxima = feature_scores(fitted.model, fitted.val if len(fitted.val) else fitted.train, device)
@@ -187,14 +187,14 @@ def update_run(
                 "external": file_list_summary([s.path for s in new_external], contents=True),
             },
             "steps": 0 if keep else steps,  # 0: only the defect head was fitted
-            "head_pasted": fitted.head_pasted,  # pasted copies of the new defects (defect_paste.py)
+            "head_pasted": fitted.head_pasted,  # pasted copies of the head's defects, old and new (defect_paste.py)
             "forgetting_guard": guard,
         },
         "fit_seconds": time.perf_counter() - t0,
         "feature_seconds": feature_seconds,  # the new good images' (the anomalies' are in fit_seconds)
     }  # fmt: skip
     new_replay = make_replay(fitted.model, fitted.train, fitted.val, train.seed, fitted.head_defects,
-                             fitted.backgrounds)  # fmt: skip
+                             fitted.backgrounds, fitted.head_pixels)  # fmt: skip
     provenance["replay"] = new_replay.summary()
     inputs = record.inputs
     if inputs is not None and infos:  # a parent without a profile (saved before it) keeps none

@@ -286,7 +286,8 @@ def test_corrupt_kept_defects_are_refused(parts, tmp_path):
     det.save(tmp_path / "run")
     path = tmp_path / "run" / REPLAY_FILE
     tensors = load_file(str(path))
-    assert set(tensors) == {"good", "val", "defects", "defect_labels", "defect_masked", "backgrounds"}
+    assert set(tensors) == {"good", "val", "defects", "defect_labels", "defect_masked", "backgrounds", "defect_images",
+                            "defect_image_masks"}  # fmt: skip
     for bad in (tensors["backgrounds"].float(), tensors["backgrounds"][:, :-1]):  # another type, another size
         save_file({**tensors, "backgrounds": bad.contiguous()}, str(path))
         with pytest.raises(RunFolderError, match="tensor 'backgrounds'"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from adtr.defect_paste import (
     paste_copies,
     paste_defects,
 )
+from adtr.errors import RunFolderError
 from adtr.replay import REPLAY_FILE
 
 
@@ -87,11 +89,16 @@ def test_defect_pixels_and_backgrounds_are_read_at_the_input_size(parts, tmp_pat
     samples = anomaly_samples(parts / "defects")
     unmasked = dataclasses.replace(samples[0], mask_path=None)
     images, masks = defect_pixels([unmasked, *samples], (32, 48))
-    assert images.shape == (4, 3, 32, 48) and masks.shape == (4, 32, 48)  # the unmasked sample is left out
+    assert images.shape == (5, 32, 48, 3) and masks.shape == (5, 32, 48)  # one row per sample, as replay.py keeps
+    assert images.dtype == masks.dtype == torch.uint8
+    assert not images[0].any() and not masks[0].any()  # without a mask: nothing to paste, the image not read
+    assert torch.equal(images[1], resize_image(read_image(samples[0].path), (32, 48)).round().to(torch.uint8)
+                       .permute(1, 2, 0))  # fmt: skip
+    masks = masks[1:]
     # the first defect's mask covers rows 16-39 and columns 8-39 of 64x64: half of each side here
     assert torch.equal(masks[0] > 0, torch.zeros(32, 48, dtype=torch.bool).index_fill(0, torch.arange(8, 20), True)
                        & torch.zeros(32, 48, dtype=torch.bool).index_fill(1, torch.arange(6, 30), True))  # fmt: skip
-    assert set(masks.unique().tolist()) == {0.0, 1.0}  # hard edges
+    assert set(masks.unique().tolist()) == {0, 1}  # hard edges
     # a pit smaller than half an input pixel keeps the pixel it touches
     pit = np.zeros((64, 64), np.uint8)
     pit[33, 17] = 255
@@ -192,6 +199,42 @@ def test_auto_follows_the_weight_the_image_scorer_chooses_on_held_out_images(par
     assert det.model_.uses_image_scorer and score.scorer_position_weight == chosen
     assert score.map_position_weight == min(0.5, chosen)
     assert det.record_.provenance["data"]["head_pasted"] == (4 * AUTO_COPIES if chosen < 0.5 else 0)
+
+
+def test_an_update_pastes_the_parents_defects_again_with_the_new_ones(parts, tmp_path):  # noqa: F811
+    files = sorted((parts / "defects" / "spot").iterdir())
+    for name, chosen in (("first", files[:2]), ("second", files[2:])):
+        for f in chosen:
+            shutil.copy(f, _mkdir(tmp_path / name / "spot") / f.name)
+            mask = parts / "defects" / "ground_truth" / "spot" / f"{f.stem}_mask.png"
+            shutil.copy(mask, _mkdir(tmp_path / name / "ground_truth" / "spot") / mask.name)
+    train = dataclasses.replace(TRAIN, head_paste=3)
+    both = ADTRDetector(TINY, train=train, progress=False, backend="torch")
+    both.fit(parts / "train", anomalies=parts / "defects")
+    parent = ADTRDetector(TINY, train=train, progress=False, backend="torch")
+    parent.fit(parts / "train", anomalies=tmp_path / "first")
+    assert parent.record_.provenance["data"]["head_pasted"] == 2 * 3
+    parent.save(tmp_path / "parent")
+    loaded = ADTRDetector.load(tmp_path / "parent", progress=False, backend="torch")
+    images, masks = loaded.record_.replay.defect_pixels
+    assert images.shape[0] == masks.shape[0] == 2 and images.dtype == torch.uint8 and masks.any()
+    child = loaded.update(anomalies=tmp_path / "second")
+    # the parent's 2 defects pasted again where they were, the 2 new ones beside: the head of a fit with all 4
+    assert child.record_.provenance["update"]["head_pasted"] == 4 * 3
+    w_both, w_parent = both.model_.head_weight, parent.model_.head_weight
+    assert float((child.model_.head_weight - w_both).abs().max()) < float((w_parent - w_both).abs().max()) / 100
+    assert torch.equal(child.record_.replay.defect_pixels[1], both.record_.replay.defect_pixels[1])
+    # corrupt pixels are refused, naming the file and the tensors
+    path = tmp_path / "parent" / REPLAY_FILE
+    tensors = load_file(str(path))
+    save_file({**tensors, "defect_image_masks": tensors["defect_image_masks"][:1].contiguous()}, str(path))
+    with pytest.raises(RunFolderError, match="invalid defect pixels"):
+        ADTRDetector.load(tmp_path / "parent", progress=False)
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def test_head_paste_setting():
