@@ -49,7 +49,7 @@ from adtr.data.samples import Sample
 from adtr.data.splits import split_validation
 from adtr.data.transforms import input_size_for
 from adtr.defect_head import PSEUDO_SHARE, DefectHead, default_gain, fit_defect_head, head_norm
-from adtr.defect_paste import copies_for, defect_pixels, load_backgrounds, paste_copies, paste_defects
+from adtr.defect_paste import MAX_PASTED, copies_for, defect_pixels, load_backgrounds, paste_copies, paste_defects
 from adtr.drift import ImageInfo, InputProfile
 from adtr.engine import (
     AnomalyPool,
@@ -459,6 +459,9 @@ def fit_on_features(
     # defects pasted onto good images for the head (defect_paste.py): parts that lie anywhere only, by default
     copies = paste_copies(config.train.head_paste, model.score_cfg.map_position_weight)
     if cfg.labelled_anomalies != "head":  # no head is fitted from labelled anomalies: nothing to paste
+        if cfg.head_paste and anomalies is not None and len(anomalies):  # asked for (auto says nothing)
+            log.warning("--head-paste %d is ignored: with --labelled-anomalies %s no defect head is fitted",
+                        cfg.head_paste, cfg.labelled_anomalies)  # fmt: skip
         copies = 0
     if head_pool is not None and cfg.head_paste is None:
         log.info("defects pasted for the head: %d copies each (auto: the map's per-position weight is %s; parts "
@@ -479,11 +482,17 @@ def fit_on_features(
             torch.zeros((len(prior_defects), *size), dtype=torch.uint8))  # fmt: skip
         parts = [p for p in (old, defect_pixels(for_head, size) if head_pool is not None else None) if p is not None]
         head_pixels = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-        if backgrounds is not None and len(backgrounds):
-            pasted = _pasted_pool(model, head_pixels, backgrounds, copies, cfg.seed, device)
-        else:
+        masked = int((head_pixels[1].flatten(1).amax(1) > 0).sum())
+        if not masked:
+            log.info("no defect with a mask: nothing to paste (image labels give the head pseudo-labels, not places)")
+        elif backgrounds is None or not len(backgrounds):
             log.info("no good images to paste the defects onto (features without their images, or a run saved "
                      "before it kept them): the defect head is fitted on the defects alone")  # fmt: skip
+        else:
+            if copies_for(copies, masked) < copies:
+                log.info("%d masked defects: %d copies of each pasted, not %d (at most %d in all)", masked,
+                         copies_for(copies, masked), copies, MAX_PASTED)  # fmt: skip
+            pasted = _pasted_pool(model, head_pixels, backgrounds, copies, cfg.seed, device)
     if model.score_cfg.defect_head:
         fit_head(model, features[train_idx], head_defects, pasted=pasted)
     return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds, all_raw, infos,

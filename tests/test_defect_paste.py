@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -235,6 +236,19 @@ def test_an_update_pastes_the_parents_defects_again_with_the_new_ones(parts, tmp
 def _mkdir(path):
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def test_pasting_that_cannot_happen_is_said(parts, tmp_path, caplog):  # noqa: F811
+    for f in sorted((parts / "defects" / "spot").iterdir()):
+        shutil.copy(f, _mkdir(tmp_path / "unmasked" / "spot") / f.name)
+    cases = (({"head_paste": 2, "labelled_anomalies": "loss"}, parts / "defects", "--head-paste 2 is ignored"),
+             ({"head_paste": 2}, tmp_path / "unmasked", "no defect with a mask: nothing to paste"))  # fmt: skip
+    for settings, anomalies, said in cases:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="adtr"):
+            det = ADTRDetector(TINY, train=dataclasses.replace(TRAIN, **settings), progress=False, backend="torch")
+            det.fit(parts / "train", anomalies=anomalies)
+        assert said in caplog.text and det.record_.provenance["data"]["head_pasted"] == 0
 
 
 def test_head_paste_setting():
