@@ -14,7 +14,7 @@ it learnt. ADTR's backbone is frozen, so its features stand in for the images:
                              so that an update fits the head on the old defects and the new ones;
                              in runs that paste defects for the head, "backgrounds": (B, H, W, 3)
                              uint8, up to defect_paste.BACKGROUNDS good training images at the
-                             input size, for an update to paste its new defects onto
+                             input size, for an update to paste the old and new defects onto
                              (defect_paste.py), as the fit would; and "defect_images" (K, H, W, 3),
                              "defect_image_masks" (K, H, W) uint8: the kept defects' pixels and
                              masks at the input size, pasted again by an update
@@ -23,7 +23,7 @@ Bound: at most MAX_IMAGES images per set and MAX_BYTES for the file. Lite0 at 25
 192 x 32 x 32 values an image on the default stride-8 grid (token_patch 2), 384 KiB in
 float16: bottle keeps 63 + 21 images, 33 MB (192 x 16 x 16, 96 KiB and 8.4 MB with token_patch 1).
 The backgrounds add at most 16 x H x W x 3 bytes beyond MAX_BYTES (3.1 MB at 256x256, 5.8 MB at
-bsdata's 224x544).
+bsdata's 224x544), the kept defects' pixels K x H x W x 4 (16.8 MB for 64 at 256x256).
 """
 
 from __future__ import annotations
