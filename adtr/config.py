@@ -19,6 +19,7 @@ LOSSES = ("hard", "mse")  # normal-only reconstruction losses (losses.reconstruc
 # The feature reconstructors (model.RECONSTRUCTORS): ADTR's transformer, and two baselines.
 RECONSTRUCTOR_KINDS = ("transformer", "mlp", "cnn")
 IMAGE_SCORERS = (None, "cnn", "mlp")  # ModelConfig.image_scorer
+ALIGN_MODES = ("bilinear", "area", "max")  # ModelConfig.align (model.align_features)
 HEAD_IMAGE_SCORES = ("scorer", "map")  # ScoreConfig.head_image_score
 # What real labelled anomalies train: a defect head on the frozen residual, or the
 # reconstructor through SPEC section 2's L_px / L_img (the paper); docs/design.md, issue 15.
@@ -36,7 +37,8 @@ class ModelConfig:
     # backbone stages used; the token grid is the largest's (the feature grid token_patch times finer)
     strides: tuple[int, ...] = (2, 4, 8, 16)
     # How finer stages reach the token grid (model.align_features): "bilinear" here, so that runs
-    # saved before this field existed load as they were; the "cpu" preset uses "area".
+    # saved before this field existed load as they were; the "cpu" preset uses "area"; "max" keeps
+    # responses smaller than a cell (screened: docs/design.md).
     align: str = "bilinear"
     reconstructor: str = "transformer"  # "transformer", "mlp" or "cnn" (ablation baselines)
     hidden_dim: int = 256
@@ -80,6 +82,8 @@ class ModelConfig:
     image_scorer_dropout: float = 0.2
 
     def __post_init__(self) -> None:
+        if self.align not in ALIGN_MODES:
+            raise ValueError(f"align must be one of {ALIGN_MODES}, got {self.align!r}")
         if self.image_scorer not in IMAGE_SCORERS:
             raise ValueError(f"image_scorer must be one of {IMAGE_SCORERS}, got {self.image_scorer!r}")
         if self.feature_pool < 1 or self.feature_pool % 2 == 0:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adtr.backbones import build_backbone
-from adtr.config import ModelConfig, ScoreConfig
+from adtr.config import ALIGN_MODES, ModelConfig, ScoreConfig
 from adtr.defect_head import DefectHead
 from adtr.defect_head import combine as combine_defect_head
 from adtr.transformer import ReconstructionTransformer
@@ -34,20 +34,22 @@ def align_features(maps: list[torch.Tensor], grid: tuple[int, int], mode: str = 
     """Resize each stage output to the token grid and concatenate: (B, sum C_s, h, w).
 
     Maps finer than the grid are reduced by `mode`: "bilinear" (as SPEC section 1 reads; it
-    samples a 128x128 stride-2 map at 16x16 points, i.e. aliases it) or "area" (the mean over
-    each token's cell: what a token covers). Coarser maps are upsampled bilinearly.
+    samples a 128x128 stride-2 map at 16x16 points, i.e. aliases it), "area" (the mean over
+    each token's cell: what a token covers) or "max" (the maximum over the cell: a response
+    smaller than the cell is not averaged away). Coarser maps are upsampled bilinearly.
+    ValueError for another mode.
     """
+    if mode not in ALIGN_MODES:
+        raise ValueError(f"unknown feature alignment {mode!r}; choose one of {ALIGN_MODES}")
 
     def resize(m: torch.Tensor) -> torch.Tensor:
         if m.shape[-2:] == grid:
             return m
-        if mode == "area" and m.shape[-2] >= grid[0] and m.shape[-1] >= grid[1]:
+        if mode != "bilinear" and m.shape[-2] >= grid[0] and m.shape[-1] >= grid[1]:
             # Input sizes are multiples of 32, so each cell is a whole k x k block: a plain
-            # average pool, which (unlike adaptive pooling) the ONNX exporter supports.
+            # pool, which (unlike adaptive pooling) the ONNX exporter supports.
             k = (int(m.shape[-2]) // grid[0], int(m.shape[-1]) // grid[1])
-            return F.avg_pool2d(m, k, stride=k)
-        if mode not in ("area", "bilinear"):
-            raise ValueError(f"unknown feature alignment {mode!r}; choose 'bilinear' or 'area'")
+            return F.avg_pool2d(m, k, stride=k) if mode == "area" else F.max_pool2d(m, k, stride=k)
         return F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
 
     return torch.cat([resize(m) for m in maps], dim=1)
