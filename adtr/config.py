@@ -38,7 +38,7 @@ class ModelConfig:
     strides: tuple[int, ...] = (2, 4, 8, 16)
     # How finer stages reach the token grid (model.align_features): "bilinear" here, so that runs
     # saved before this field existed load as they were; the "cpu" preset uses "area"; "max" keeps
-    # responses smaller than a cell (screened: docs/design.md).
+    # responses smaller than a cell (screened and rejected: docs/design.md, "Max-pooled alignment").
     align: str = "bilinear"
     reconstructor: str = "transformer"  # "transformer", "mlp" or "cnn" (ablation baselines)
     hidden_dim: int = 256
