@@ -72,3 +72,31 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(p)
     with pytest.raises(DataError, match="big.png.*exceeds the limit"):
         read_image(p)
+
+
+def _tiff_with_rational_strip_offsets() -> bytes:
+    """A valid TIFF whose StripOffsets tag (273) is retyped RATIONAL: Pillow's decoder raises
+    TypeError on it (found by the fuzzing above)."""
+    import struct
+
+    data = bytearray(_encoded("TIFF", "L"))
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack_from("<H", data, entry)[0] == 273:
+            struct.pack_into("<H", data, entry + 2, 5)
+            return bytes(data)
+    raise AssertionError("no StripOffsets tag in the TIFF")
+
+
+@pytest.mark.parametrize("decode", [read_image, read_mask])
+def test_a_decoder_failure_of_another_type_is_a_data_error_naming_the_file(decode, tmp_path):
+    data = _tiff_with_rational_strip_offsets()
+    with pytest.raises(TypeError):  # Pillow itself: not one of the exceptions a decoder documents
+        Image.open(io.BytesIO(data)).load()
+    with pytest.raises(DataError, match=r"bad\.tif: corrupt image: the decoder failed \(TypeError"):
+        decode("bad.tif", data=data)
+    path = tmp_path / "bad.tif"
+    path.write_bytes(data)
+    with pytest.raises(DataError, match="bad.tif"):
+        decode(path)

@@ -84,7 +84,9 @@ def _too_large(path: Path, width: int, height: int, limit: int) -> DataError:
 def _open(path: Path, data: bytes | None = None, max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode a file, or `data` (then `path` only names it in messages).
 
-    The pixel limit is checked from the header, before decoding. Pillow's own
+    Every failure of the decoder on a corrupt file is a DataError naming the file (Pillow raises
+    TypeError, IndexError and others on some; tests/test_fuzz.py). The pixel limit is checked
+    from the header, before decoding. Pillow's own
     decompression-bomb check (warning at 89 MP, error at twice that) would fire first with a
     message naming neither size nor limit: its warning is ignored and its limit raised to ours.
     """
@@ -116,6 +118,10 @@ def _open(path: Path, data: bytes | None = None, max_pixels: int | None = None) 
         raise DataError(f"{path}: not an image file, or an unknown image format") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: truncated or corrupt image ({e})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise other types on some corrupt files
+        raise DataError(f"{path}: corrupt image: the decoder failed ({type(e).__name__}: {e})") from None
     return im
 
 
@@ -131,6 +137,10 @@ def image_size(path: Path | str) -> tuple[int, int]:
         raise DataError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: not an image file, or an unknown image format ({e})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - as in _open: a corrupt header may raise any type
+        raise DataError(f"{path}: corrupt image header ({type(e).__name__}: {e})") from None
 
 
 def to_rgb_uint8(
