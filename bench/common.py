@@ -15,8 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from adtr.data.folder import has_masks
+from adtr.data.images import read_mask
+from adtr.data.samples import Sample
 from adtr.fileio import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +94,15 @@ def run_data_pairs(pairs: list[str]) -> list[tuple[Path, Path]]:
             raise SystemExit(f"{pair!r}: expected RUN:DATA")
         out.append((Path(run), Path(data)))
     return out
+
+
+def sample_masks(samples: list[Sample], sizes: list[tuple[int, int]]) -> list[np.ndarray] | None:
+    """Bool masks (H, W) of the samples at their (height, width) sizes (all False for a good
+    image), or None when some anomalous sample has no mask (no pixel metrics then)."""
+    if not has_masks(samples):
+        return None
+    return [read_mask(s.mask_path, z) if s.mask_path else np.zeros(z, bool)
+            for s, z in zip(samples, sizes, strict=True)]  # fmt: skip
 
 
 def machine() -> dict:

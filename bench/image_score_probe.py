@@ -41,10 +41,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, invocation, machine, md_table, run_data_pairs, write_results  # noqa: E402
+from common import REPO, invocation, machine, md_table, run_data_pairs, sample_masks, write_results  # noqa: E402
 
 from adtr import ADTRDetector  # noqa: E402
-from adtr.data.images import image_size, read_image, read_mask  # noqa: E402
+from adtr.data.images import image_size, read_image  # noqa: E402
 from adtr.data.mvtec import test_samples, train_samples  # noqa: E402
 from adtr.data.splits import split_validation  # noqa: E402
 from adtr.data.transforms import resize_image  # noqa: E402
@@ -180,10 +180,7 @@ def probe(run: Path, data: Path, variants: list[dict], do_fusion: bool, do_flips
         raise SystemExit(f"{run}: not fitted with held-out good images; nothing to standardise or choose with")
     labels = np.array([s.label for s in test])
     sizes = [image_size(s.path) for s in test]
-    masks = None
-    if labels.any() and all(s.mask_path for s in test if s.label == 1):
-        masks = [read_mask(s.mask_path, z) if s.mask_path else np.zeros(z, bool)
-                 for s, z in zip(test, sizes, strict=True)]  # fmt: skip
+    masks = sample_masks(test, sizes)
     with torch.no_grad():
         f_train = model.standardize(extract_features(model, train, cpu, progress=False))
         f_test = model.standardize(extract_features(model, test, cpu, progress=False))

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, invocation, machine, md_table, write_results  # noqa: E402
+from common import REPO, invocation, machine, md_table, sample_masks, write_results  # noqa: E402
 
 from adtr import ADTRDetector  # noqa: E402
 from adtr.anomalies import get_generator  # noqa: E402
-from adtr.data.images import image_size, read_mask  # noqa: E402
+from adtr.data.images import image_size  # noqa: E402
 from adtr.data.mvtec import test_samples, train_samples  # noqa: E402
 from adtr.data.splits import split_validation  # noqa: E402
 from adtr.engine import extract_features, synthetic_pools  # noqa: E402
@@ -70,7 +70,6 @@ def main() -> None:
                          "needed); nothing to choose with")  # fmt: skip
     labels = np.array([s.label for s in test])
     sizes = [image_size(s.path) for s in test]
-    has_masks = labels.any() and all(s.mask_path for s in test if s.label == 1)
 
     def errors(f: torch.Tensor) -> torch.Tensor:  # the map's grid error before per-position standardisation
         return model._scaled_grid_errors(model.reconstructor, model.residual_scale, f)
@@ -86,10 +85,7 @@ def main() -> None:
         scorer = torch.cat([model.upsample(model.scorer_grid(b)) for b in model._batches(f_test, 16)])
         recon = torch.cat([model.upsample(model.residual_grid(model.residual(b))) for b in model._batches(f_test, 16)])
     changed = (torch.cat([q.token_labels for q in pools]) > 0).numpy()
-    masks = None
-    if has_masks:
-        masks = [read_mask(s.mask_path, z) if s.mask_path else np.zeros(z, bool)
-                 for s, z in zip(test, sizes, strict=True)]  # fmt: skip
+    masks = sample_masks(test, sizes)
     weights = []
     for w in POSITION_WEIGHTS:
         mean, var = shrunk_position_stats(e_train, w)

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, invocation, machine, md_table, run_data_pairs, write_results  # noqa: E402
+from common import REPO, invocation, machine, md_table, run_data_pairs, sample_masks, write_results  # noqa: E402
 
 from adtr import ADTRDetector  # noqa: E402
-from adtr.data.images import image_size, read_mask  # noqa: E402
+from adtr.data.images import image_size  # noqa: E402
 from adtr.data.mvtec import test_samples  # noqa: E402
 from adtr.engine import extract_features  # noqa: E402
 from adtr.evaluate import ResizedMaps  # noqa: E402
@@ -45,10 +45,7 @@ def probe(run: Path, data: Path, weights: list[float]) -> list[dict]:
     test = test_samples(data)
     labels = np.array([s.label for s in test])
     sizes = [image_size(s.path) for s in test]
-    masks = None
-    if labels.any() and all(s.mask_path for s in test if s.label == 1):
-        masks = [read_mask(s.mask_path, z) if s.mask_path else np.zeros(z, bool)
-                 for s, z in zip(test, sizes, strict=True)]  # fmt: skip
+    masks = sample_masks(test, sizes)
     with torch.no_grad():
         f = model.standardize(extract_features(model, test, torch.device("cpu"), progress=False))
         own = torch.cat([model.residual_grid(model.residual(b)) for b in model._batches(f, 16)])
