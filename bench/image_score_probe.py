@@ -1,14 +1,15 @@
 """Three ways to a better image score or map, probed on saved runs against their test figures.
 
     python bench/image_score_probe.py RUN:DATA [RUN:DATA ...] [--scorers JSON] [--no-fusion] [--no-flips]
-                                      [--out results/image_score_probe]
+                                      [--misses [--size-bins 100,300,1000]] [--out results/image_score_probe]
 
 RUN is a saved normal-only run with an image scorer (e.g. bench/kshot.py's RUNS/<set>/normal,
 fitted with the library's defaults), DATA its category folder. Scored with PyTorch.
 
 1. The image scorer retrained (`--scorers`, a JSON list of {"mult": M, "seed": S}): a fresh CNN
-   (its weights re-drawn under 1000 + S) trained M times the reconstructor's epochs
-   (TrainConfig.image_scorer_epochs; the library's 5) with seed S on the run's training
+   (initialised under torch.manual_seed(1000 + S)) trained M times the epochs of the run's
+   TrainConfig.steps at 256x256 (TrainConfig.image_scorer_epochs, the library's 5: the scorer
+   does not shorten its budget for a larger input as the reconstructor does) with seed S on the run's training
    features, its statistics and per-position weight chosen as a fit does (on the run's
    held-out good images); the image AUROC of each, and of the mean of the first 2, 3, ...
    scorers' grid errors (a seed ensemble). Retrained scorers do not reproduce the run's own
@@ -20,9 +21,10 @@ fitted with the library's defaults), DATA its category folder. Scored with PyTor
    left-right (and up-down), flipped back; image AUROC of the summed image scores, pixel AUROC
    and AUPRO of the averaged maps.
 
-Always, where the test images have masks: where the run's image score loses, the misordered
-(good, defective) pairs (a good image scored at or above a defective one) counted by the size of
-the defective image's mask in original pixels (`--size-bins`).
+With `--misses`, where the test images have masks: where the run's image score loses, the
+misordered (good, defective) pairs (a good image scored at or above a defective one) counted by
+the size of the defective image's mask in original pixels (`--size-bins`), and the good images
+scored highest.
 
 Writes OUT.json and OUT.md (docs/design.md, "Three probes of the image score and the map").
 """
@@ -44,8 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, invocation, machine, md_table, run_data_pairs, sample_masks, write_results  # noqa: E402
 
 from adtr import ADTRDetector  # noqa: E402
+from adtr.config import RunConfig  # noqa: E402
 from adtr.data.images import image_size, read_image  # noqa: E402
 from adtr.data.mvtec import test_samples, train_samples  # noqa: E402
+from adtr.data.samples import Sample  # noqa: E402
 from adtr.data.splits import split_validation  # noqa: E402
 from adtr.data.transforms import resize_image  # noqa: E402
 from adtr.engine import TrainingData, extract_features, fit_image_scorer  # noqa: E402
@@ -61,10 +65,11 @@ FLIPS = {"left-right": (-1,), "up-down": (-2,)}
 
 
 def _auroc(scores: torch.Tensor | np.ndarray, labels: np.ndarray) -> float:
+    """Image AUROC of scores (N,) against 0/1 labels (N,)."""
     return float(image_metrics(np.asarray(scores, dtype=np.float64), labels)["image_auroc"])
 
 
-def retrained_scorers(model: ADTR, run_cfg, f_train: torch.Tensor, tr_idx: list[int], val_idx: list[int],
+def retrained_scorers(model: ADTR, run_cfg: RunConfig, f_train: torch.Tensor, tr_idx: list[int], val_idx: list[int],
                       f_test: torch.Tensor, labels: np.ndarray, variants: list[dict]) -> list[dict]:  # fmt: skip
     """Part 1: one row per retrained scorer, then one per seed ensemble of the first n."""
     rows, grids = [], []
@@ -101,12 +106,15 @@ def retrained_scorers(model: ADTR, run_cfg, f_train: torch.Tensor, tr_idx: list[
     return rows
 
 
-def misses_by_size(model: ADTR, f_test: torch.Tensor, labels: np.ndarray, masks: list[np.ndarray],
-                   bins: tuple[int, ...]) -> list[dict]:  # fmt: skip
-    """Misordered (good, defective) pairs of the run's image score, by the defective mask's pixels."""
+def misses_by_size(model: ADTR, f_test: torch.Tensor, test: list[Sample], masks: list[np.ndarray],
+                   bins: tuple[int, ...], top: int = 8) -> dict:  # fmt: skip
+    """Misordered (good, defective) pairs of the run's image score, by the defective mask's
+    pixels (rows), and the `top` good images scored highest (file name, score)."""
+    labels = np.array([t.label for t in test])
     with torch.no_grad():
         s = torch.cat([model.score(b).anomaly_score for b in model._batches(f_test, 16)]).double().numpy()
-    good, bad = s[labels == 0], np.flatnonzero(labels == 1)
+    good_idx, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    good = s[good_idx]
     area = np.array([int(masks[i].sum()) for i in bad])
     missed = np.array([(good >= s[i]).sum() for i in bad])
     edges = [0, *bins, None]
@@ -118,21 +126,27 @@ def misses_by_size(model: ADTR, f_test: torch.Tensor, labels: np.ndarray, masks:
                      "below_the_top_good": int((s[bad[sel]] <= good.max()).sum())})  # fmt: skip
     rows.append({"mask_pixels": "all", "images": len(bad), "misordered_pairs": int(missed.sum()),
                  "below_the_top_good": int((s[bad] <= good.max()).sum())})  # fmt: skip
-    print(rows, flush=True)
-    return rows
+    order = good_idx[np.argsort(-good, kind="stable")[:top]]
+    top_good = [{"file": Path(test[i].path).name, "score": float(s[i])} for i in order]
+    print(rows, top_good, flush=True)
+    return {"rows": rows, "top_good": top_good}
 
 
 def fusion(model: ADTR, f_held: torch.Tensor, f_test: torch.Tensor, labels: np.ndarray) -> dict:
-    """Part 2: image AUROC of the run's score, its map's maximum, and their z-scored sums."""
+    """Part 2: image AUROC of the run's score, its map's maximum, and their sums, each z-scored
+    with the mean and std of the held-out good images' (f_held)."""
+
     def scores(f: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        own, peak = [], []
         with torch.no_grad():
-            own = torch.cat([model.score(b).anomaly_score for b in model._batches(f, 16)])
-            peak = torch.cat([model.upsample(model.residual_grid(model.residual(b))).flatten(1).amax(1)
-                              for b in model._batches(f, 16)])  # fmt: skip
-        return own.double().numpy(), peak.double().numpy()
+            for b in model._batches(f, 16):
+                out = model.score(b)
+                own.append(out.anomaly_score)
+                peak.append(out.anomaly_map.flatten(1).amax(1))
+        return torch.cat(own).double().numpy(), torch.cat(peak).double().numpy()
 
     held, test = scores(f_held), scores(f_test)
-    z = [(t - h.mean()) / h.std() for t, h in zip(test, held, strict=True)]
+    z = [(t - h.mean()) / max(float(h.std()), 1e-12) for t, h in zip(test, held, strict=True)]
     row = {"run_score": _auroc(test[0], labels), "map_max": _auroc(test[1], labels)}
     for w in FUSION_WEIGHTS:
         row[f"fused_w{w}"] = _auroc(z[0] + w * z[1], labels)
@@ -140,7 +154,7 @@ def fusion(model: ADTR, f_held: torch.Tensor, f_test: torch.Tensor, labels: np.n
     return row
 
 
-def flipped_views(model: ADTR, test: list, labels: np.ndarray, masks: list[np.ndarray] | None,
+def flipped_views(model: ADTR, test: list[Sample], labels: np.ndarray, masks: list[np.ndarray] | None,
                   sizes: list[tuple[int, int]]) -> list[dict]:  # fmt: skip
     """Part 3: the run's map and score alone, and averaged with flipped views."""
     views = {"none": (), **FLIPS}
@@ -169,7 +183,9 @@ def flipped_views(model: ADTR, test: list, labels: np.ndarray, masks: list[np.nd
 
 
 def probe(run: Path, data: Path, variants: list[dict], do_fusion: bool, do_flips: bool,
-          bins: tuple[int, ...] = SIZE_BINS) -> dict:  # fmt: skip
+          bins: tuple[int, ...] | None = None) -> dict:  # fmt: skip
+    """Every part asked for, on one saved run and its category folder (bins: mask pixel edges
+    of the misses table; None: no misses table)."""
     det = ADTRDetector.load(run, progress=False, backend="torch")
     model, cfg, cpu = det.model_.eval(), det.config, torch.device("cpu")
     if model.image_scorer is None or not model.uses_image_scorer:
@@ -185,8 +201,8 @@ def probe(run: Path, data: Path, variants: list[dict], do_fusion: bool, do_flips
         f_train = model.standardize(extract_features(model, train, cpu, progress=False))
         f_test = model.standardize(extract_features(model, test, cpu, progress=False))
     out: dict = {"run": str(run), "data": str(data), "set": data.name, "held_out": len(val_idx)}
-    if masks is not None:
-        out["misses"] = misses_by_size(model, f_test, labels, masks, bins)
+    if bins is not None and masks is not None:
+        out["misses"] = misses_by_size(model, f_test, test, masks, bins)
     if variants:
         out["scorers"] = retrained_scorers(model, cfg, f_train, tr_idx, val_idx, f_test, labels, variants)
     if do_fusion:
@@ -197,6 +213,7 @@ def probe(run: Path, data: Path, variants: list[dict], do_fusion: bool, do_flips
 
 
 def markdown(sets: list[dict], command: str) -> str:
+    """The results as Markdown: one section per set, one table per part."""
     parts = ["# Image score and map probes on saved runs\n", f"`{command}`\n"]
     for d in sets:
         parts.append(f"## {d['set']} ({d['held_out']} held-out good images)\n")
@@ -204,7 +221,9 @@ def markdown(sets: list[dict], command: str) -> str:
             parts.append("Where the image score loses: misordered (good, defective) pairs by the defect's mask size:\n")
             keys = ("mask_pixels", "images", "misordered_pairs", "below_the_top_good")
             header = ["mask pixels", "defective images", "misordered pairs", "scored at or below the top good"]
-            parts.append(md_table(header, [[r[k] for k in keys] for r in d["misses"]]) + "\n")
+            parts.append(md_table(header, [[r[k] for k in keys] for r in d["misses"]["rows"]]) + "\n")
+            parts.append("Good images scored highest:\n")
+            parts.append(md_table(["file", "score"], [[t["file"], t["score"]] for t in d["misses"]["top_good"]]) + "\n")
         if "scorers" in d:
             parts.append("Image scorer retrained (image AUROC):\n")
             keys = ("epochs", "val_loss", "position_weight", "train_s")
@@ -226,7 +245,8 @@ def main() -> None:
     p.add_argument("--scorers", default="[]", help='JSON list of {"mult": M, "seed": S}: scorers to retrain')
     p.add_argument("--no-fusion", action="store_true")
     p.add_argument("--no-flips", action="store_true")
-    p.add_argument("--size-bins", default=",".join(map(str, SIZE_BINS)), help="mask pixel bin edges")
+    p.add_argument("--misses", action="store_true", help="where the run's image score loses, by defect size")
+    p.add_argument("--size-bins", default=",".join(map(str, SIZE_BINS)), help="mask pixel bin edges (ascending)")
     p.add_argument("--out", type=Path, default=REPO / "results" / "image_score_probe")
     args = p.parse_args()
     variants = json.loads(args.scorers)
@@ -235,7 +255,10 @@ def main() -> None:
     configure_cpu(2)
     pairs = run_data_pairs(args.pairs)
     bins = tuple(int(b) for b in args.size_bins.split(","))
-    sets = [probe(run, data, variants, not args.no_fusion, not args.no_flips, bins) for run, data in pairs]
+    if any(b <= a for a, b in zip((0, *bins), bins, strict=False)):
+        raise SystemExit(f"--size-bins: positive ascending pixel counts, got {args.size_bins!r}")
+    sets = [probe(run, data, variants, not args.no_fusion, not args.no_flips, bins if args.misses else None)
+            for run, data in pairs]  # fmt: skip
     command = invocation()
     write_results(args.out, {"command": command, "machine": machine(), "sets": sets}, markdown(sets, command))
 

@@ -83,8 +83,8 @@ def test_cli_export_and_onnx_predict(tiny_run, tmp_path, run_cli):
 
 @pytest.mark.parametrize("align", ["area", "bilinear", "max"])
 def test_export_every_feature_alignment(align, tmp_path):
-    """The cpu preset's area alignment must export like the bilinear one (an untrained model
-    is enough: parity is about the graph, not the weights)."""
+    """Every feature alignment (the cpu preset's area, bilinear, max) must export with parity
+    (an untrained model is enough: parity is about the graph, not the weights)."""
     from adtr.config import ModelConfig
     from adtr.model import ADTR
 

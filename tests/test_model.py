@@ -581,17 +581,18 @@ def test_feature_pool_off_keeps_the_fingerprint_of_runs_saved_before():
 
 def test_align_features_area_averages_and_max_keeps_a_response_smaller_than_a_cell():
     # one hot entry in a stride-2 map (8x8) brought to a 2x2 grid: area divides it by the
-    # cell's 16 entries, max keeps it whole; a coarser map is upsampled the same way by both
+    # cell's 16 entries, max keeps it whole; a coarser map (1x2) is upsampled bilinearly by both
     fine = torch.zeros(1, 1, 8, 8)
     fine[0, 0, 5, 2] = 16.0
-    coarse = torch.arange(4.0).view(1, 1, 2, 2)
+    coarse = torch.tensor([[[[0.0, 4.0]]]])
+    upsampled = torch.tensor([[0.0, 4.0], [0.0, 4.0]])
     for mode, hot in (("area", 1.0), ("max", 16.0)):
         out = align_features([fine, coarse], (2, 2), mode)
         assert out.shape == (1, 2, 2, 2)
         expected = torch.zeros(2, 2)
         expected[1, 0] = hot
         assert torch.equal(out[0, 0], expected)
-        assert torch.equal(out[0, 1], coarse[0, 0])
+        assert torch.equal(out[0, 1], upsampled)
     with pytest.raises(ValueError, match="unknown feature alignment"):
         align_features([fine], (2, 2), "median")
     with pytest.raises(ValueError, match="align must be one of"):

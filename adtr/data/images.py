@@ -85,10 +85,10 @@ def _open(path: Path, data: bytes | None = None, max_pixels: int | None = None) 
     """Open and fully decode a file, or `data` (then `path` only names it in messages).
 
     Every failure of the decoder on a corrupt file is a DataError naming the file (Pillow raises
-    TypeError, IndexError and others on some; tests/test_fuzz.py). The pixel limit is checked
-    from the header, before decoding. Pillow's own
-    decompression-bomb check (warning at 89 MP, error at twice that) would fire first with a
-    message naming neither size nor limit: its warning is ignored and its limit raised to ours.
+    TypeError, IndexError and others on some; tests/test_fuzz.py); MemoryError propagates. The
+    pixel limit is checked from the header, before decoding. Pillow's own decompression-bomb
+    check (warning at 89 MP, error at twice that) would fire first with a message naming neither
+    size nor limit: its warning is ignored and its limit raised to ours.
     """
     limit = pixel_limit(max_pixels)
     if data is None:
@@ -101,10 +101,11 @@ def _open(path: Path, data: bytes | None = None, max_pixels: int | None = None) 
         raise DataError(f"{path}: file is empty (0 bytes)")
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
         Image.MAX_IMAGE_PIXELS = limit  # Pillow's hard stop (2x this) then never fires before our limit
+    source = io.BytesIO(data) if data is not None else path  # outside the try: bad `data` is a caller's bug
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data) if data is not None else path)
+            im = Image.open(source)
             if im.width * im.height > limit:
                 raise _too_large(path, im.width, im.height, limit)
             im.load()
@@ -120,13 +121,16 @@ def _open(path: Path, data: bytes | None = None, max_pixels: int | None = None) 
         raise DataError(f"{path}: truncated or corrupt image ({e})") from None
     except MemoryError:
         raise
-    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise other types on some corrupt files
+    except Exception as e:  # Pillow's decoders raise other types on some corrupt files
         raise DataError(f"{path}: corrupt image: the decoder failed ({type(e).__name__}: {e})") from None
     return im
 
 
 def image_size(path: Path | str) -> tuple[int, int]:
-    """(height, width) of an image file, read from its header without decoding the pixels."""
+    """(height, width) of an image file, read from its header without decoding the pixels.
+
+    Raises DataError naming the file: missing, not an image, or a corrupt header (whatever
+    Pillow raises on it; MemoryError propagates)."""
     path = Path(path)
     try:
         with warnings.catch_warnings():
@@ -139,7 +143,7 @@ def image_size(path: Path | str) -> tuple[int, int]:
         raise DataError(f"{path}: not an image file, or an unknown image format ({e})") from None
     except MemoryError:
         raise
-    except Exception as e:  # noqa: BLE001 - as in _open: a corrupt header may raise any type
+    except Exception as e:  # as in _open: a corrupt header may raise any type
         raise DataError(f"{path}: corrupt image header ({type(e).__name__}: {e})") from None
 
 
