@@ -76,6 +76,8 @@ def model_fingerprint(model: ADTR) -> str:
     if not head or score["head_image_score"] == "map":  # likewise
         del score["head_image_score"]
     del score["scorer_position_weight"], score["map_position_weight"]  # they shape stored statistics (hashed)
+    if not score["feature_gaussian"]:  # as before the key: cached graphs stay valid
+        del score["feature_gaussian"]
     model_cfg = asdict(model.cfg)
     if model_cfg["feature_pool"] == 1:  # likewise
         del model_cfg["feature_pool"]
@@ -314,6 +316,8 @@ def _training_settings(config: Any) -> Any:
     # nor the scorer's and the map's per-position weights, used on the statistics set after training
     doc["score"].pop("scorer_position_weight", None)
     doc["score"].pop("map_position_weight", None)
+    # nor the image score's source, settled after training (ScoreConfig.feature_gaussian)
+    doc["score"].pop("feature_gaussian", None)
     # nor the query fallback's threshold: a state saved before it existed (read as off) resumes
     # under the default; a state saved after the fallback is told apart by its use_query
     doc["train"].pop("query_fallback", None)

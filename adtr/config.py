@@ -159,6 +159,13 @@ class ScoreConfig:
     # none in the map either; others keep half and half. Recorded in the run; runs saved before,
     # and models without an image scorer: 0.5. docs/design.md, "The map's per-position weight".
     map_position_weight: float | None = None
+    # The image score from a Gaussian per position of the features (PaDiM; feature_gaussian.py)
+    # instead of the image scorer's residual, which is still trained (its held-out likelihood
+    # makes the choice). None: chosen by the fit, True where the scorer's per-position weight is
+    # 1 (each position's statistics predict unseen good parts: aligned parts). Needs an image
+    # scorer. Recorded in the run; runs saved before: False. docs/design.md, "A Gaussian per
+    # position scores aligned parts' images".
+    feature_gaussian: bool | None = None
 
     def __post_init__(self) -> None:
         if self.residual_norm not in RESIDUAL_NORMS:
@@ -167,6 +174,9 @@ class ScoreConfig:
             w = getattr(self, name)
             if w is not None and not (_is_number(w) and 0 <= w <= 1):
                 raise ValueError(f"{name.replace('_', ' ')} must be in [0, 1], got {w!r}")
+        if not (self.feature_gaussian is None or isinstance(self.feature_gaussian, bool)):
+            raise ValueError(f"feature_gaussian must be true, false or null (chosen by the fit), "
+                             f"got {self.feature_gaussian!r}")
         if not 0 <= self.smoothing_sigma < math.inf:
             raise ValueError(f"smoothing sigma must be a finite number >= 0, got {self.smoothing_sigma}")
         if self.head_gain is not None and not (_is_number(self.head_gain) and 0 < self.head_gain < math.inf):
@@ -335,9 +345,10 @@ class RunConfig:
         return cls(
             model=model,
             # Runs saved before any of these keys: the plain residual, smoothing sigma 4, the
-            # scorer's and the map's statistics half per-position.
+            # scorer's and the map's statistics half per-position, no Gaussian per position.
             score=_build(ScoreConfig, {"residual_norm": "none", "smoothing_sigma": 4.0, "scorer_position_weight": 0.5,
-                                       "map_position_weight": 0.5, **old_head, **score}),  # fmt: skip
+                                       "map_position_weight": 0.5, "feature_gaussian": False, **old_head,
+                                       **score}),  # fmt: skip
             # Runs saved before the step budget trained with the warm-up + x0.1 schedule.
             # Runs saved before the hard-position loss existed trained with the MSE.
             # Runs saved before the defect head trained the reconstructor with L_px on masked anomalies.

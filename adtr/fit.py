@@ -456,6 +456,9 @@ def fit_on_features(
     if config.score.residual_norm != "none":
         # the held-out good images choose the image scorer's per-position weight (while unset)
         model.set_residual_scale(features[train_idx], held=features[val_idx] if val_idx else None)
+    # a fit that keeps the reconstructor (new masked defects alone) keeps its Gaussian: an update's
+    # replay features are a bounded sample of the good images the parent's Gaussian saw in full
+    model = with_feature_gaussian(model, features[train_idx], refit=train_reconstructor)
     # defects pasted onto good images for the head (defect_paste.py): parts that lie anywhere only, by default
     copies = paste_copies(config.train.head_paste, model.score_cfg.map_position_weight)
     if cfg.labelled_anomalies != "head":  # no head is fitted from labelled anomalies: nothing to paste
@@ -499,6 +502,27 @@ def fit_on_features(
                      head_defects=head_defects if model.score_cfg.defect_head else None, head_pixels=head_pixels,
                      backgrounds=backgrounds if copies or given is not None else None,
                      head_pasted=len(pasted) if pasted is not None else 0)  # fmt: skip
+
+
+def with_feature_gaussian(model: ADTR, good: torch.Tensor, refit: bool = True) -> ADTR:
+    """The model with its image score's source settled (ScoreConfig.feature_gaussian; None: a
+    Gaussian per position where the image scorer's chosen per-position weight is 1) and the
+    Gaussian fitted on the standardised good training features (N, C, h, w) where it is used
+    (with refit False, only when the setting was unset: an already fitted one is kept); a copy
+    when the setting was unset."""
+    score = model.score_cfg
+    use = score.feature_gaussian
+    if use is None:
+        refit = True
+        use = bool(model.uses_image_scorer and score.residual_norm == "channel_position"
+                   and score.scorer_position_weight == 1.0)  # fmt: skip
+        model = model.with_score(dataclasses.replace(score, feature_gaussian=use))
+        if use:
+            log.info("image score: a Gaussian per position of the features (the held-out good images chose the "
+                     "image scorer's per-position statistics: aligned parts)")  # fmt: skip
+    if use and refit:
+        model.set_feature_gaussian(good)
+    return model
 
 
 @torch.no_grad()

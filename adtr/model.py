@@ -22,6 +22,8 @@ from adtr.backbones import build_backbone
 from adtr.config import ALIGN_MODES, ModelConfig, ScoreConfig
 from adtr.defect_head import DefectHead
 from adtr.defect_head import combine as combine_defect_head
+from adtr.feature_gaussian import DIMS as GAUSSIAN_DIMS
+from adtr.feature_gaussian import fit_feature_gaussian, gaussian_distance
 from adtr.transformer import ReconstructionTransformer
 
 
@@ -231,6 +233,15 @@ class ADTR(nn.Module):
         # mean and std of the image scorer's grid error on the good training tokens: the scale on
         # which the head's logit joins it for the image score (ScoreConfig.head_image_score)
         self.register_buffer("scorer_head_norm", torch.tensor([0.0, 1.0]), persistent=head and self.uses_image_scorer)
+        # A Gaussian per position of the features (feature_gaussian.py), which then scores the
+        # image in the scorer's place; stored only in runs that use it (score.feature_gaussian).
+        gauss = self.score_cfg.feature_gaussian is True
+        if gauss and cfg.image_scorer is None:
+            raise ValueError("feature_gaussian replaces the image scorer's grid: it needs an image scorer")
+        d, positions = (min(GAUSSIAN_DIMS, self.channels), grid[0] * grid[1]) if gauss else (0, 0)
+        self.register_buffer("gaussian_channels", torch.zeros(d, dtype=torch.long), persistent=gauss)
+        self.register_buffer("gaussian_mean", torch.zeros(positions, d), persistent=gauss)
+        self.register_buffer("gaussian_precision", torch.zeros(positions, d, d), persistent=gauss)
         # The map's bilinear upsampling and Gaussian smoothing as two matrices (upsample_map),
         # rebuilt whenever score_cfg is set (its smoothing sigma).
         self._set_upsampling()
@@ -243,9 +254,11 @@ class ADTR(nn.Module):
     @score_cfg.setter
     def score_cfg(self, score: ScoreConfig) -> None:
         old = getattr(self, "_score_cfg", None)
-        if old is not None and (old.defect_head, old.head_image_score) != (score.defect_head, score.head_image_score):
+        fixed = ("defect_head", "head_image_score", "feature_gaussian")
+        if old is not None and any(getattr(old, k) != getattr(score, k) for k in fixed):
             # they decide which buffers the model stores, fixed when it is built
-            raise ValueError("a defect head or the head's image score changes the model's tensors: use with_score")
+            raise ValueError("a defect head, the head's image score or the feature Gaussian changes the model's "
+                             "tensors: use with_score")
         self._score_cfg = score
         self._set_upsampling()
 
@@ -397,9 +410,13 @@ class ADTR(nn.Module):
 
     def scorer_grid(self, f: torch.Tensor) -> torch.Tensor:
         """Standardised features (B, C, h, w) -> the image scorer's grid error (B, h, w), scaled
-        and standardised as residual_grid does the reconstructor's; ValueError without a scorer."""
+        and standardised as residual_grid does the reconstructor's; with score.feature_gaussian,
+        the features' Mahalanobis distance per position instead (feature_gaussian.py). ValueError
+        without a scorer."""
         if self.image_scorer is None:
             raise ValueError("this model has no image scorer (ModelConfig.image_scorer)")
+        if self.score_cfg.feature_gaussian:
+            return gaussian_distance(f, self.gaussian_channels, self.gaussian_mean, self.gaussian_precision)
         residual = (f - self.image_scorer(f)) / self.scorer_residual_scale
         return self._grid_error(residual, self.scorer_position_mean, self.scorer_position_std)
 
@@ -426,6 +443,17 @@ class ADTR(nn.Module):
         if scorer_norm is not None:
             self.scorer_head_norm.copy_(scorer_norm)
 
+    def set_feature_gaussian(self, features: torch.Tensor) -> None:
+        """Fit the Gaussian per position (feature_gaussian.py) on standardised good features
+        (N, C, h, w); ValueError unless score.feature_gaussian is set, or for fewer than 2 images."""
+        if not self.score_cfg.feature_gaussian:
+            raise ValueError("this model's score settings have no feature Gaussian (ScoreConfig.feature_gaussian)")
+        channels, mean, precision = fit_feature_gaussian(features)
+        device = self.gaussian_mean.device
+        self.gaussian_channels.copy_(channels.to(device))
+        self.gaussian_mean.copy_(mean.to(device))
+        self.gaussian_precision.copy_(precision.to(device))
+
     def with_score(self, score: ScoreConfig) -> ADTR:
         """A copy with other score settings and the same weights and statistics (e.g. to add
         a defect head to a model that had none)."""
@@ -434,8 +462,8 @@ class ADTR(nn.Module):
         # buffers a persistent-state copy misses: the ones this model does not store, but not
         # the upsampling, which follows the new score settings
         for name, buf in self.named_buffers():
-            if not name.startswith("upsample_"):
-                other.get_buffer(name).copy_(buf)
+            if not name.startswith("upsample_") and other.get_buffer(name).shape == buf.shape:  # a Gaussian
+                other.get_buffer(name).copy_(buf)  # added or dropped is set (or not needed) anew
         return other.train(self.training)
 
     def score_maps(self, grid_map: torch.Tensor, residual: torch.Tensor | None = None) -> AnomalyOutput:

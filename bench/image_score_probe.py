@@ -1,7 +1,8 @@
 """Three ways to a better image score or map, probed on saved runs against their test figures.
 
     python bench/image_score_probe.py RUN:DATA [RUN:DATA ...] [--scorers JSON] [--no-fusion] [--no-flips]
-                                      [--misses [--size-bins 100,300,1000]] [--out results/image_score_probe]
+                                      [--misses [--size-bins 100,300,1000]] [--padim] [--gaussian]
+                                      [--out results/image_score_probe]
 
 RUN is a saved normal-only run with an image scorer (e.g. bench/kshot.py's RUNS/<set>/normal,
 fitted with the library's defaults), DATA its category folder. Scored with PyTorch.
@@ -17,7 +18,17 @@ fitted with the library's defaults), DATA its category folder. Scored with PyTor
 2. Late fusion (unless `--no-fusion`): the run's image score and the maximum of its map (the
    transformer's), each z-scored with the mean and std of the run's held-out good images, summed
    at weight w of the map's: image AUROC per w.
-3. Flipped views (unless `--no-flips`): the map averaged with the map of the image flipped
+3. PaDiM fusion (`--padim`): bench/references.py's PaDiM-Lite0 at the run's input size, fitted on
+   the run's training images (its held-out good images excluded), scores the held-out and the test
+   images; the run's image score and PaDiM's, each z-scored with the held-out good images' mean and
+   std, summed at weight w of PaDiM's: image AUROC per w, beside the run's chosen per-position weight
+   of its image scorer (which tells aligned parts from parts that lie anywhere).
+4. A Gaussian per position of the run's features (`--gaussian`; adtr/feature_gaussian.py, the
+   image score of aligned parts since ScoreConfig.feature_gaussian): fitted on the run's training
+   images (held-out ones excluded) for each (dims, channel seed) of GAUSSIAN_VARIANTS, its
+   distance grid scored as the run scores its image scorer's (upsampled, smoothed, top 1%): image
+   AUROC of each, beside the run's own score and its scorer's per-position weight.
+5. Flipped views (unless `--no-flips`): the map averaged with the map of the image flipped
    left-right (and up-down), flipped back; image AUROC of the summed image scores, pixel AUROC
    and AUPRO of the averaged maps.
 
@@ -61,6 +72,7 @@ from adtr.runtime import configure_cpu  # noqa: E402
 
 FUSION_WEIGHTS = (0.25, 0.5, 1.0)
 SIZE_BINS = (100, 300, 1000)  # mask pixels: bins [0, 100), [100, 300), [300, 1000), [1000, ...)
+GAUSSIAN_VARIANTS = ((100, 0), (100, 1), (100, 2), (64, 0), (192, 0))  # (dims, channel seed)
 FLIPS = {"left-right": (-1,), "up-down": (-2,)}
 
 
@@ -154,6 +166,50 @@ def fusion(model: ADTR, f_held: torch.Tensor, f_test: torch.Tensor, labels: np.n
     return row
 
 
+def padim_fusion(model: ADTR, train: list[Sample], tr_idx: list[int], val_idx: list[int], test: list[Sample],
+                 labels: np.ndarray, f_held: torch.Tensor, f_test: torch.Tensor) -> dict:  # fmt: skip
+    """Part 3: the run's image score z-summed with PaDiM's (both z-scored on the held-out good images)."""
+    from references import padim
+
+    def run_scores(f: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return torch.cat([model.score(b).anomaly_score for b in model._batches(f, 16)]).double().numpy()
+
+    held = [train[i] for i in val_idx]
+    ref = padim([train[i] for i in tr_idx], held + list(test), tuple(model.cfg.image_size))
+    p_held, p_test = ref.scores[: len(held)].astype(np.float64), ref.scores[len(held) :].astype(np.float64)
+    r_held, r_test = run_scores(f_held), run_scores(f_test)
+
+    def z(t: np.ndarray, h: np.ndarray) -> np.ndarray:
+        return (t - h.mean()) / max(float(h.std()), 1e-12)
+
+    row = {"scorer_position_weight": model.score_cfg.scorer_position_weight,
+           "run_score": _auroc(r_test, labels), "padim": _auroc(p_test, labels)}  # fmt: skip
+    for w in FUSION_WEIGHTS:
+        row[f"fused_w{w}"] = _auroc(z(r_test, r_held) + w * z(p_test, p_held), labels)
+    print(row, flush=True)
+    return row
+
+
+def feature_gaussians(model: ADTR, f_train: torch.Tensor, f_test: torch.Tensor, labels: np.ndarray) -> dict:
+    """Part 4: image AUROC of a Gaussian per position of the features per (dims, channel seed),
+    scored as the run scores its image scorer's grid."""
+    from adtr.feature_gaussian import fit_feature_gaussian, gaussian_distance
+
+    with torch.no_grad():
+        own = torch.cat([model.score(b).anomaly_score for b in model._batches(f_test, 16)])
+    row = {"scorer_position_weight": model.score_cfg.scorer_position_weight,
+           "feature_gaussian": model.score_cfg.feature_gaussian, "run_score": _auroc(own, labels)}  # fmt: skip
+    for dims, seed in GAUSSIAN_VARIANTS:
+        params = fit_feature_gaussian(f_train, dims=dims, seed=seed)
+        with torch.no_grad():
+            grid = torch.cat([gaussian_distance(b, *params) for b in model._batches(f_test, 16)])
+            score = map_image_score(model.upsample(grid), model.score_cfg, model.cfg.image_size)
+        row[f"dims {dims} seed {seed}"] = _auroc(score, labels)
+    print(row, flush=True)
+    return row
+
+
 def flipped_views(model: ADTR, test: list[Sample], labels: np.ndarray, masks: list[np.ndarray] | None,
                   sizes: list[tuple[int, int]]) -> list[dict]:  # fmt: skip
     """Part 3: the run's map and score alone, and averaged with flipped views."""
@@ -183,7 +239,7 @@ def flipped_views(model: ADTR, test: list[Sample], labels: np.ndarray, masks: li
 
 
 def probe(run: Path, data: Path, variants: list[dict], do_fusion: bool, do_flips: bool,
-          bins: tuple[int, ...] | None = None) -> dict:  # fmt: skip
+          bins: tuple[int, ...] | None = None, do_padim: bool = False, do_gaussian: bool = False) -> dict:  # fmt: skip
     """Every part asked for, on one saved run and its category folder (bins: mask pixel edges
     of the misses table; None: no misses table)."""
     det = ADTRDetector.load(run, progress=False, backend="torch")
@@ -207,6 +263,10 @@ def probe(run: Path, data: Path, variants: list[dict], do_fusion: bool, do_flips
         out["scorers"] = retrained_scorers(model, cfg, f_train, tr_idx, val_idx, f_test, labels, variants)
     if do_fusion:
         out["fusion"] = fusion(model, f_train[val_idx], f_test, labels)
+    if do_padim:
+        out["padim"] = padim_fusion(model, train, tr_idx, val_idx, test, labels, f_train[val_idx], f_test)
+    if do_gaussian:
+        out["gaussian"] = feature_gaussians(model, f_train[tr_idx], f_test, labels)
     if do_flips:
         out["flips"] = flipped_views(model, test, labels, masks, sizes)
     return out
@@ -232,6 +292,12 @@ def markdown(sets: list[dict], command: str) -> str:
         if "fusion" in d:
             parts.append("Late fusion with the map's maximum (image AUROC):\n")
             parts.append(md_table(list(d["fusion"]), [list(d["fusion"].values())]) + "\n")
+        if "padim" in d:
+            parts.append("Fusion with PaDiM-Lite0's image score (image AUROC):\n")
+            parts.append(md_table(list(d["padim"]), [list(d["padim"].values())]) + "\n")
+        if "gaussian" in d:
+            parts.append("A Gaussian per position of the run's features, image AUROC by (dims, channel seed):\n")
+            parts.append(md_table(list(d["gaussian"]), [list(d["gaussian"].values())]) + "\n")
         if "flips" in d:
             parts.append("Flipped views:\n")
             keys = [k for k in ("image_auroc", "pixel_auroc", "aupro") if k in d["flips"][0]]
@@ -245,6 +311,8 @@ def main() -> None:
     p.add_argument("--scorers", default="[]", help='JSON list of {"mult": M, "seed": S}: scorers to retrain')
     p.add_argument("--no-fusion", action="store_true")
     p.add_argument("--no-flips", action="store_true")
+    p.add_argument("--gaussian", action="store_true", help="a Gaussian per position of the run's features")
+    p.add_argument("--padim", action="store_true", help="fuse the run's image score with PaDiM-Lite0's")
     p.add_argument("--misses", action="store_true", help="where the run's image score loses, by defect size")
     p.add_argument("--size-bins", default=",".join(map(str, SIZE_BINS)), help="mask pixel bin edges (ascending)")
     p.add_argument("--out", type=Path, default=REPO / "results" / "image_score_probe")
@@ -257,7 +325,8 @@ def main() -> None:
     bins = tuple(int(b) for b in args.size_bins.split(","))
     if any(b <= a for a, b in zip((0, *bins), bins, strict=False)):
         raise SystemExit(f"--size-bins: positive ascending pixel counts, got {args.size_bins!r}")
-    sets = [probe(run, data, variants, not args.no_fusion, not args.no_flips, bins if args.misses else None)
+    sets = [probe(run, data, variants, not args.no_fusion, not args.no_flips, bins if args.misses else None,
+                  args.padim, args.gaussian)
             for run, data in pairs]  # fmt: skip
     command = invocation()
     write_results(args.out, {"command": command, "machine": machine(), "sets": sets}, markdown(sets, command))
