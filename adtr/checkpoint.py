@@ -307,6 +307,9 @@ def _training_settings(config: Any) -> Any:
     except (TypeError, ValueError, AttributeError):
         return config
     doc["score"].pop("head_gain", None)
+    # the image score's source only as the tensors it makes a training state hold: a Gaussian set
+    # on (True) or not (unset, off, or a state saved before the key)
+    doc["score"]["feature_gaussian"] = doc["score"].get("feature_gaussian") is True
     # nor what scores a head run's image: a score setting (a state saved before it reads "map")
     doc["score"].pop("head_image_score", None)
     doc["score"].pop("head_image_gain", None)
@@ -316,8 +319,6 @@ def _training_settings(config: Any) -> Any:
     # nor the scorer's and the map's per-position weights, used on the statistics set after training
     doc["score"].pop("scorer_position_weight", None)
     doc["score"].pop("map_position_weight", None)
-    # nor the image score's source, settled after training (ScoreConfig.feature_gaussian)
-    doc["score"].pop("feature_gaussian", None)
     # nor the query fallback's threshold: a state saved before it existed (read as off) resumes
     # under the default; a state saved after the fallback is told apart by its use_query
     doc["train"].pop("query_fallback", None)

@@ -377,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the image score from a Gaussian per position of the features (PaDiM) instead of the image scorer: "
         "'auto' where the held-out good images choose the scorer's per-position statistics (aligned parts; "
         "bsdata image AUROC 0.9488 -> 0.9608, the other development sets unchanged); adds about 40 KB per "
-        "feature-grid position to the run (76 MB at 224x544) (docs/design.md, 'A Gaussian per position scores "
+        "feature-grid position to the weights and as much to the exported graph (76 MB each at 224x544) "
+        "(docs/design.md, 'A Gaussian per position scores "
         "aligned parts' images') (default: auto)",
     )
     g = p.add_argument_group("anomaly-available training (FCDD-style losses L_px / L_img)")
@@ -585,9 +586,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
             query_fallback=args.query_fallback,
         )
         gaussian = {"auto": None, "on": True, "off": False}[args.feature_gaussian]
-        if gaussian and model.image_scorer is None:
-            raise SettingsError("--feature-gaussian on replaces the image scorer's score: it needs an image scorer "
-                                "(not --image-scorer off)")  # fmt: skip
+        if gaussian and (model.image_scorer is None or args.image_score == "pooled_residual"):
+            raise SettingsError("--feature-gaussian on replaces the image scorer's score: it needs an image "
+                                "scorer (not --image-scorer off) and an image score from a map (not "
+                                "pooled_residual)")  # fmt: skip
         score = ScoreConfig(smoothing_sigma=args.smoothing_sigma, image_score=args.image_score,
                             residual_norm=args.residual_norm, head_gain=args.head_gain,
                             feature_gaussian=gaussian)  # fmt: skip

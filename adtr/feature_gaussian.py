@@ -50,6 +50,35 @@ def fit_feature_gaussian(
     return channels.to(device), mean.float().to(device), precision.float().to(device)
 
 
+@torch.no_grad()
+def merge_feature_gaussian(
+    count: int, channels: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor, features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fitted Gaussian of `count` images (fit_feature_gaussian's channels, mean (h*w, d),
+    precision (h*w, d, d)) joined with more good images' features (M, C, h, w): the (mean,
+    precision) that fit_feature_gaussian gives all count + M images, up to float32 rounding of
+    the stored precision (its covariance is recovered by inverting it, less the ridge), on the
+    mean's device. An update joins its new good images so, where its replay sample (at most 64
+    images, fewer than the 100 dimensions) would be too small to fit a Gaussian anew."""
+    m = len(features)
+    if m == 0:
+        return mean, precision
+    d = len(channels)
+    eye = torch.eye(d, dtype=torch.float64)
+    old_mean = mean.cpu().double()
+    old_cov = torch.cholesky_inverse(torch.linalg.cholesky(precision.cpu().double())) - RIDGE * eye
+    x = features[:, channels.cpu()].cpu().double().flatten(2).permute(2, 0, 1)  # (P, M, d)
+    new_mean = x.mean(1)
+    centred = x - new_mean.unsqueeze(1)
+    scatter = centred.transpose(1, 2) @ centred
+    n = count + m
+    delta = (old_mean - new_mean).unsqueeze(2)
+    cov = ((count - 1) * old_cov + scatter + count * m / n * (delta @ delta.transpose(1, 2))) / (n - 1) + RIDGE * eye
+    joined = (count * old_mean + m * new_mean) / n
+    device = mean.device
+    return joined.float().to(device), torch.cholesky_inverse(torch.linalg.cholesky(cov)).float().to(device)
+
+
 def gaussian_distance(
     f: torch.Tensor, channels: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor
 ) -> torch.Tensor:

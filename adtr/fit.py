@@ -333,6 +333,7 @@ def fit_on_features(
     prior_defects: AnomalyPool | None = None,
     backgrounds: torch.Tensor | None = None,
     prior_pixels: tuple[torch.Tensor, torch.Tensor] | None = None,
+    gaussian_joins: torch.Tensor | None = None,
 ) -> FitResult:
     """Fit ADTR's reconstructor on good images, optionally with anomalies.
 
@@ -362,6 +363,10 @@ def fit_on_features(
         features, none: no pasting). prior_pixels: the prior defects' uint8 images and masks
         (defect_paste.defect_pixels's layout, aligned with prior_defects; replay.ReplayData's),
         so that they are pasted again with the new ones (None: the prior ones are not pasted).
+    gaussian_joins: an update's new good training images' raw features (M, C, h, w), joined to
+        init's fitted Gaussian per position (ScoreConfig.feature_gaussian) instead of a refit on
+        `good` (a bounded replay sample there); None (a fit): the Gaussian is fitted on the
+        training features where it is used, and kept as it is when train_reconstructor is False.
     Run by every rank of a process group (adtr/distributed.py), each extracts the features of
     its block of the images and trains on its rows of each batch; rank 0 alone saves state_dir.
     Raises SettingsError for settings the model cannot be built from, synthetic anomalies
@@ -456,9 +461,14 @@ def fit_on_features(
     if config.score.residual_norm != "none":
         # the held-out good images choose the image scorer's per-position weight (while unset)
         model.set_residual_scale(features[train_idx], held=features[val_idx] if val_idx else None)
-    # a fit that keeps the reconstructor (new masked defects alone) keeps its Gaussian: an update's
-    # replay features are a bounded sample of the good images the parent's Gaussian saw in full
-    model = with_feature_gaussian(model, features[train_idx], refit=train_reconstructor)
+    # an update (gaussian_joins given) joins its new good images to the parent's Gaussian: its
+    # replay features are a bounded sample (at most 64 images) of the good images that one saw
+    if gaussian_joins is not None:
+        model = with_feature_gaussian(model, features[train_idx], refit=False)
+        if model.score_cfg.feature_gaussian and len(gaussian_joins):
+            model.join_feature_gaussian(model.standardize(gaussian_joins.to(device)))
+    else:
+        model = with_feature_gaussian(model, features[train_idx], refit=train_reconstructor)
     # defects pasted onto good images for the head (defect_paste.py): parts that lie anywhere only, by default
     copies = paste_copies(config.train.head_paste, model.score_cfg.map_position_weight)
     if cfg.labelled_anomalies != "head":  # no head is fitted from labelled anomalies: nothing to paste
@@ -497,7 +507,11 @@ def fit_on_features(
                          copies_for(copies, masked), copies, MAX_PASTED)  # fmt: skip
             pasted = _pasted_pool(model, head_pixels, backgrounds, copies, cfg.seed, device)
     if model.score_cfg.defect_head:
-        fit_head(model, features[train_idx], head_defects, pasted=pasted)
+        # the Gaussian's distances on its own training images are low: its scale for the head's
+        # logit comes from the held-out good images where there are some
+        held_scale = model.score_cfg.feature_gaussian and len(val_idx) >= 2
+        fit_head(model, features[train_idx], head_defects, pasted=pasted,
+                 scorer_good=features[val_idx] if held_scale else None)  # fmt: skip
     return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds, all_raw, infos,
                      head_defects=head_defects if model.score_cfg.defect_head else None, head_pixels=head_pixels,
                      backgrounds=backgrounds if copies or given is not None else None,
@@ -589,7 +603,7 @@ def check_masks(samples: Sequence[Sample], pool: AnomalyPool) -> None:
 @torch.no_grad()
 def fit_head(
     model: ADTR, good: torch.Tensor, defects: AnomalyPool | None, batch_size: int = 32,
-    pasted: AnomalyPool | None = None,
+    pasted: AnomalyPool | None = None, scorer_good: torch.Tensor | None = None,
 ) -> None:
     """Fit the model's defect head (defect_head.py) on standardised good training features
     (N, C, h, w) and labelled defects: a mask gives a defect's token labels; an image label,
@@ -599,7 +613,8 @@ def fit_head(
     (score.head_gain None) is set by defect_head.default_gain. When the image scorer scores the
     image (model.uses_image_scorer), its grid error's mean and std on the good images are
     stored too (the scale on which the head's logit joins it). pasted: masked defects pasted
-    onto good images (defect_paste.py), fitted beside the defects (not counted for the gain)."""
+    onto good images (defect_paste.py), fitted beside the defects (not counted for the gain).
+    scorer_good: other standardised good features for the scorer's statistics (default: good)."""
     device = model.head_weight.device
 
     def residuals(f: torch.Tensor) -> torch.Tensor:
@@ -628,8 +643,9 @@ def fit_head(
         model.score_cfg = dataclasses.replace(model.score_cfg, head_gain=gain)
     scorer_norm = None
     if model.uses_image_scorer:  # the scale on which the logit joins the scorer's map for the image score
-        scorer_map = torch.cat([model.scorer_grid(good[i : i + batch_size].to(device)).cpu()
-                                for i in range(0, len(good), batch_size)]).double()  # fmt: skip
+        ref = good if scorer_good is None else scorer_good
+        scorer_map = torch.cat([model.scorer_grid(ref[i : i + batch_size].to(device)).cpu()
+                                for i in range(0, len(ref), batch_size)]).double()  # fmt: skip
         scorer_norm = torch.stack([scorer_map.mean(), scorer_map.std().clamp_min(1e-6)]).float()
     model.set_defect_head(head, scorer_norm)
 

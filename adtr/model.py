@@ -23,7 +23,7 @@ from adtr.config import ALIGN_MODES, ModelConfig, ScoreConfig
 from adtr.defect_head import DefectHead
 from adtr.defect_head import combine as combine_defect_head
 from adtr.feature_gaussian import DIMS as GAUSSIAN_DIMS
-from adtr.feature_gaussian import fit_feature_gaussian, gaussian_distance
+from adtr.feature_gaussian import fit_feature_gaussian, gaussian_distance, merge_feature_gaussian
 from adtr.transformer import ReconstructionTransformer
 
 
@@ -242,6 +242,7 @@ class ADTR(nn.Module):
         self.register_buffer("gaussian_channels", torch.zeros(d, dtype=torch.long), persistent=gauss)
         self.register_buffer("gaussian_mean", torch.zeros(positions, d), persistent=gauss)
         self.register_buffer("gaussian_precision", torch.zeros(positions, d, d), persistent=gauss)
+        self.register_buffer("gaussian_count", torch.zeros(1 if gauss else 0, dtype=torch.long), persistent=gauss)
         # The map's bilinear upsampling and Gaussian smoothing as two matrices (upsample_map),
         # rebuilt whenever score_cfg is set (its smoothing sigma).
         self._set_upsampling()
@@ -453,6 +454,20 @@ class ADTR(nn.Module):
         self.gaussian_channels.copy_(channels.to(device))
         self.gaussian_mean.copy_(mean.to(device))
         self.gaussian_precision.copy_(precision.to(device))
+        self.gaussian_count.fill_(len(features))
+
+    def join_feature_gaussian(self, features: torch.Tensor) -> None:
+        """Join more standardised good features (M, C, h, w) to the fitted Gaussian per position
+        (feature_gaussian.merge_feature_gaussian): as if it had been fitted on both; ValueError
+        unless the model has a fitted one."""
+        if not self.score_cfg.feature_gaussian or int(self.gaussian_count.item()) < 2:
+            raise ValueError("this model has no fitted feature Gaussian to join images to")
+        count = int(self.gaussian_count.item())
+        mean, precision = merge_feature_gaussian(count, self.gaussian_channels, self.gaussian_mean,
+                                                 self.gaussian_precision, features)  # fmt: skip
+        self.gaussian_mean.copy_(mean)
+        self.gaussian_precision.copy_(precision)
+        self.gaussian_count.fill_(count + len(features))
 
     def with_score(self, score: ScoreConfig) -> ADTR:
         """A copy with other score settings and the same weights and statistics (e.g. to add
@@ -462,8 +477,10 @@ class ADTR(nn.Module):
         # buffers a persistent-state copy misses: the ones this model does not store, but not
         # the upsampling, which follows the new score settings
         for name, buf in self.named_buffers():
-            if not name.startswith("upsample_") and other.get_buffer(name).shape == buf.shape:  # a Gaussian
-                other.get_buffer(name).copy_(buf)  # added or dropped is set (or not needed) anew
+            if name.startswith("gaussian_") and other.get_buffer(name).shape != buf.shape:
+                continue  # a Gaussian added (fitted afterwards) or dropped (not needed)
+            if not name.startswith("upsample_"):
+                other.get_buffer(name).copy_(buf)
         return other.train(self.training)
 
     def score_maps(self, grid_map: torch.Tensor, residual: torch.Tensor | None = None) -> AnomalyOutput:

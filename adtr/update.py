@@ -160,7 +160,8 @@ def update_run(
                              anomalies=labelled or None, external=new_external or None, init=model,
                              progress=progress, train_reconstructor=not keep,
                              prior_defects=replay.defect_pool(model),
-                             backgrounds=replay.background_images(), prior_pixels=replay.defect_pixels)  # fmt: skip
+                             backgrounds=replay.background_images(), prior_pixels=replay.defect_pixels,
+                             gaussian_joins=new_raw[new_train])  # fmt: skip
     config = dataclasses.replace(config, score=fitted.model.score_cfg)  # with the head's gain, if chosen
     source = "held_out" if len(fitted.val) else "training"
     scores, maxima = feature_scores(fitted.model, fitted.val if len(fitted.val) else fitted.train, device)

@@ -24,27 +24,47 @@ def test_the_distance_is_the_mahalanobis_distance_to_each_positions_gaussian():
     """Against numpy on a constructed set: every position its own mean and covariance (+ the
     ridge), all channels kept (dims >= C), accumulated over batches of images as in one."""
     rng = np.random.default_rng(0)
-    n, c, h, w = 40, 3, 2, 3
+    n, c, h, w, dims = 40, 6, 2, 3, 3
     shift = rng.normal(size=(1, c, h, w)) * 5  # a different mean per position
-    good = torch.from_numpy(rng.normal(size=(n, c, h, w)) * [[[[1.0]], [[2.0]], [[0.5]]]] + shift).float()
-    channels, mean, precision = fit_feature_gaussian(good, dims=8, batch_size=7)
-    assert channels.tolist() == [0, 1, 2] and mean.shape == (h * w, c) and precision.shape == (h * w, c, c)
+    scale = np.array([1.0, 2.0, 0.5, 3.0, 1.5, 0.7]).reshape(1, c, 1, 1)
+    good = torch.from_numpy(rng.normal(size=(n, c, h, w)) * scale + shift).float()
+    channels, mean, precision = fit_feature_gaussian(good, dims=dims, batch_size=7)
+    kept = channels.tolist()
+    assert len(kept) == dims and mean.shape == (h * w, dims) and precision.shape == (h * w, dims, dims)
     query = torch.from_numpy(rng.normal(size=(2, c, h, w)) * 3).float()
     got = gaussian_distance(query, channels, mean, precision)
     assert got.shape == (2, h, w)
     x = good.double().numpy()
     for i in range(h):
         for j in range(w):
-            v = x[:, :, i, j]
-            cov = np.cov(v, rowvar=False) + RIDGE * np.eye(c)
+            v = x[:, kept, i, j]
+            cov = np.cov(v, rowvar=False) + RIDGE * np.eye(dims)
             for b in range(2):
-                d = query[b, :, i, j].double().numpy() - v.mean(0)
+                d = query[b, kept, i, j].double().numpy() - v.mean(0)
                 assert got[b, i, j].item() == pytest.approx(float(np.sqrt(d @ np.linalg.solve(cov, d))), rel=1e-4)
-    # a position's own mean is at distance 0
-    at_mean = mean.T.reshape(1, c, h, w)
+    # a position's own mean is at distance 0, whatever the channels not kept hold
+    at_mean = torch.randn(1, c, h, w) * 100
+    at_mean[:, channels] = mean.T.reshape(1, dims, h, w)
     assert gaussian_distance(at_mean, channels, mean, precision).abs().max() < 1e-3
-    same = fit_feature_gaussian(good, dims=8, batch_size=64)
+    same = fit_feature_gaussian(good, dims=dims, batch_size=64)
     assert torch.allclose(same[2], precision, rtol=1e-5, atol=1e-6)
+
+
+def test_joining_images_gives_the_gaussian_of_all_of_them():
+    """merge_feature_gaussian(A's Gaussian, B) = fit_feature_gaussian(A and B), up to the stored
+    precision's float32 rounding."""
+    from adtr.feature_gaussian import merge_feature_gaussian
+
+    torch.manual_seed(0)
+    a = torch.randn(30, 8, 2, 2) * 2 + 1
+    b = torch.randn(12, 8, 2, 2) + 3  # another mean: the join must move it
+    channels, mean, precision = fit_feature_gaussian(a, dims=5)
+    joined_mean, joined_precision = merge_feature_gaussian(len(a), channels, mean, precision, b)
+    _, want_mean, want_precision = fit_feature_gaussian(torch.cat([a, b]), dims=5)
+    assert torch.allclose(joined_mean, want_mean, atol=1e-5)
+    assert torch.allclose(joined_precision, want_precision, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(joined_mean, mean, atol=0.1)
+    assert merge_feature_gaussian(len(a), channels, mean, precision, b[:0])[0] is mean
 
 
 def test_a_seeded_sorted_subset_of_the_channels_and_two_images_at_least():
@@ -82,6 +102,13 @@ def root(tmp_path_factory):
         write_png(root / "good" / f"{i:03d}.png", rng.integers(100, 140, (64, 64, 3), dtype=np.uint8))
     for i in range(4):
         write_png(root / "new_good" / f"{i:03d}.png", rng.integers(90, 150, (64, 64, 3), dtype=np.uint8))
+    for i in range(2):
+        image = rng.integers(100, 140, (64, 64, 3), dtype=np.uint8)
+        mask = np.zeros((64, 64), np.uint8)
+        mask[20:34, 24:40] = 255
+        image[mask > 0] = 250
+        write_png(root / "new_defects" / "blob" / f"{i:03d}.png", image)
+        write_png(root / "new_defects" / "ground_truth" / "blob" / f"{i:03d}_mask.png", mask)
     return root
 
 
@@ -112,8 +139,29 @@ def test_the_fit_uses_the_gaussian_where_the_scorers_weight_is_1_and_a_run_keeps
     assert [p.anomaly_score for p in loaded.predict(files)] == [p.anomaly_score for p in det.predict(files)]
     updated = loaded.update(good=root / "new_good", steps=1)
     assert updated.config.score.feature_gaussian is use
-    if use:  # refitted on the update's good features (the replay sample and the new images)
-        assert not torch.equal(updated.model_.gaussian_mean, m.gaussian_mean)
+    if use:  # the new good training images joined to the parent's Gaussian: that of all of them
+        from adtr.data.folder import good_images
+        from adtr.data.mvtec import train_samples
+        from adtr.data.splits import split_validation
+        from adtr.engine import extract_features
+
+        def standardised(samples: list) -> torch.Tensor:
+            return m.standardize(extract_features(m, samples, torch.device("cpu"), progress=False))
+
+        old_samples, new_samples = train_samples(root), good_images(root / "new_good")
+        old_train = range(len(old_samples))  # 12 good images: cross-fitted, every one trains the run
+        new_train, _ = split_validation(len(new_samples), TRAIN.val_fraction, TRAIN.seed)
+        both = torch.cat([standardised([old_samples[i] for i in old_train]),
+                          standardised([new_samples[i] for i in new_train])])  # fmt: skip
+        _, want_mean, want_precision = fit_feature_gaussian(both)
+        u = updated.model_
+        assert int(u.gaussian_count) == len(both) == int(m.gaussian_count) + len(new_train)
+        assert torch.allclose(u.gaussian_mean, want_mean, atol=1e-4)
+        assert torch.allclose(u.gaussian_precision, want_precision, rtol=1e-2, atol=1e-3)
+        # new defects alone keep the parent's Gaussian as it is
+        head = loaded.update(anomalies=root / "new_defects", steps=1)
+        assert head.config.score.defect_head and head.config.score.feature_gaussian
+        assert torch.equal(head.model_.gaussian_precision, m.gaussian_precision)
     if not use:  # a run saved before the key: no Gaussian
         doc = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
         del doc["score"]["feature_gaussian"]
@@ -151,3 +199,21 @@ def test_the_cli_option_sets_it_and_refuses_it_without_an_image_scorer(run_cli, 
                          "--image-size", "64", "--quiet")  # fmt: skip
     assert code == 0
     assert json.loads((tmp_path / "on" / CONFIG_FILE).read_text())["score"]["feature_gaussian"] is True
+
+
+def test_a_training_state_resumes_across_auto_and_off_but_not_on():
+    """A state saved with the Gaussian on holds its tensors: resumed under auto or off it is refused
+    as other settings; auto, off and a state saved before the key hold none and resume each other."""
+    from adtr.checkpoint import _training_settings
+    from adtr.config import RunConfig
+
+    def doc(value: object) -> dict:
+        d = RunConfig(score=ScoreConfig(feature_gaussian=None if value == "missing" else value)).to_dict()
+        if value == "missing":
+            del d["score"]["feature_gaussian"]
+        return d
+
+    for a, b in ((None, False), (None, "missing"), (False, "missing")):
+        assert _training_settings(doc(a)) == _training_settings(doc(b))
+    for other in (None, False, "missing"):
+        assert _training_settings(doc(True)) != _training_settings(doc(other))
