@@ -507,11 +507,11 @@ def fit_on_features(
                          copies_for(copies, masked), copies, MAX_PASTED)  # fmt: skip
             pasted = _pasted_pool(model, head_pixels, backgrounds, copies, cfg.seed, device)
     if model.score_cfg.defect_head:
-        # the Gaussian's distances on its own training images are low: its scale for the head's
-        # logit comes from the held-out good images where there are some
-        held_scale = model.score_cfg.feature_gaussian and len(val_idx) >= 2
-        fit_head(model, features[train_idx], head_defects, pasted=pasted,
-                 scorer_good=features[val_idx] if held_scale else None)  # fmt: skip
+        # the head's logit joins the image grid on the scale of the good training images' grid,
+        # the Gaussian's too (biased low there; the held-out images' scale weighed the head more
+        # and cost bsdata's masked head 0.27 image AUROC point: docs/design.md, "A Gaussian per
+        # position scores aligned parts' images")
+        fit_head(model, features[train_idx], head_defects, pasted=pasted)
     return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds, all_raw, infos,
                      head_defects=head_defects if model.score_cfg.defect_head else None, head_pixels=head_pixels,
                      backgrounds=backgrounds if copies or given is not None else None,
@@ -603,7 +603,7 @@ def check_masks(samples: Sequence[Sample], pool: AnomalyPool) -> None:
 @torch.no_grad()
 def fit_head(
     model: ADTR, good: torch.Tensor, defects: AnomalyPool | None, batch_size: int = 32,
-    pasted: AnomalyPool | None = None, scorer_good: torch.Tensor | None = None,
+    pasted: AnomalyPool | None = None,
 ) -> None:
     """Fit the model's defect head (defect_head.py) on standardised good training features
     (N, C, h, w) and labelled defects: a mask gives a defect's token labels; an image label,
@@ -613,8 +613,7 @@ def fit_head(
     (score.head_gain None) is set by defect_head.default_gain. When the image scorer scores the
     image (model.uses_image_scorer), its grid error's mean and std on the good images are
     stored too (the scale on which the head's logit joins it). pasted: masked defects pasted
-    onto good images (defect_paste.py), fitted beside the defects (not counted for the gain).
-    scorer_good: other standardised good features for the scorer's statistics (default: good)."""
+    onto good images (defect_paste.py), fitted beside the defects (not counted for the gain)."""
     device = model.head_weight.device
 
     def residuals(f: torch.Tensor) -> torch.Tensor:
@@ -643,9 +642,8 @@ def fit_head(
         model.score_cfg = dataclasses.replace(model.score_cfg, head_gain=gain)
     scorer_norm = None
     if model.uses_image_scorer:  # the scale on which the logit joins the scorer's map for the image score
-        ref = good if scorer_good is None else scorer_good
-        scorer_map = torch.cat([model.scorer_grid(ref[i : i + batch_size].to(device)).cpu()
-                                for i in range(0, len(ref), batch_size)]).double()  # fmt: skip
+        scorer_map = torch.cat([model.scorer_grid(good[i : i + batch_size].to(device)).cpu()
+                                for i in range(0, len(good), batch_size)]).double()  # fmt: skip
         scorer_norm = torch.stack([scorer_map.mean(), scorer_map.std().clamp_min(1e-6)]).float()
     model.set_defect_head(head, scorer_norm)
 
