@@ -79,6 +79,9 @@ def test_a_seeded_sorted_subset_of_the_channels_and_two_images_at_least():
 def test_the_gaussian_needs_an_image_scorer_and_is_fixed_when_the_model_is_built():
     with pytest.raises(ValueError, match="needs an image scorer"):
         ADTR(TINY, ScoreConfig(feature_gaussian=True))
+    with pytest.raises(ValueError, match="not pooled_residual"):  # the scorer would not score the image
+        ADTR(dataclasses.replace(TINY, image_scorer="cnn"), ScoreConfig(feature_gaussian=True,
+                                                                        image_score="pooled_residual"))  # fmt: skip
     m = ADTR(dataclasses.replace(TINY, image_scorer="cnn"), ScoreConfig(feature_gaussian=False))
     assert not any(k.startswith("gaussian_") for k in m.state_dict())
     with pytest.raises(ValueError, match="use with_score"):
@@ -191,6 +194,9 @@ def test_the_cli_option_sets_it_and_refuses_it_without_an_image_scorer(run_cli, 
                            "--image-scorer", "off")  # fmt: skip
     assert code != 0 and "--feature-gaussian on" in err and "needs an image scorer" in err
     assert not (tmp_path / "r" / CONFIG_FILE).exists()
+    code, _, err = run_cli("fit", tiny_folder, "--out", tmp_path / "p", "--feature-gaussian", "on",
+                           "--image-score", "pooled_residual")  # fmt: skip
+    assert code != 0 and "not pooled_residual" in err and not (tmp_path / "p" / CONFIG_FILE).exists()
     from adtr import cli
 
     parse = cli.build_parser().parse_args
