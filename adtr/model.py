@@ -236,10 +236,10 @@ class ADTR(nn.Module):
         # A Gaussian per position of the features (feature_gaussian.py), which then scores the
         # image in the scorer's place; stored only in runs that use it (score.feature_gaussian).
         gauss = self.score_cfg.feature_gaussian is True
-        if gauss and not self.uses_image_scorer:  # it would be stored and never score anything
-            raise ValueError("feature_gaussian replaces the image scorer's grid: it needs an image scorer that "
-                             "scores the image (an image score from a map, not pooled_residual; a defect head's "
-                             "image score 'scorer')")  # fmt: skip
+        # without a scorer, or with an image score not from a map, it would never score anything
+        if gauss and (cfg.image_scorer is None or self.score_cfg.image_score not in MAP_SCORES):
+            raise ValueError("feature_gaussian replaces the image scorer's grid: it needs an image scorer and an "
+                             "image score from a map (not pooled_residual)")  # fmt: skip
         d, positions = (min(GAUSSIAN_DIMS, self.channels), grid[0] * grid[1]) if gauss else (0, 0)
         self.register_buffer("gaussian_channels", torch.zeros(d, dtype=torch.long), persistent=gauss)
         self.register_buffer("gaussian_mean", torch.zeros(positions, d), persistent=gauss)
