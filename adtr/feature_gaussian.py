@@ -20,6 +20,11 @@ RIDGE = 0.01  # added to the covariance's diagonal (PaDiM's epsilon I)
 SEED = 0  # of the channel subset (PaDiM draws it once)
 
 
+def _positions(features: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """Features (N, C, h, w) -> the kept channels per position (h*w, N, d), float64 on the CPU."""
+    return features[:, channels.cpu()].cpu().double().flatten(2).permute(2, 0, 1)
+
+
 @torch.no_grad()
 def fit_feature_gaussian(
     features: torch.Tensor, dims: int = DIMS, seed: int = SEED, batch_size: int = 32
@@ -37,7 +42,7 @@ def fit_feature_gaussian(
     total = torch.zeros(h * w, d, dtype=torch.float64)
     outer = torch.zeros(h * w, d, d, dtype=torch.float64)
     for i in range(0, n, batch_size):
-        x = features[i : i + batch_size, channels].cpu().double().flatten(2).permute(2, 0, 1)  # (P, b, d)
+        x = _positions(features[i : i + batch_size], channels)  # (P, b, d)
         total += x.sum(1)
         outer += x.transpose(1, 2) @ x
     mean = total / n
@@ -67,7 +72,7 @@ def merge_feature_gaussian(
     eye = torch.eye(d, dtype=torch.float64)
     old_mean = mean.cpu().double()
     old_cov = torch.cholesky_inverse(torch.linalg.cholesky(precision.cpu().double())) - RIDGE * eye
-    x = features[:, channels.cpu()].cpu().double().flatten(2).permute(2, 0, 1)  # (P, M, d)
+    x = _positions(features, channels)  # (P, M, d)
     new_mean = x.mean(1)
     centred = x - new_mean.unsqueeze(1)
     scatter = centred.transpose(1, 2) @ centred

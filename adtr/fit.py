@@ -410,7 +410,8 @@ def fit_on_features(
         if head_pool is not None:
             check_masks(for_head, head_pool)
         feature_seconds = time.perf_counter() - t0 if not isinstance(good, torch.Tensor) else 0.0
-        data = TrainingData(features[train_idx], synthetic, pool)
+        train_features = features[train_idx]  # one copy for every step below
+        data = TrainingData(train_features, synthetic, pool)
         generator = torch.Generator().manual_seed(cfg.seed)
         fallback = no_query_config(config) if train_reconstructor and init is None else None
         if fallback is not None and not val_idx:
@@ -460,15 +461,12 @@ def fit_on_features(
     model.eval()
     if config.score.residual_norm != "none":
         # the held-out good images choose the image scorer's per-position weight (while unset)
-        model.set_residual_scale(features[train_idx], held=features[val_idx] if val_idx else None)
+        model.set_residual_scale(train_features, held=features[val_idx] if val_idx else None)
     # an update (gaussian_joins given) joins its new good images to the parent's Gaussian: its
     # replay features are a bounded sample (at most 64 images) of the good images that one saw
-    if gaussian_joins is not None:
-        model = with_feature_gaussian(model, features[train_idx], refit=False)
-        if model.score_cfg.feature_gaussian and len(gaussian_joins):
-            model.join_feature_gaussian(model.standardize(gaussian_joins.to(device)))
-    else:
-        model = with_feature_gaussian(model, features[train_idx], refit=train_reconstructor)
+    model = with_feature_gaussian(model, train_features, refit=train_reconstructor and gaussian_joins is None)
+    if gaussian_joins is not None and model.score_cfg.feature_gaussian and len(gaussian_joins):
+        model.join_feature_gaussian(model.standardize(gaussian_joins.to(device)))
     # defects pasted onto good images for the head (defect_paste.py): parts that lie anywhere only, by default
     copies = paste_copies(config.train.head_paste, model.score_cfg.map_position_weight)
     if cfg.labelled_anomalies != "head":  # no head is fitted from labelled anomalies: nothing to paste
@@ -511,8 +509,8 @@ def fit_on_features(
         # the Gaussian's too (biased low there; the held-out images' scale weighed the head more
         # and cost bsdata's masked head 0.27 image AUROC point: docs/design.md, "A Gaussian per
         # position scores aligned parts' images")
-        fit_head(model, features[train_idx], head_defects, pasted=pasted)
-    return FitResult(model, history, features[train_idx], features[val_idx], pool, feature_seconds, all_raw, infos,
+        fit_head(model, train_features, head_defects, pasted=pasted)
+    return FitResult(model, history, train_features, features[val_idx], pool, feature_seconds, all_raw, infos,
                      head_defects=head_defects if model.score_cfg.defect_head else None, head_pixels=head_pixels,
                      backgrounds=backgrounds if copies or given is not None else None,
                      head_pasted=len(pasted) if pasted is not None else 0)  # fmt: skip

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, write_png
 from safetensors import safe_open
 
 from adtr import ADTRDetector
@@ -97,8 +97,6 @@ TRAIN = TrainConfig(epochs=1, batch_size=4, val_fraction=0.25, image_scorer_epoc
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    from conftest import write_png
-
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     for i in range(12):
