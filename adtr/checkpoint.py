@@ -76,8 +76,9 @@ def model_fingerprint(model: ADTR) -> str:
     if not head or score["head_image_score"] == "map":  # likewise
         del score["head_image_score"]
     del score["scorer_position_weight"], score["map_position_weight"]  # they shape stored statistics (hashed)
-    if not score["feature_gaussian"]:  # as before the key: cached graphs stay valid
-        del score["feature_gaussian"]
+    for key in ("feature_gaussian", "nearest_map"):
+        if not score[key]:  # as before the key: cached graphs stay valid
+            del score[key]
     model_cfg = asdict(model.cfg)
     if model_cfg["feature_pool"] == 1:  # likewise
         del model_cfg["feature_pool"]
@@ -310,6 +311,7 @@ def _training_settings(config: Any) -> Any:
     # the image score's source only as the tensors it makes a training state hold: a Gaussian set
     # on (True) or not (unset, off, or a state saved before the key)
     doc["score"]["feature_gaussian"] = doc["score"].get("feature_gaussian") is True
+    doc["score"]["nearest_map"] = doc["score"].get("nearest_map") is True  # likewise the memory bank
     # nor what scores a head run's image: a score setting (a state saved before it reads "map")
     doc["score"].pop("head_image_score", None)
     doc["score"].pop("head_image_gain", None)

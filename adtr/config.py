@@ -166,6 +166,13 @@ class ScoreConfig:
     # scorer. Recorded in the run; runs saved before: False. docs/design.md, "A Gaussian per
     # position scores aligned parts' images".
     feature_gaussian: bool | None = None
+    # The map adds the distance of each position's feature to the nearest good feature of a
+    # memory bank (PatchCore; memory_bank.py), standardised on the held-out good images, to the
+    # reconstruction error: a reconstructor that copies its input (the transformer without the
+    # query, as the query fallback fits) leaves no residual where it copies a defect. None:
+    # chosen by the fit, True for the no-query transformer. Recorded in the run; runs saved
+    # before: False. docs/design.md, "The nearest good feature joins the map of a copying model".
+    nearest_map: bool | None = None
 
     def __post_init__(self) -> None:
         if self.residual_norm not in RESIDUAL_NORMS:
@@ -174,9 +181,9 @@ class ScoreConfig:
             w = getattr(self, name)
             if w is not None and not (_is_number(w) and 0 <= w <= 1):
                 raise ValueError(f"{name.replace('_', ' ')} must be in [0, 1], got {w!r}")
-        if not (self.feature_gaussian is None or isinstance(self.feature_gaussian, bool)):
-            raise ValueError(f"feature_gaussian must be true, false or null (chosen by the fit), "
-                             f"got {self.feature_gaussian!r}")
+        for name in ("feature_gaussian", "nearest_map"):
+            if not (getattr(self, name) is None or isinstance(getattr(self, name), bool)):
+                raise ValueError(f"{name} must be true, false or null (chosen by the fit), got {getattr(self, name)!r}")
         if not 0 <= self.smoothing_sigma < math.inf:
             raise ValueError(f"smoothing sigma must be a finite number >= 0, got {self.smoothing_sigma}")
         if self.head_gain is not None and not (_is_number(self.head_gain) and 0 < self.head_gain < math.inf):
@@ -345,10 +352,11 @@ class RunConfig:
         return cls(
             model=model,
             # Runs saved before any of these keys: the plain residual, smoothing sigma 4, the
-            # scorer's and the map's statistics half per-position, no Gaussian per position.
+            # scorer's and the map's statistics half per-position, no Gaussian per position, no
+            # memory bank.
             score=_build(ScoreConfig, {"residual_norm": "none", "smoothing_sigma": 4.0, "scorer_position_weight": 0.5,
-                                       "map_position_weight": 0.5, "feature_gaussian": False, **old_head,
-                                       **score}),  # fmt: skip
+                                       "map_position_weight": 0.5, "feature_gaussian": False, "nearest_map": False,
+                                       **old_head, **score}),  # fmt: skip
             # Runs saved before the step budget trained with the warm-up + x0.1 schedule.
             # Runs saved before the hard-position loss existed trained with the MSE.
             # Runs saved before the defect head trained the reconstructor with L_px on masked anomalies.

@@ -333,7 +333,7 @@ def fit_on_features(
     prior_defects: AnomalyPool | None = None,
     backgrounds: torch.Tensor | None = None,
     prior_pixels: tuple[torch.Tensor, torch.Tensor] | None = None,
-    gaussian_joins: torch.Tensor | None = None,
+    good_joins: torch.Tensor | None = None,
 ) -> FitResult:
     """Fit ADTR's reconstructor on good images, optionally with anomalies.
 
@@ -363,10 +363,11 @@ def fit_on_features(
         features, none: no pasting). prior_pixels: the prior defects' uint8 images and masks
         (defect_paste.defect_pixels's layout, aligned with prior_defects; replay.ReplayData's),
         so that they are pasted again with the new ones (None: the prior ones are not pasted).
-    gaussian_joins: an update's new good training images' raw features (M, C, h, w), joined to
-        init's fitted Gaussian per position (ScoreConfig.feature_gaussian) instead of a refit on
-        `good` (a bounded replay sample there); None (a fit): the Gaussian is fitted on the
-        training features where it is used, and kept as it is when train_reconstructor is False.
+    good_joins: an update's new good training images' raw features (M, C, h, w), joined to
+        init's fitted Gaussian per position (ScoreConfig.feature_gaussian) and memory bank
+        (ScoreConfig.nearest_map) instead of a refit on `good` (a bounded replay sample there);
+        None (a fit): both are fitted on the training features where they are used, and kept as
+        they are when train_reconstructor is False.
     Run by every rank of a process group (adtr/distributed.py), each extracts the features of
     its block of the images and trains on its rows of each batch; rank 0 alone saves state_dir.
     Raises SettingsError for settings the model cannot be built from, synthetic anomalies
@@ -462,11 +463,16 @@ def fit_on_features(
     if config.score.residual_norm != "none":
         # the held-out good images choose the image scorer's per-position weight (while unset)
         model.set_residual_scale(train_features, held=features[val_idx] if val_idx else None)
-    # an update (gaussian_joins given) joins its new good images to the parent's Gaussian: its
+    # an update (good_joins given) joins its new good images to the parent's Gaussian: its
     # replay features are a bounded sample (at most 64 images) of the good images that one saw
-    model = with_feature_gaussian(model, train_features, refit=train_reconstructor and gaussian_joins is None)
-    if gaussian_joins is not None and model.score_cfg.feature_gaussian and len(gaussian_joins):
-        model.join_feature_gaussian(model.standardize(gaussian_joins.to(device)))
+    model = with_feature_gaussian(model, train_features, refit=train_reconstructor and good_joins is None)
+    if good_joins is not None and model.score_cfg.feature_gaussian and len(good_joins):
+        model.join_feature_gaussian(model.standardize(good_joins.to(device)))
+    # the same for the memory bank (its standardisation stays the parent's)
+    model = with_nearest_map(model, train_features, features[val_idx] if val_idx else None,
+                             refit=train_reconstructor and good_joins is None)  # fmt: skip
+    if good_joins is not None and model.score_cfg.nearest_map and len(good_joins):
+        model.join_memory_bank(model.standardize(good_joins.to(device)))
     # defects pasted onto good images for the head (defect_paste.py): parts that lie anywhere only, by default
     copies = paste_copies(config.train.head_paste, model.score_cfg.map_position_weight)
     if cfg.labelled_anomalies != "head":  # no head is fitted from labelled anomalies: nothing to paste
@@ -534,6 +540,26 @@ def with_feature_gaussian(model: ADTR, good: torch.Tensor, refit: bool = True) -
                      "image scorer's per-position statistics: aligned parts)")  # fmt: skip
     if use and refit:
         model.set_feature_gaussian(good)
+    return model
+
+
+def with_nearest_map(model: ADTR, good: torch.Tensor, held: torch.Tensor | None, refit: bool = True) -> ADTR:
+    """The model with its map's memory bank settled (ScoreConfig.nearest_map; None: a bank where
+    the reconstructor is the transformer without the query, which copies its input) and the bank
+    fitted on the standardised good training features (N, C, h, w), standardised on the held-out
+    good ones (M, C, h, w; None: none held out), where it is used (with refit False, only when
+    the setting was unset: an already fitted one is kept); a copy when the setting was unset."""
+    score = model.score_cfg
+    use = score.nearest_map
+    if use is None:
+        refit = True
+        use = model.cfg.reconstructor == "transformer" and not model.cfg.use_query
+        model = model.with_score(dataclasses.replace(score, nearest_map=use))
+        if use:
+            log.info("map: the distance to the nearest good feature joins the reconstruction error (the "
+                     "reconstructor has no query: it copies its input)")  # fmt: skip
+    if use and refit:
+        model.set_memory_bank(good, held)
     return model
 
 
@@ -617,8 +643,12 @@ def fit_head(
     def residuals(f: torch.Tensor) -> torch.Tensor:
         return torch.cat([r.cpu() for r in model.residual_batches(f, batch_size)])
 
+    def grids(residual: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # the map's grid (B, h, w), in batches
+        return torch.cat([model.residual_grid(residual[i : i + batch_size].to(device), f[i : i + batch_size].to(device))
+                          .cpu() for i in range(0, len(f), batch_size)])  # fmt: skip
+
     good_residual = residuals(good)
-    good_map = model.residual_grid(good_residual.to(device)).cpu()
+    good_map = grids(good_residual, good)
     if defects is None:
         head = DefectHead(model.head_weight.flatten().cpu(), float(model.head_bias), model.head_norm.cpu())
         head.norm = head_norm(good_residual, good_map, head.weight, head.bias)
@@ -628,7 +658,7 @@ def fit_head(
         labels = both.token_labels.clone()
         image_level = ~both.pixel_level
         if image_level.any():
-            grid = model.residual_grid(defect_residual[image_level].to(device)).cpu()
+            grid = grids(defect_residual[image_level], both.features[image_level])
             top = grid.flatten(1).amax(1).view(-1, 1, 1)
             labels[image_level] = ((grid >= PSEUDO_SHARE * top) & (grid > 0)).float()  # an all-zero map: none
         try:

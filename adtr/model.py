@@ -24,6 +24,7 @@ from adtr.defect_head import DefectHead
 from adtr.defect_head import combine as combine_defect_head
 from adtr.feature_gaussian import DIMS as GAUSSIAN_DIMS
 from adtr.feature_gaussian import fit_feature_gaussian, gaussian_distance, merge_feature_gaussian
+from adtr.memory_bank import BANK_SIZE, fit_memory_bank, join_memory_bank, nearest_distance
 from adtr.transformer import ReconstructionTransformer
 
 
@@ -245,6 +246,12 @@ class ADTR(nn.Module):
         self.register_buffer("gaussian_mean", torch.zeros(positions, d), persistent=gauss)
         self.register_buffer("gaussian_precision", torch.zeros(positions, d, d), persistent=gauss)
         self.register_buffer("gaussian_count", torch.zeros(1 if gauss else 0, dtype=torch.long), persistent=gauss)
+        # A memory bank of good features (memory_bank.py), whose nearest distance, standardised by
+        # nearest_norm (mean, std on held-out good images), joins the map; stored only in runs that
+        # use it (score.nearest_map).
+        near = self.score_cfg.nearest_map is True
+        self.register_buffer("nearest_bank", torch.zeros(BANK_SIZE if near else 0, self.channels), persistent=near)
+        self.register_buffer("nearest_norm", torch.tensor([0.0, 1.0]), persistent=near)
         # The map's bilinear upsampling and Gaussian smoothing as two matrices (upsample_map),
         # rebuilt whenever score_cfg is set (its smoothing sigma).
         self._set_upsampling()
@@ -257,11 +264,11 @@ class ADTR(nn.Module):
     @score_cfg.setter
     def score_cfg(self, score: ScoreConfig) -> None:
         old = getattr(self, "_score_cfg", None)
-        fixed = ("defect_head", "head_image_score", "feature_gaussian")
+        fixed = ("defect_head", "head_image_score", "feature_gaussian", "nearest_map")
         if old is not None and any(getattr(old, k) != getattr(score, k) for k in fixed):
             # they decide which buffers the model stores, fixed when it is built
-            raise ValueError("a defect head, the head's image score or the feature Gaussian changes the model's "
-                             "tensors: use with_score")
+            raise ValueError("a defect head, the head's image score, the feature Gaussian or the memory bank changes "
+                             "the model's tensors: use with_score")
         self._score_cfg = score
         self._set_upsampling()
 
@@ -373,9 +380,24 @@ class ADTR(nn.Module):
         """Standardised features (B, C, h, w) -> scaled residual (f - f_hat) / residual_scale."""
         return (f - self.reconstructor(f)) / self.residual_scale
 
-    def residual_grid(self, residual: torch.Tensor) -> torch.Tensor:
-        """Scaled residual (B, C, h, w) -> the map on the token grid before the defect head (B, h, w)."""
-        return self._grid_error(residual, self.position_mean, self.position_std)
+    def residual_grid(self, residual: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled residual (B, C, h, w) -> the map on the token grid before the defect head (B, h, w).
+
+        With score.nearest_map, the standardised features (B, C, h, w) the residual came from
+        are needed too: their nearest_grid joins the map (ValueError without them)."""
+        grid = self._grid_error(residual, self.position_mean, self.position_std)
+        if self.score_cfg.nearest_map:
+            if features is None:
+                raise ValueError("this model's map adds the nearest good feature's distance: pass the features")
+            grid = grid + self.nearest_grid(features)
+        return grid
+
+    def nearest_grid(self, features: torch.Tensor) -> torch.Tensor:
+        """Standardised features (B, C, h, w) -> the distance of each position's feature to the
+        nearest memory bank row (memory_bank.py), standardised by nearest_norm and clipped at 0
+        as the reconstruction error is (B, h, w)."""
+        d = nearest_distance(features, self.nearest_bank)
+        return ((d - self.nearest_norm[0]) / self.nearest_norm[1]).clamp_min(0)
 
     def _grid_error(self, residual: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """Scaled residual (B, C, h, w) -> its norm per position (B, h, w), standardised by the
@@ -388,7 +410,7 @@ class ADTR(nn.Module):
     def score(self, f: torch.Tensor) -> AnomalyOutput:
         """Standardised features (B, C, h, w) -> map at input size and image score."""
         residual = self.residual(f)  # (B, C, h, w)
-        grid = self.residual_grid(residual)
+        grid = self.residual_grid(residual, f)
         logit = None
         if self.score_cfg.defect_head:
             logit = (residual * self.head_weight).sum(1) + self.head_bias
@@ -471,6 +493,39 @@ class ADTR(nn.Module):
         self.gaussian_precision.copy_(precision)
         self.gaussian_count.fill_(count + len(features))
 
+    @torch.no_grad()
+    def set_memory_bank(self, features: torch.Tensor, held: torch.Tensor | None = None) -> None:
+        """Fit the memory bank (memory_bank.py) on standardised good training features (N, C, h, w)
+        and its standardisation (nearest_norm: mean, std) on the nearest distances of standardised
+        held-out good features (M, C, h, w). Without two of them, on the distances of the training
+        features' second half to a bank of their first (a training image is near its own bank
+        rows: its distances say nothing of unseen good parts); with one training image, (0, 1).
+        ValueError unless score.nearest_map is set."""
+        if not self.score_cfg.nearest_map:
+            raise ValueError("this model's score settings have no memory bank (ScoreConfig.nearest_map)")
+        device = self.nearest_bank.device
+        self.nearest_bank.copy_(fit_memory_bank(features).to(device))
+        if held is not None and len(held) > 1:
+            self._set_nearest_norm(held, self.nearest_bank)
+        elif len(features) > 1:
+            half = len(features) // 2
+            self._set_nearest_norm(features[half:], fit_memory_bank(features[:half]).to(device))
+        else:
+            self.nearest_norm.copy_(torch.tensor([0.0, 1.0]))
+
+    @torch.no_grad()
+    def join_memory_bank(self, features: torch.Tensor) -> None:
+        """Join more standardised good features (M, C, h, w) to the fitted memory bank
+        (memory_bank.join_memory_bank); its standardisation is kept. ValueError unless the model
+        has a memory bank."""
+        if not self.score_cfg.nearest_map:
+            raise ValueError("this model has no memory bank to join images to (ScoreConfig.nearest_map)")
+        self.nearest_bank.copy_(join_memory_bank(self.nearest_bank, features))
+
+    def _set_nearest_norm(self, features: torch.Tensor, bank: torch.Tensor, batch_size: int = 16) -> None:
+        d = torch.cat([nearest_distance(f, bank).cpu() for f in self._batches(features, batch_size)]).double()
+        self.nearest_norm.copy_(torch.stack([d.mean(), d.std().clamp_min(1e-6)]).float())
+
     def with_score(self, score: ScoreConfig) -> ADTR:
         """A copy with other score settings and the same weights and statistics (e.g. to add
         a defect head to a model that had none)."""
@@ -479,8 +534,8 @@ class ADTR(nn.Module):
         # buffers a persistent-state copy misses: the ones this model does not store, but not
         # the upsampling, which follows the new score settings
         for name, buf in self.named_buffers():
-            if name.startswith("gaussian_") and other.get_buffer(name).shape != buf.shape:
-                continue  # a Gaussian added (fitted afterwards) or dropped (not needed)
+            if name.startswith(("gaussian_", "nearest_")) and other.get_buffer(name).shape != buf.shape:
+                continue  # a Gaussian or memory bank added (fitted afterwards) or dropped (not needed)
             if not name.startswith("upsample_"):
                 other.get_buffer(name).copy_(buf)
         return other.train(self.training)

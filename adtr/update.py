@@ -161,7 +161,7 @@ def update_run(
                              progress=progress, train_reconstructor=not keep,
                              prior_defects=replay.defect_pool(model),
                              backgrounds=replay.background_images(), prior_pixels=replay.defect_pixels,
-                             gaussian_joins=new_raw[new_train])  # fmt: skip
+                             good_joins=new_raw[new_train])  # fmt: skip
     config = dataclasses.replace(config, score=fitted.model.score_cfg)  # with the head's gain, if chosen
     source = "held_out" if len(fitted.val) else "training"
     scores, maxima = feature_scores(fitted.model, fitted.val if len(fitted.val) else fitted.train, device)

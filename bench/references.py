@@ -17,7 +17,6 @@ maximum of the map.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from adtr.backbones import build_backbone
 from adtr.data.samples import Sample
 from adtr.engine import iter_image_batches
+from adtr.memory_bank import greedy_coreset, nearest_distance
 from adtr.model import align_features, gaussian_kernel1d, upsample_map
 
 
@@ -63,36 +63,11 @@ def _maps_and_scores(grid_maps: torch.Tensor, size: tuple[int, int]) -> tuple[np
     return maps.flatten(1).amax(1).double().numpy(), list(maps.numpy())
 
 
-def greedy_coreset(x: torch.Tensor, n: int, seed: int = 0, projection_dim: int = 128) -> torch.Tensor:
-    """Indices of n rows of x (M, C) chosen by greedy k-center selection (PatchCore, section
-    3.2): each step takes the row farthest from those chosen so far. Distances are measured
-    after a seeded Gaussian random projection to projection_dim dimensions, as in the paper."""
-    g = torch.Generator().manual_seed(seed)
-    if x.shape[1] > projection_dim:
-        x = x @ (torch.randn(x.shape[1], projection_dim, generator=g) / math.sqrt(projection_dim))
-    x = x.contiguous()
-    sq = (x**2).sum(1)  # |x|^2 once: each step is then one matrix-vector product over x
-    chosen = torch.empty(n, dtype=torch.long)
-    chosen[0] = int(torch.randint(len(x), (1,), generator=g))
-    dist = sq - 2 * (x @ x[chosen[0]]) + sq[chosen[0]]  # squared distances to the chosen set
-    step = torch.empty_like(dist)  # reused: no allocation per step (memory bandwidth bound)
-    for i in range(1, n):
-        c = int(dist.argmax())
-        chosen[i] = c
-        torch.addmv(sq, x, x[c], alpha=-2, out=step).add_(sq[c])
-        torch.minimum(dist, step, out=dist)
-    return chosen
-
-
 def _nearest_distance(query: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Euclidean distance of each query row (Q, C) to its nearest bank row (M, C): (Q,)."""
-    bank_sq = (bank**2).sum(1)
-    out = []
-    for i in range(0, len(query), chunk):
-        q = query[i : i + chunk]
-        d2 = (q**2).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq  # (q, M)
-        out.append(d2.amin(1).clamp_min(0).sqrt())
-    return torch.cat(out)
+    """Euclidean distance of each query row (Q, C) to its nearest bank row (M, C): (Q,), in
+    chunks of rows (adtr.memory_bank.nearest_distance on each, as a one-image grid)."""
+    return torch.cat([nearest_distance(q.t().reshape(1, q.shape[1], -1, 1), bank).flatten()
+                      for q in query.split(chunk)])  # fmt: skip
 
 
 def patchcore(train: Sequence[Sample], test: Sequence[Sample], size: tuple[int, int], seed: int = 0) -> ReferenceOutput:

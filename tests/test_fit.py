@@ -200,7 +200,7 @@ def test_image_scorer_trains_longer_scores_the_image_and_resumes_the_same(raw, t
     assert len(fit_image_scorer(copy.deepcopy(m), TrainingData(fitted.train), None, config.train, cpu,
                                 progress=False)) == 2 * 3  # fmt: skip
     with torch.no_grad():
-        out, own = m.score(fitted.val), m.score_maps(m.residual_grid(m.residual(fitted.val)))
+        out, own = m.score(fitted.val), m.score_maps(m.residual_grid(m.residual(fitted.val), fitted.val))
         assert torch.equal(out.anomaly_map, own.anomaly_map)  # the map is the reconstructor's
         assert torch.equal(out.anomaly_score, m.score_maps(m.scorer_grid(fitted.val)).anomaly_score)
         assert not torch.allclose(out.anomaly_score, own.anomaly_score)

@@ -1,0 +1,224 @@
+"""The memory bank of good features (adtr/memory_bank.py) and the map it joins where the
+reconstructor copies its input (ScoreConfig.nearest_map): known values, the fit's choice, the
+run folder and ONNX round trips, updates."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, write_png
+from safetensors import safe_open
+
+from adtr import ADTRDetector
+from adtr.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from adtr.config import ScoreConfig, TrainConfig
+from adtr.memory_bank import BANK_SIZE, fit_memory_bank, greedy_coreset, join_memory_bank, nearest_distance
+from adtr.model import ADTR
+
+NO_QUERY = dataclasses.replace(TINY, use_query=False)
+
+
+def test_greedy_coreset_is_k_center_selection():
+    x = torch.randn(2000, 32, generator=torch.Generator().manual_seed(1))
+    chosen = greedy_coreset(x, 50, seed=0)
+    # Brute force: each step takes the row farthest from the chosen set, starting where it started.
+    expected = [int(chosen[0])]
+    dist = ((x - x[expected[0]]) ** 2).sum(1)
+    for _ in range(49):
+        c = int(dist.argmax())
+        expected.append(c)
+        dist = torch.minimum(dist, ((x - x[c]) ** 2).sum(1))
+    assert chosen.tolist() == expected
+    assert len(set(expected)) == 50
+    with pytest.raises(ValueError, match="1 <= n"):
+        greedy_coreset(x[:3], 4)
+
+
+def test_nearest_distance_is_the_distance_to_the_closest_bank_row():
+    g = torch.Generator().manual_seed(2)
+    f, bank = torch.randn(3, 16, 4, 5, generator=g), torch.randn(70, 16, generator=g)
+    got = nearest_distance(f, bank)
+    assert got.shape == (3, 4, 5)
+    rows = f.permute(0, 2, 3, 1).reshape(-1, 16)
+    torch.testing.assert_close(got.flatten(), torch.cdist(rows, bank).amin(1), atol=1e-4, rtol=1e-4)
+
+
+def test_the_bank_has_a_fixed_size_of_training_positions():
+    """Fewer positions than rows: every one is kept (repeated to the size), so each training
+    position is its own nearest row; more: `size` distinct rows, each a training position."""
+    few = torch.randn(2, 8, 3, 4)  # 24 positions
+    bank = fit_memory_bank(few, size=100)
+    assert bank.shape == (100, 8) and len(bank.unique(dim=0)) == 24
+    assert nearest_distance(few, bank).max() < 1e-2  # float32 rounding of |x|^2 - 2 x.y + |y|^2
+    many = torch.randn(10, 8, 6, 6)  # 360 positions
+    bank = fit_memory_bank(many, size=50)
+    rows = many.permute(0, 2, 3, 1).reshape(-1, 8)
+    assert len(bank.unique(dim=0)) == 50 and torch.cdist(bank, rows).amin(1).max() < 1e-2
+    assert torch.equal(bank, fit_memory_bank(many, size=50))  # seeded
+    with pytest.raises(ValueError, match="at least one good image"):
+        fit_memory_bank(many[:0])
+
+
+def test_joining_images_adds_their_positions():
+    old = torch.randn(2, 8, 3, 4)  # 24 positions in a bank of 100 rows
+    bank = fit_memory_bank(old, size=100)
+    new = torch.randn(1, 8, 3, 4) + 5  # far from the old ones
+    assert nearest_distance(new, bank).min() > 1
+    joined = join_memory_bank(bank, new)
+    assert joined.shape == bank.shape and len(joined.unique(dim=0)) == 36
+    assert nearest_distance(torch.cat([old, new]), joined).max() < 1e-2
+
+
+def test_the_bank_is_fixed_when_the_model_is_built():
+    m = ADTR(NO_QUERY, ScoreConfig(nearest_map=False))
+    assert not any(k.startswith("nearest_") for k in m.state_dict())
+    with pytest.raises(ValueError, match="use with_score"):
+        m.score_cfg = dataclasses.replace(m.score_cfg, nearest_map=True)
+    with pytest.raises(ValueError, match="no memory bank"):
+        m.set_memory_bank(torch.zeros(2, m.channels, *TINY.grid_size))
+    with pytest.raises(ValueError, match="true, false or null"):
+        ScoreConfig(nearest_map=1)
+    on = ADTR(NO_QUERY, ScoreConfig(nearest_map=True))
+    assert on.state_dict()["nearest_bank"].shape == (BANK_SIZE, on.channels)
+    with pytest.raises(ValueError, match="pass the features"):
+        on.residual_grid(torch.zeros(1, on.channels, *TINY.grid_size))
+
+
+TRAIN = TrainConfig(epochs=1, batch_size=4, val_fraction=0.25, query_fallback=None)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        write_png(root / "good" / f"{i:03d}.png", rng.integers(100, 140, (64, 64, 3), dtype=np.uint8))
+    for i in range(4):
+        write_png(root / "new_good" / f"{i:03d}.png", rng.integers(60, 200, (64, 64, 3), dtype=np.uint8))
+    for i in range(2):
+        image = rng.integers(100, 140, (64, 64, 3), dtype=np.uint8)
+        mask = np.zeros((64, 64), np.uint8)
+        mask[20:34, 24:40] = 255
+        image[mask > 0] = 250
+        write_png(root / "new_defects" / "blob" / f"{i:03d}.png", image)
+        write_png(root / "new_defects" / "ground_truth" / "blob" / f"{i:03d}_mask.png", mask)
+    return root
+
+
+def _standardised(m: ADTR, samples: list) -> torch.Tensor:
+    from adtr.engine import extract_features
+
+    return m.standardize(extract_features(m, samples, torch.device("cpu"), progress=False))
+
+
+@pytest.mark.parametrize("use_query", [False, True])
+def test_the_fit_joins_the_bank_to_a_copying_models_map_and_a_run_keeps_it(root, tmp_path, use_query):
+    """No query (a copying model): the map is the reconstruction error plus the standardised
+    nearest distance, the bank standardised on the held-out good images, saved, loaded to the
+    same scores, joined by an update's new good images and kept by one with defects only. With
+    the query: no bank, nothing stored. A run saved before the key reads False."""
+    from adtr.data.mvtec import train_samples
+    from adtr.data.splits import split_validation
+
+    det = ADTRDetector(dataclasses.replace(TINY, use_query=use_query), train=TRAIN, progress=False,
+                       backend="torch").fit(root)  # fmt: skip
+    use = not use_query
+    m = det.model_
+    assert det.config.score.nearest_map is use and m.score_cfg.nearest_map is use
+    f = m.standardize(m.extract(torch.rand(3, 3, 64, 64) * 255))
+    with torch.no_grad():
+        residual = m.residual(f)
+        plain = m._grid_error(residual, m.position_mean, m.position_std)
+        grid = m.residual_grid(residual, f)
+        if use:
+            d = nearest_distance(f, m.nearest_bank)
+            torch.testing.assert_close(grid, plain + ((d - m.nearest_norm[0]) / m.nearest_norm[1]).clamp_min(0))
+            assert not torch.equal(grid, plain)
+            assert torch.equal(m.score(f).anomaly_map, m.score_maps(grid).anomaly_map)
+            # 12 good images: cross-fitted, every one trains the run and none is held out, so the
+            # bank is standardised on the second half's distances to a bank of the first
+            good = _standardised(m, train_samples(root))
+            assert torch.equal(m.nearest_bank, fit_memory_bank(good))
+            d = nearest_distance(good[6:], fit_memory_bank(good[:6])).double()
+            torch.testing.assert_close(m.nearest_norm, torch.stack([d.mean(), d.std()]).float())
+            assert m.nearest_norm[0] > 10 * nearest_distance(good, m.nearest_bank).mean()  # not the biased one
+            # with held-out good images: on their distances to the bank
+            other = m.with_score(m.score_cfg)
+            other.set_memory_bank(good[:9], held=good[9:])
+            d = nearest_distance(good[9:], other.nearest_bank).double()
+            torch.testing.assert_close(other.nearest_norm, torch.stack([d.mean(), d.std()]).float())
+        else:
+            assert torch.equal(grid, plain)
+    det.save(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / CONFIG_FILE).read_text())["score"]["nearest_map"] is use
+    with safe_open(str(tmp_path / "run" / WEIGHTS_FILE), "pt") as fh:
+        assert ("nearest_bank" in fh.keys()) is use
+    files = sorted((root / "new_good").iterdir())
+    loaded = ADTRDetector.load(tmp_path / "run", progress=False, backend="torch")
+    want = [p.anomaly_score for p in det.predict(files)]
+    assert [p.anomaly_score for p in loaded.predict(files)] == want
+    if use:
+        from adtr.data.folder import good_images
+
+        new = _standardised(m, good_images(root / "new_good"))
+        before = nearest_distance(new, m.nearest_bank)
+        updated = loaded.update(good=root / "new_good", steps=1)
+        u = updated.model_
+        assert updated.config.score.nearest_map and torch.equal(u.nearest_norm, m.nearest_norm)
+        new_train, _ = split_validation(len(files), TRAIN.val_fraction, TRAIN.seed)
+        # the new good training images' positions joined the bank: now (nearly) their own neighbours
+        after = nearest_distance(new[new_train], u.nearest_bank)
+        assert after.mean() < 0.5 * before[new_train].mean()
+        head = loaded.update(anomalies=root / "new_defects", steps=1)
+        assert head.config.score.defect_head and torch.equal(head.model_.nearest_bank, m.nearest_bank)
+    else:  # a run saved before the key: no bank
+        doc = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
+        del doc["score"]["nearest_map"]
+        (tmp_path / "run" / CONFIG_FILE).write_text(json.dumps(doc))
+        assert ADTRDetector.load(tmp_path / "run", progress=False, backend="torch").config.score.nearest_map is False
+
+
+def test_the_banks_map_exports_to_onnx(root, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from adtr.export import export_run
+
+    det = ADTRDetector(NO_QUERY, train=TRAIN, progress=False, backend="torch").fit(root)
+    assert det.config.score.nearest_map
+    parity = export_run(det, tmp_path / "m.onnx")
+    assert parity.agrees, parity
+    files = sorted((root / "new_good").iterdir())
+    onnx = det.use_onnx(tmp_path / "m.onnx")
+    for a, b in zip(det.predict(files), onnx.predict(files), strict=True):
+        assert abs(a.anomaly_score - b.anomaly_score) < 1e-4 + 1e-5 * abs(a.anomaly_score)
+        assert np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-3 * (1 + np.abs(a.anomaly_map).max())
+
+
+def test_the_cli_option_sets_it(run_cli, tiny_folder, tmp_path):
+    from adtr import cli
+
+    assert cli.build_parser().parse_args(["fit", "D", "--out", "R"]).nearest_map == "auto"
+    for value, want in (("on", True), ("off", False)):
+        code, _, err = run_cli("fit", tiny_folder, "--out", tmp_path / value, "--nearest-map", value, "--steps", "2",
+                               "--image-size", "64", "--quiet")  # fmt: skip
+        assert code == 0, err
+        assert json.loads((tmp_path / value / CONFIG_FILE).read_text())["score"]["nearest_map"] is want
+
+
+def test_a_training_state_resumes_across_auto_and_off_but_not_on():
+    from adtr.checkpoint import _training_settings
+    from adtr.config import RunConfig
+
+    def doc(value: object) -> dict:
+        d = RunConfig(score=ScoreConfig(nearest_map=None if value == "missing" else value)).to_dict()
+        if value == "missing":
+            del d["score"]["nearest_map"]
+        return d
+
+    for a, b in ((None, False), (None, "missing"), (False, "missing")):
+        assert _training_settings(doc(a)) == _training_settings(doc(b))
+    for other in (None, False, "missing"):
+        assert _training_settings(doc(True)) != _training_settings(doc(other))
