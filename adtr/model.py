@@ -24,7 +24,7 @@ from adtr.defect_head import DefectHead
 from adtr.defect_head import combine as combine_defect_head
 from adtr.feature_gaussian import DIMS as GAUSSIAN_DIMS
 from adtr.feature_gaussian import fit_feature_gaussian, gaussian_distance, merge_feature_gaussian
-from adtr.memory_bank import BANK_SIZE, fit_memory_bank, join_memory_bank, nearest_distance
+from adtr.memory_bank import BANK_SIZE, MIN_STRIDE, fit_memory_bank, join_memory_bank, nearest_distance, patch_features
 from adtr.transformer import ReconstructionTransformer
 
 
@@ -250,7 +250,13 @@ class ADTR(nn.Module):
         # nearest_norm (mean, std on held-out good images), joins the map; stored only in runs that
         # use it (score.nearest_map).
         near = self.score_cfg.nearest_map is True
-        self.register_buffer("nearest_bank", torch.zeros(BANK_SIZE if near else 0, self.channels), persistent=near)
+        # the bank's rows are patch features of the stages at MIN_STRIDE and coarser (all stages
+        # where there are none), whose channels come last in the aligned features
+        levels = self.backbone.levels
+        fine = sum(level.channels for level in levels if level.stride < MIN_STRIDE)
+        self.nearest_first = fine if fine < self.channels else 0
+        self.register_buffer("nearest_bank", torch.zeros(BANK_SIZE if near else 0, self.channels - self.nearest_first),
+                             persistent=near)  # fmt: skip
         self.register_buffer("nearest_norm", torch.tensor([0.0, 1.0]), persistent=near)
         # The map's bilinear upsampling and Gaussian smoothing as two matrices (upsample_map),
         # rebuilt whenever score_cfg is set (its smoothing sigma).
@@ -393,10 +399,10 @@ class ADTR(nn.Module):
         return grid
 
     def nearest_grid(self, features: torch.Tensor) -> torch.Tensor:
-        """Standardised features (B, C, h, w) -> the distance of each position's feature to the
-        nearest memory bank row (memory_bank.py), standardised by nearest_norm and clipped at 0
-        as the reconstruction error is (B, h, w)."""
-        d = nearest_distance(features, self.nearest_bank)
+        """Standardised features (B, C, h, w) -> the distance of each position's patch feature
+        (memory_bank.patch_features) to the nearest memory bank row (memory_bank.py), standardised
+        by nearest_norm and clipped at 0 as the reconstruction error is (B, h, w)."""
+        d = nearest_distance(self.patch_features(features), self.nearest_bank)
         return ((d - self.nearest_norm[0]) / self.nearest_norm[1]).clamp_min(0)
 
     def _grid_error(self, residual: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -493,6 +499,10 @@ class ADTR(nn.Module):
         self.gaussian_precision.copy_(precision)
         self.gaussian_count.fill_(count + len(features))
 
+    def patch_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Standardised features (B, C, h, w) -> the memory bank's patch features (B, C', h, w)."""
+        return patch_features(features, self.nearest_first)
+
     @torch.no_grad()
     def set_memory_bank(self, features: torch.Tensor, held: torch.Tensor | None = None) -> None:
         """Fit the memory bank (memory_bank.py) on standardised good training features (N, C, h, w)
@@ -504,12 +514,12 @@ class ADTR(nn.Module):
         if not self.score_cfg.nearest_map:
             raise ValueError("this model's score settings have no memory bank (ScoreConfig.nearest_map)")
         device = self.nearest_bank.device
-        self.nearest_bank.copy_(fit_memory_bank(features).to(device))
+        self.nearest_bank.copy_(fit_memory_bank(self.patch_features(features)).to(device))
         if held is not None and len(held) > 1:
             self._set_nearest_norm(held, self.nearest_bank)
         elif len(features) > 1:
             half = len(features) // 2
-            self._set_nearest_norm(features[half:], fit_memory_bank(features[:half]).to(device))
+            self._set_nearest_norm(features[half:], fit_memory_bank(self.patch_features(features[:half])).to(device))
         else:
             self.nearest_norm.copy_(torch.tensor([0.0, 1.0]))
 
@@ -520,10 +530,11 @@ class ADTR(nn.Module):
         has a memory bank."""
         if not self.score_cfg.nearest_map:
             raise ValueError("this model has no memory bank to join images to (ScoreConfig.nearest_map)")
-        self.nearest_bank.copy_(join_memory_bank(self.nearest_bank, features))
+        self.nearest_bank.copy_(join_memory_bank(self.nearest_bank, self.patch_features(features)))
 
     def _set_nearest_norm(self, features: torch.Tensor, bank: torch.Tensor, batch_size: int = 16) -> None:
-        d = torch.cat([nearest_distance(f, bank).cpu() for f in self._batches(features, batch_size)]).double()
+        d = torch.cat([nearest_distance(self.patch_features(f), bank).cpu()
+                       for f in self._batches(features, batch_size)]).double()  # fmt: skip
         self.nearest_norm.copy_(torch.stack([d.mean(), d.std().clamp_min(1e-6)]).float())
 
     def with_score(self, score: ScoreConfig) -> ADTR:

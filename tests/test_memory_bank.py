@@ -16,7 +16,14 @@ from safetensors import safe_open
 from adtr import ADTRDetector
 from adtr.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from adtr.config import ScoreConfig, TrainConfig
-from adtr.memory_bank import BANK_SIZE, fit_memory_bank, greedy_coreset, join_memory_bank, nearest_distance
+from adtr.memory_bank import (
+    BANK_SIZE,
+    fit_memory_bank,
+    greedy_coreset,
+    join_memory_bank,
+    nearest_distance,
+    patch_features,
+)
 from adtr.model import ADTR
 
 NO_QUERY = dataclasses.replace(TINY, use_query=False)
@@ -45,6 +52,14 @@ def test_nearest_distance_is_the_distance_to_the_closest_bank_row():
     assert got.shape == (3, 4, 5)
     rows = f.permute(0, 2, 3, 1).reshape(-1, 16)
     torch.testing.assert_close(got.flatten(), torch.cdist(rows, bank).amin(1), atol=1e-4, rtol=1e-4)
+
+
+def test_patch_features_are_the_coarse_stages_averaged_3x3():
+    f = torch.arange(2 * 5 * 4 * 4, dtype=torch.float32).reshape(2, 5, 4, 4)
+    got = patch_features(f, first=2)
+    assert got.shape == (2, 3, 4, 4)
+    assert got[1, 0, 1, 2] == f[1, 2, 0:3, 1:4].mean()  # inside: the 3x3 block
+    assert got[0, 2, 0, 0] == f[0, 4, 0:2, 0:2].mean()  # a corner: the 2x2 positions it has
 
 
 def test_the_bank_has_a_fixed_size_of_training_positions():
@@ -83,7 +98,10 @@ def test_the_bank_is_fixed_when_the_model_is_built():
     with pytest.raises(ValueError, match="true, false or null"):
         ScoreConfig(nearest_map=1)
     on = ADTR(NO_QUERY, ScoreConfig(nearest_map=True))
-    assert on.state_dict()["nearest_bank"].shape == (BANK_SIZE, on.channels)
+    # Lite0's stride-2 and stride-4 stages (16 + 24 channels) are left out: PatchCore's stages
+    assert on.nearest_first == 40 and on.state_dict()["nearest_bank"].shape == (BANK_SIZE, on.channels - 40)
+    coarse = ADTR(dataclasses.replace(NO_QUERY, strides=(2, 4)), ScoreConfig(nearest_map=True))
+    assert coarse.nearest_first == 0  # no stage at stride 8 or coarser: all of them
     with pytest.raises(ValueError, match="pass the features"):
         on.residual_grid(torch.zeros(1, on.channels, *TINY.grid_size))
 
@@ -135,20 +153,21 @@ def test_the_fit_joins_the_bank_to_a_copying_models_map_and_a_run_keeps_it(root,
         plain = m._grid_error(residual, m.position_mean, m.position_std)
         grid = m.residual_grid(residual, f)
         if use:
-            d = nearest_distance(f, m.nearest_bank)
+            d = nearest_distance(m.patch_features(f), m.nearest_bank)
             torch.testing.assert_close(grid, plain + ((d - m.nearest_norm[0]) / m.nearest_norm[1]).clamp_min(0))
             assert not torch.equal(grid, plain)
             assert torch.equal(m.score(f).anomaly_map, m.score_maps(grid).anomaly_map)
             # 12 good images: cross-fitted, every one trains the run and none is held out, so the
             # bank is standardised on the second half's distances to a bank of the first
-            good = _standardised(m, train_samples(root))
+            good = m.patch_features(_standardised(m, train_samples(root)))
             assert torch.equal(m.nearest_bank, fit_memory_bank(good))
             d = nearest_distance(good[6:], fit_memory_bank(good[:6])).double()
             torch.testing.assert_close(m.nearest_norm, torch.stack([d.mean(), d.std()]).float())
             assert m.nearest_norm[0] > 10 * nearest_distance(good, m.nearest_bank).mean()  # not the biased one
             # with held-out good images: on their distances to the bank
             other = m.with_score(m.score_cfg)
-            other.set_memory_bank(good[:9], held=good[9:])
+            features = _standardised(m, train_samples(root))
+            other.set_memory_bank(features[:9], held=features[9:])
             d = nearest_distance(good[9:], other.nearest_bank).double()
             torch.testing.assert_close(other.nearest_norm, torch.stack([d.mean(), d.std()]).float())
         else:
@@ -164,7 +183,7 @@ def test_the_fit_joins_the_bank_to_a_copying_models_map_and_a_run_keeps_it(root,
     if use:
         from adtr.data.folder import good_images
 
-        new = _standardised(m, good_images(root / "new_good"))
+        new = m.patch_features(_standardised(m, good_images(root / "new_good")))
         before = nearest_distance(new, m.nearest_bank)
         updated = loaded.update(good=root / "new_good", steps=1)
         u = updated.model_
