@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-BANK_SIZE = 4096  # rows kept (PatchCore keeps 10% of the patches: 4,500 of metal_plate's 45,000)
+BANK_SIZE = 4096  # rows kept (PatchCore keeps 10% of the patches: about 5,000 of metal_plate's 50,000)
 MIN_STRIDE = 8  # the stages kept: PatchCore's mid-level ones (stride 8 and 16 of Lite0), section 3.1
 POOL = 3  # each position averaged over its POOL x POOL neighbourhood (PatchCore's local aggregation)
 CANDIDATES = 100_000  # patches the coreset is chosen from, a seeded random subset above it: bounds the fit's time
@@ -59,39 +59,43 @@ def greedy_coreset(x: torch.Tensor, n: int, seed: int = SEED, projection_dim: in
     return chosen
 
 
-def _patches(features: torch.Tensor) -> torch.Tensor:
-    """Features (N, C, h, w) -> one row per position (N*h*w, C), float32 on the CPU."""
-    return features.detach().float().cpu().permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-
-
-def _coreset_bank(patches: torch.Tensor, size: int, seed: int) -> torch.Tensor:
-    """A bank of exactly `size` rows (size, C) from candidate rows (M, C): a seeded random subset
-    of CANDIDATES rows above that, then the greedy coreset; fewer candidates than `size` are
-    all kept and repeated (a repeated row changes no nearest distance)."""
+def _candidates(features: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
+    """Features (N, C, h, w) -> one row per position (M, C), float32 on the CPU: all N*h*w of
+    them, or a seeded random subset of `limit` above that, gathered without copying the rest."""
+    n, c, h, w = features.shape
+    flat = features.detach().flatten(2)  # (N, C, h*w), a view
+    if n * h * w <= limit:
+        return flat.permute(0, 2, 1).reshape(-1, c).float().cpu()
     g = torch.Generator().manual_seed(seed)
-    if len(patches) > CANDIDATES:
-        patches = patches[torch.randperm(len(patches), generator=g)[:CANDIDATES]]
-    bank = patches[greedy_coreset(patches, min(size, len(patches)), seed)]
+    index = torch.randperm(n * h * w, generator=g)[:limit].to(features.device)
+    return flat[index // (h * w), :, index % (h * w)].float().cpu()  # (limit, C)
+
+
+def _coreset_bank(candidates: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """A bank of exactly `size` rows (size, C) from candidate rows (M, C): their greedy coreset;
+    fewer candidates than `size` are all kept and repeated (a repeated row changes no nearest
+    distance)."""
+    bank = candidates[greedy_coreset(candidates, min(size, len(candidates)), seed)]
     return bank[torch.arange(size) % len(bank)]
 
 
 def fit_memory_bank(features: torch.Tensor, size: int = BANK_SIZE, seed: int = SEED) -> torch.Tensor:
-    """Standardised features of good images (N, C, h, w) -> the bank (size, C), float32 on the
-    features' device. Raises ValueError for no features."""
+    """Features of good images (N, C, h, w) -> the bank (size, C), float32 on the features'
+    device: the coreset of their positions (of CANDIDATES of them, drawn with the seed, above
+    that). Raises ValueError for no features."""
     if not features.numel():
         raise ValueError("a memory bank needs the features of at least one good image")
-    return _coreset_bank(_patches(features), size, seed).to(features.device)
+    return _coreset_bank(_candidates(features, CANDIDATES, seed), size, seed).to(features.device)
 
 
 def join_memory_bank(bank: torch.Tensor, features: torch.Tensor, seed: int = SEED) -> torch.Tensor:
     """A fitted bank (K, C) with more good images' features (M, C, h, w) joined: the coreset of
-    the bank's distinct rows and the new positions (K, C), on the bank's device. The old images'
-    other positions are not kept, so this is a coreset of a coreset, not a refit."""
+    the bank's distinct rows and the new positions (K, C), on the bank's device; every old row
+    stays a candidate (they stand for images not here), the new positions fill the candidates up
+    to CANDIDATES. The old images' other positions are not kept, so this is a coreset of a
+    coreset, not a refit: the parent's parts lose rows to the new ones (docs/design.md)."""
     old = bank.detach().float().cpu().unique(dim=0)
-    new = _patches(features)
-    if len(old) + len(new) > CANDIDATES:  # the old rows all stay candidates: they stand for images not here
-        g = torch.Generator().manual_seed(seed)
-        new = new[torch.randperm(len(new), generator=g)[: max(0, CANDIDATES - len(old))]]
+    new = _candidates(features, max(0, CANDIDATES - len(old)), seed)
     return _coreset_bank(torch.cat([old, new]), len(bank), seed).to(bank.device)
 
 

@@ -17,7 +17,8 @@ residual map + standardised logit), "sum.5" / "sum2" / "sum4" (the logit weighed
 the head's gain), "max" (the larger of the two).
 --scorer adds the image AUROC of the image scorer's map joined with the head's logit (weights 0
 to 4, as the map joins them) and of the larger of the scorer's map and the head-joined map. Sets
-without masks (transistor) print image metrics only.
+without masks (transistor) print image metrics only. A run whose map adds the nearest good
+feature's distance (ScoreConfig.nearest_map) is probed on its reconstruction error alone.
 --holdout TYPE drops that defect type's drawn images from training and scores only the good
 and TYPE test images (a defect type the head never saw). --pseudo SHARE drops the masks:
 positives are the tokens whose residual map is >= SHARE x its maximum (image labels only).
@@ -26,6 +27,7 @@ positives are the tokens whose residual map is >= SHARE x its maximum (image lab
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,10 @@ def main() -> None:
         p.error("--paste needs the product's head (--desc r, no --hidden) and masks (no --pseudo)")
     configure_cpu(2)
     model = ADTRDetector.load(args.run, progress=False).model_.eval()
+    if model.score_cfg.nearest_map:  # this probe's maps are computed from residuals alone
+        print("note: the run's map adds the nearest good feature's distance (memory bank); this probe scores "
+              "its reconstruction error alone", flush=True)  # fmt: skip
+        model = model.with_score(dataclasses.replace(model.score_cfg, nearest_map=False)).eval()
     dev = torch.device("cpu")
     test = test_samples(args.data)
     index = {s.path: i for i, s in enumerate(test)}

@@ -83,7 +83,8 @@ def main() -> None:
         e_train, e_held, e_test = errors(f_train[tr_idx]), errors(f_train[val_idx]), errors(f_test)
         e_syn = torch.cat([errors(q.features) for q in pools])
         scorer = torch.cat([model.upsample(model.scorer_grid(b)) for b in model._batches(f_test, 16)])
-        recon = torch.cat([model.upsample(model.residual_grid(model.residual(b))) for b in model._batches(f_test, 16)])
+        recon = torch.cat([model.upsample(model.residual_grid(model.residual(b), b))
+                           for b in model._batches(f_test, 16)])  # fmt: skip
     changed = (torch.cat([q.token_labels for q in pools]) > 0).numpy()
     masks = sample_masks(test, sizes)
     weights = []

@@ -48,7 +48,7 @@ def probe(run: Path, data: Path, weights: list[float]) -> list[dict]:
     masks = sample_masks(test, sizes)
     with torch.no_grad():
         f = model.standardize(extract_features(model, test, torch.device("cpu"), progress=False))
-        own = torch.cat([model.residual_grid(model.residual(b)) for b in model._batches(f, 16)])
+        own = torch.cat([model.residual_grid(model.residual(b), b) for b in model._batches(f, 16)])
         scorer = torch.cat([model.scorer_grid(b) for b in model._batches(f, 16)])
     rows = []
     for a in weights:

@@ -51,6 +51,7 @@ from adtr.engine import (  # noqa: E402
     synthetic_pools,
 )
 from adtr.evaluate import ResizedMaps  # noqa: E402
+from adtr.fit import with_nearest_map  # noqa: E402
 from adtr.metrics import image_metrics, pixel_metrics  # noqa: E402
 from adtr.model import (  # noqa: E402
     ADTR,
@@ -108,11 +109,12 @@ def run(name: str, root: Path, variant: dict, keep: Path | None = None, quick: b
     model.cpu().eval()
     if cfg.score.residual_norm != "none":
         model.set_residual_scale(f[train_idx], held=f[val_idx] if val_idx else None)  # as adtr.fit does
+    model = with_nearest_map(model, f[train_idx], f[val_idx] if val_idx else None)  # likewise the memory bank
     with torch.no_grad():
         test = model.standardize(d["test"])
         outs = [model.score(test[i : i + 16]) for i in range(0, len(test), 16)]
         extra = {} if quick else _residual_scores(model, f[train_idx], test, d, f[val_idx])
-        grids = torch.cat([model.residual_grid(r) for r in model.residual_batches(test)])
+        grids = torch.cat([model.residual_grid(model.residual(b), b) for b in model._batches(test, 16)])
     scores = torch.cat([o.anomaly_score for o in outs]).double().numpy()
     maps = [m for o in outs for m in o.anomaly_map.numpy()]
     flat = torch.from_numpy(np.stack(maps)).flatten(1)
@@ -157,7 +159,8 @@ def _proxy(model: ADTR, root: Path, val: torch.Tensor, val_idx: list[int], seed:
         good = torch.cat([model.score(val[i : i + 16]).anomaly_score for i in range(0, len(val), 16)])
         bad = torch.cat([model.score(p.features[i : i + 16]).anomaly_score for p in pools
                          for i in range(0, len(p.features), 16)])  # fmt: skip
-        grid = torch.cat([model.residual_grid(r) for p in pools for r in model.residual_batches(p.features)])
+        grid = torch.cat([model.residual_grid(model.residual(b), b) for p in pools
+                          for b in model._batches(p.features, 16)])  # fmt: skip
     labels = torch.cat([p.token_labels for p in pools]) > 0
     image = torch.cat([good, bad]).double().numpy()
     y = np.r_[np.zeros(len(good)), np.ones(len(bad))]
@@ -339,7 +342,7 @@ def _residual_scores(model: ADTR, train: torch.Tensor, test: torch.Tensor, d: di
         # standardised grids (the long-trained CNN's map joined with the reconstructor's)
         batches = list(model._batches(test, 16))
         s_grid = torch.cat([model.scorer_grid(b) for b in batches])
-        m_grid = torch.cat([model.residual_grid(model.residual(b)) for b in batches])
+        m_grid = torch.cat([model.residual_grid(model.residual(b), b) for b in batches])
         for name_, g in (("scorer", s_grid), ("map_scorer", m_grid + s_grid)):
             o = model.score_maps(g)
             out[name_] = (o.anomaly_score.double().numpy(), list(o.anomaly_map.numpy()))

@@ -88,6 +88,36 @@ def test_joining_images_adds_their_positions():
     assert nearest_distance(torch.cat([old, new]), joined).max() < 1e-2
 
 
+def test_above_the_candidate_limit_the_coreset_is_drawn_from_a_seeded_subset(monkeypatch):
+    from adtr import memory_bank
+
+    monkeypatch.setattr(memory_bank, "CANDIDATES", 40)
+    f = torch.randn(4, 6, 5, 5)  # 100 positions
+    rows = f.permute(0, 2, 3, 1).reshape(-1, 6)
+    bank = fit_memory_bank(f, size=64)
+    distinct = bank.unique(dim=0)
+    assert bank.shape == (64, 6) and len(distinct) == 40  # all 40 candidates, repeated to the size
+    positions = {tuple(r) for r in rows.tolist()}
+    assert all(tuple(r) in positions for r in distinct.tolist())  # each a training position
+    assert torch.equal(bank, fit_memory_bank(f, size=64)) and not torch.equal(bank, fit_memory_bank(f, 64, seed=1))
+    # a join keeps every old row a candidate and fills the rest with new positions
+    joined = join_memory_bank(fit_memory_bank(f, size=30), torch.randn(4, 6, 5, 5) + 10, seed=0)
+    assert len(joined.unique(dim=0)) == 30 and (joined[:, 0] > 5).sum() > 0
+
+
+def test_a_join_into_a_full_bank_keeps_a_coreset_of_old_and_new_rows():
+    old = torch.randn(8, 4, 6, 6)  # 288 positions in a bank of 64 distinct rows
+    bank = fit_memory_bank(old, size=64)
+    new = torch.randn(2, 4, 6, 6) * 0.5 + 6  # a new mode, far from the old one
+    joined = join_memory_bank(bank, new)
+    assert joined.shape == bank.shape and len(joined.unique(dim=0)) == 64
+    far = joined.mean(1) > 3  # rows of the new mode
+    assert 0 < int(far.sum()) < 64  # both modes keep rows: a coreset covers both
+    assert nearest_distance(new, joined).mean() < 0.5 * nearest_distance(new, bank).mean()
+    old_rows = {tuple(r) for r in bank.tolist()}
+    assert all(tuple(r) in old_rows for r in joined[~far].tolist())  # old rows come from the old bank
+
+
 def test_the_bank_is_fixed_when_the_model_is_built():
     m = ADTR(NO_QUERY, ScoreConfig(nearest_map=False))
     assert not any(k.startswith("nearest_") for k in m.state_dict())
