@@ -63,6 +63,26 @@ TINY = ModelConfig(image_size=(64, 64), hidden_dim=32, num_encoder_layers=1, num
 
 
 @pytest.fixture(scope="session")
+def update_root(tmp_path_factory):
+    """A category folder for fits and updates: good/ (12 random 64x64 images), new_good/ (4, a
+    wider range of values) and new_defects/ (2 with a bright masked blob, type "blob")."""
+    root = tmp_path_factory.mktemp("update_data")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        write_png(root / "good" / f"{i:03d}.png", rng.integers(100, 140, (64, 64, 3), dtype=np.uint8))
+    for i in range(4):
+        write_png(root / "new_good" / f"{i:03d}.png", rng.integers(90, 150, (64, 64, 3), dtype=np.uint8))
+    for i in range(2):
+        image = rng.integers(100, 140, (64, 64, 3), dtype=np.uint8)
+        mask = np.zeros((64, 64), np.uint8)
+        mask[20:34, 24:40] = 255
+        image[mask > 0] = 250
+        write_png(root / "new_defects" / "blob" / f"{i:03d}.png", image)
+        write_png(root / "new_defects" / "ground_truth" / "blob" / f"{i:03d}_mask.png", mask)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """(detector, run folder, image files): a tiny model fitted on 8 random 64x64 images."""
     root = tmp_path_factory.mktemp("data")

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, write_png
+from conftest import TINY
 from safetensors import safe_open
 
 from adtr import ADTRDetector
@@ -96,21 +96,8 @@ TRAIN = TrainConfig(epochs=1, batch_size=4, val_fraction=0.25, image_scorer_epoc
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        write_png(root / "good" / f"{i:03d}.png", rng.integers(100, 140, (64, 64, 3), dtype=np.uint8))
-    for i in range(4):
-        write_png(root / "new_good" / f"{i:03d}.png", rng.integers(90, 150, (64, 64, 3), dtype=np.uint8))
-    for i in range(2):
-        image = rng.integers(100, 140, (64, 64, 3), dtype=np.uint8)
-        mask = np.zeros((64, 64), np.uint8)
-        mask[20:34, 24:40] = 255
-        image[mask > 0] = 250
-        write_png(root / "new_defects" / "blob" / f"{i:03d}.png", image)
-        write_png(root / "new_defects" / "ground_truth" / "blob" / f"{i:03d}_mask.png", mask)
-    return root
+def root(update_root):
+    return update_root
 
 
 @pytest.mark.parametrize("weight", [1.0, 0.5])
@@ -205,16 +192,18 @@ def test_the_cli_option_sets_it_and_refuses_it_without_an_image_scorer(run_cli, 
     assert json.loads((tmp_path / "on" / CONFIG_FILE).read_text())["score"]["feature_gaussian"] is True
 
 
-def test_a_training_state_resumes_across_auto_and_off_but_not_on():
-    """A state saved with the Gaussian on holds its tensors: resumed under auto or off it is refused
-    as other settings; auto, off and a state saved before the key hold none and resume each other."""
+@pytest.mark.parametrize("key", ["feature_gaussian", "nearest_map"])
+def test_a_training_state_resumes_across_auto_and_off_but_not_on(key):
+    """A state saved with the Gaussian (or the memory bank, tests/test_memory_bank.py) on holds its
+    tensors: resumed under auto or off it is refused as other settings; auto, off and a state saved
+    before the key hold none and resume each other."""
     from adtr.checkpoint import _training_settings
     from adtr.config import RunConfig
 
     def doc(value: object) -> dict:
-        d = RunConfig(score=ScoreConfig(feature_gaussian=None if value == "missing" else value)).to_dict()
+        d = RunConfig(score=ScoreConfig(**{key: None if value == "missing" else value})).to_dict()
         if value == "missing":
-            del d["score"]["feature_gaussian"]
+            del d["score"][key]
         return d
 
     for a, b in ((None, False), (None, "missing"), (False, "missing")):

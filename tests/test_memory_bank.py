@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, write_png
+from conftest import TINY
 from safetensors import safe_open
 
 from adtr import ADTRDetector
@@ -140,21 +140,8 @@ TRAIN = TrainConfig(epochs=1, batch_size=4, val_fraction=0.25, query_fallback=No
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        write_png(root / "good" / f"{i:03d}.png", rng.integers(100, 140, (64, 64, 3), dtype=np.uint8))
-    for i in range(4):
-        write_png(root / "new_good" / f"{i:03d}.png", rng.integers(60, 200, (64, 64, 3), dtype=np.uint8))
-    for i in range(2):
-        image = rng.integers(100, 140, (64, 64, 3), dtype=np.uint8)
-        mask = np.zeros((64, 64), np.uint8)
-        mask[20:34, 24:40] = 255
-        image[mask > 0] = 250
-        write_png(root / "new_defects" / "blob" / f"{i:03d}.png", image)
-        write_png(root / "new_defects" / "ground_truth" / "blob" / f"{i:03d}_mask.png", mask)
-    return root
+def root(update_root):
+    return update_root
 
 
 def _standardised(m: ADTR, samples: list) -> torch.Tensor:
@@ -255,19 +242,3 @@ def test_the_cli_option_sets_it(run_cli, tiny_folder, tmp_path):
                                "--image-size", "64", "--quiet")  # fmt: skip
         assert code == 0, err
         assert json.loads((tmp_path / value / CONFIG_FILE).read_text())["score"]["nearest_map"] is want
-
-
-def test_a_training_state_resumes_across_auto_and_off_but_not_on():
-    from adtr.checkpoint import _training_settings
-    from adtr.config import RunConfig
-
-    def doc(value: object) -> dict:
-        d = RunConfig(score=ScoreConfig(nearest_map=None if value == "missing" else value)).to_dict()
-        if value == "missing":
-            del d["score"]["nearest_map"]
-        return d
-
-    for a, b in ((None, False), (None, "missing"), (False, "missing")):
-        assert _training_settings(doc(a)) == _training_settings(doc(b))
-    for other in (None, False, "missing"):
-        assert _training_settings(doc(True)) != _training_settings(doc(other))
