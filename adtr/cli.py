@@ -218,6 +218,9 @@ def _add_anomaly_sources(p: argparse.ArgumentParser | argparse._ArgumentGroup) -
     )
 
 
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}  # a choice the fit makes (None) or the user's
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adtr", description="ADTR anomaly detection: train on good images, score and localise anomalies."
@@ -373,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--feature-gaussian",
-        choices=("auto", "on", "off"),
+        choices=tuple(AUTO_ON_OFF),
         default="auto",
         help="the image score from a Gaussian per position of the features (PaDiM) instead of the image scorer: "
         "'auto' where the held-out good images choose the scorer's per-position statistics (aligned parts; "
@@ -384,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--nearest-map",
-        choices=("auto", "on", "off"),
+        choices=tuple(AUTO_ON_OFF),
         default="auto",
         help="the map adds the distance to the nearest good feature of a memory bank (PatchCore) to the "
         "reconstruction error: 'auto' where the reconstructor is the transformer without the query (a "
@@ -596,7 +599,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             head_paste=args.head_paste,
             query_fallback=args.query_fallback,
         )
-        gaussian = {"auto": None, "on": True, "off": False}[args.feature_gaussian]
+        gaussian = AUTO_ON_OFF[args.feature_gaussian]
         if gaussian and (model.image_scorer is None or args.image_score == "pooled_residual"):
             raise SettingsError("--feature-gaussian on replaces the image scorer's score: it needs an image "
                                 "scorer (not --image-scorer off) and an image score from a map (not "
@@ -604,7 +607,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         score = ScoreConfig(smoothing_sigma=args.smoothing_sigma, image_score=args.image_score,
                             residual_norm=args.residual_norm, head_gain=args.head_gain,
                             feature_gaussian=gaussian,
-                            nearest_map={"auto": None, "on": True, "off": False}[args.nearest_map])  # fmt: skip
+                            nearest_map=AUTO_ON_OFF[args.nearest_map])  # fmt: skip
     except ValueError as e:  # a config's own checks
         raise SettingsError(str(e)) from None
     if args.init is not None:
