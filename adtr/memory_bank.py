@@ -104,5 +104,10 @@ def nearest_distance(features: torch.Tensor, bank: torch.Tensor) -> torch.Tensor
     bank row (B, h, w) (bank (K, C)). Holds a (B, h*w, K) matrix: batch the images to bound it."""
     b, _, h, w = features.shape
     x = features.flatten(2).transpose(1, 2)  # (B, P, C)
-    d2 = (x * x).sum(-1, keepdim=True) - 2 * torch.matmul(x, bank.t()) + (bank * bank).sum(1)
-    return d2.amin(-1).clamp_min(0).sqrt().reshape(b, h, w)
+    # |x - b|^2 = |x|^2 + (|b|^2 - 2 x.b): the bracket for every pair comes from ONE matrix product
+    # of x with a 1 appended and the bank with its squared norms appended (folded into a constant
+    # when exported), so the (B, P, K) matrix is passed once more, by the minimum, instead of
+    # three times: the distance takes 2/3 of the time in ONNX Runtime (docs/design.md)
+    weight = torch.cat([-2 * bank.t(), (bank * bank).sum(1, keepdim=True).t()])  # (C + 1, K)
+    d2 = torch.matmul(torch.cat([x, torch.ones_like(x[..., :1])], -1), weight).amin(-1) + (x * x).sum(-1)
+    return d2.clamp_min(0).sqrt().reshape(b, h, w)
