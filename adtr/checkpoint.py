@@ -79,6 +79,8 @@ def model_fingerprint(model: ADTR) -> str:
     for key in ("feature_gaussian", "nearest_map"):
         if not score[key]:  # as before the key: cached graphs stay valid
             del score[key]
+    if not (head and score.get("nearest_map") and score["head_bank_residual"]):  # likewise, where it changes nothing
+        del score["head_bank_residual"]
     model_cfg = asdict(model.cfg)
     if model_cfg["feature_pool"] == 1:  # likewise
         del model_cfg["feature_pool"]
@@ -312,6 +314,9 @@ def _training_settings(config: Any) -> Any:
     # on (True) or not (unset, off, or a state saved before the key)
     doc["score"]["feature_gaussian"] = doc["score"].get("feature_gaussian") is True
     doc["score"]["nearest_map"] = doc["score"].get("nearest_map") is True  # likewise the memory bank
+    # and the head's input: the bank's residual beside the reconstruction residual, or not
+    doc["score"]["head_bank_residual"] = bool(doc["score"].get("head_bank_residual") and doc["score"]["nearest_map"]
+                                              and doc["score"].get("defect_head"))  # fmt: skip
     # nor what scores a head run's image: a score setting (a state saved before it reads "map")
     doc["score"].pop("head_image_score", None)
     doc["score"].pop("head_image_gain", None)

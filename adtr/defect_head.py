@@ -13,8 +13,14 @@ residuals of good parts are not defects, and the larger weight lets it silence t
 pits), at a small cost on defect types it never saw; one fitted on one or two defects or on
 pseudo-labels weighs as much as the residual map (docs/design.md, "The head's weight").
 
-The head is linear, so the model applies it as a 1x1 projection of r: it costs one dot product
-per token and exports to ONNX with the rest of the model.
+Where the map has a memory bank (ScoreConfig.nearest_map), the head reads the bank's residual
+(each position's patch feature minus its nearest bank row) beside r: a copying reconstructor's
+residual barely shows the defects it copies (ScoreConfig.head_bank_residual, ADTR.head_input;
+docs/design.md, "The defect head reads the bank's residual"). The functions here take any such
+input (N, D, h, w) as "residual".
+
+The head is linear, so the model applies it as a 1x1 projection of its input: it costs one dot
+product per token and exports to ONNX with the rest of the model.
 """
 
 from __future__ import annotations

@@ -637,14 +637,18 @@ def fit_head(
     (score.head_gain None) is set by defect_head.default_gain. When the image scorer scores the
     image (model.uses_image_scorer), its grid error's mean and std on the good images are
     stored too (the scale on which the head's logit joins it). pasted: masked defects pasted
-    onto good images (defect_paste.py), fitted beside the defects (not counted for the gain)."""
+    onto good images (defect_paste.py), fitted beside the defects (not counted for the gain).
+    The head reads model.head_input: the scaled residual, and the bank's residual beside it where
+    the model has a memory bank (ADTR.head_reads_bank)."""
     device = model.head_weight.device
 
-    def residuals(f: torch.Tensor) -> torch.Tensor:
-        return torch.cat([r.cpu() for r in model.residual_batches(f, batch_size)])
+    def residuals(f: torch.Tensor) -> torch.Tensor:  # the head's input (B, D, h, w), in batches
+        parts = [f[i : i + batch_size].to(device) for i in range(0, len(f), batch_size)]
+        return torch.cat([model.head_input(model.residual(b), b).cpu() for b in parts])
 
-    def grids(residual: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # the map's grid (B, h, w), in batches
-        return torch.cat([model.residual_grid(residual[i : i + batch_size].to(device), f[i : i + batch_size].to(device))
+    def grids(inputs: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # the map's grid (B, h, w), in batches
+        r = inputs[:, : model.channels]  # the scaled residual comes first in the head's input
+        return torch.cat([model.residual_grid(r[i : i + batch_size].to(device), f[i : i + batch_size].to(device))
                           .cpu() for i in range(0, len(f), batch_size)])  # fmt: skip
 
     good_residual = residuals(good)

@@ -99,15 +99,29 @@ def join_memory_bank(bank: torch.Tensor, features: torch.Tensor, seed: int = SEE
     return _coreset_bank(torch.cat([old, new]), len(bank), seed).to(bank.device)
 
 
+def _bank_products(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Rows (B, P, C) and bank (K, C) -> |b|^2 - 2 x.b for every pair (B, P, K): |x - b|^2 less
+    |x|^2, which no row's order depends on. ONE matrix product, of x with a 1 appended and the bank
+    with its squared norms appended (folded into a constant when exported), so the (B, P, K)
+    matrix is passed once more, by the minimum, instead of three times: the distance takes 2/3 of
+    the time in ONNX Runtime (docs/design.md)."""
+    weight = torch.cat([-2 * bank.t(), (bank * bank).sum(1, keepdim=True).t()])  # (C + 1, K)
+    return torch.matmul(torch.cat([x, torch.ones_like(x[..., :1])], -1), weight)
+
+
 def nearest_distance(features: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """Features (B, C, h, w) -> the Euclidean distance of each position's feature to its nearest
     bank row (B, h, w) (bank (K, C)). Holds a (B, h*w, K) matrix: batch the images to bound it."""
     b, _, h, w = features.shape
     x = features.flatten(2).transpose(1, 2)  # (B, P, C)
-    # |x - b|^2 = |x|^2 + (|b|^2 - 2 x.b): the bracket for every pair comes from ONE matrix product
-    # of x with a 1 appended and the bank with its squared norms appended (folded into a constant
-    # when exported), so the (B, P, K) matrix is passed once more, by the minimum, instead of
-    # three times: the distance takes 2/3 of the time in ONNX Runtime (docs/design.md)
-    weight = torch.cat([-2 * bank.t(), (bank * bank).sum(1, keepdim=True).t()])  # (C + 1, K)
-    d2 = torch.matmul(torch.cat([x, torch.ones_like(x[..., :1])], -1), weight).amin(-1) + (x * x).sum(-1)
+    d2 = _bank_products(x, bank).amin(-1) + (x * x).sum(-1)
     return d2.clamp_min(0).sqrt().reshape(b, h, w)
+
+
+def nearest_residual(features: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Features (B, C, h, w) -> each position's feature minus its nearest bank row (B, C, h, w)
+    (bank (K, C)): the bank's residual, whose norm is nearest_distance. Holds a (B, h*w, K)
+    matrix, as nearest_distance does."""
+    x = features.flatten(2).transpose(1, 2)  # (B, P, C)
+    nearest = bank[_bank_products(x, bank).argmin(-1)]  # (B, P, C)
+    return (x - nearest).transpose(1, 2).reshape(features.shape)

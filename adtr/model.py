@@ -24,7 +24,15 @@ from adtr.defect_head import DefectHead
 from adtr.defect_head import combine as combine_defect_head
 from adtr.feature_gaussian import DIMS as GAUSSIAN_DIMS
 from adtr.feature_gaussian import fit_feature_gaussian, gaussian_distance, merge_feature_gaussian
-from adtr.memory_bank import BANK_SIZE, MIN_STRIDE, fit_memory_bank, join_memory_bank, nearest_distance, patch_features
+from adtr.memory_bank import (
+    BANK_SIZE,
+    MIN_STRIDE,
+    fit_memory_bank,
+    join_memory_bank,
+    nearest_distance,
+    nearest_residual,
+    patch_features,
+)
 from adtr.transformer import ReconstructionTransformer
 
 
@@ -228,7 +236,12 @@ class ADTR(nn.Module):
         # The defect head (defect_head.py), fitted with labelled anomalies' masks; stored only
         # in runs that have one (score.defect_head), so runs without load unchanged.
         head = self.score_cfg.defect_head
-        self.register_buffer("head_weight", torch.zeros(1, self.channels, 1, 1), persistent=head)
+        # the bank's channels (below) follow where the head reads the bank's residual too
+        levels = self.backbone.levels
+        fine = sum(level.channels for level in levels if level.stride < MIN_STRIDE)
+        self.nearest_first = fine if fine < self.channels else 0
+        inputs = self.channels + (self.channels - self.nearest_first if self.head_reads_bank else 0)
+        self.register_buffer("head_weight", torch.zeros(1, inputs, 1, 1), persistent=head)
         self.register_buffer("head_bias", torch.zeros(1), persistent=head)
         self.register_buffer("head_norm", torch.tensor([0.0, 1.0, 0.0, 1.0]), persistent=head)
         # mean and std of the image scorer's grid error on the good training tokens: the scale on
@@ -251,10 +264,7 @@ class ADTR(nn.Module):
         # use it (score.nearest_map).
         near = self.score_cfg.nearest_map is True
         # the bank's rows are patch features of the stages at MIN_STRIDE and coarser (all stages
-        # where there are none), whose channels come last in the aligned features
-        levels = self.backbone.levels
-        fine = sum(level.channels for level in levels if level.stride < MIN_STRIDE)
-        self.nearest_first = fine if fine < self.channels else 0
+        # where there are none), whose channels come last in the aligned features (nearest_first)
         self.register_buffer("nearest_bank", torch.zeros(BANK_SIZE if near else 0, self.channels - self.nearest_first),
                              persistent=near)  # fmt: skip
         self.register_buffer("nearest_norm", torch.tensor([0.0, 1.0]), persistent=near)
@@ -270,11 +280,11 @@ class ADTR(nn.Module):
     @score_cfg.setter
     def score_cfg(self, score: ScoreConfig) -> None:
         old = getattr(self, "_score_cfg", None)
-        fixed = ("defect_head", "head_image_score", "feature_gaussian", "nearest_map")
+        fixed = ("defect_head", "head_image_score", "feature_gaussian", "nearest_map", "head_bank_residual")
         if old is not None and any(getattr(old, k) != getattr(score, k) for k in fixed):
             # they decide which buffers the model stores, fixed when it is built
-            raise ValueError("a defect head, the head's image score, the feature Gaussian or the memory bank changes "
-                             "the model's tensors: use with_score")
+            raise ValueError("a defect head, its image score or input, the feature Gaussian or the memory bank "
+                             "changes the model's tensors: use with_score")
         self._score_cfg = score
         self._set_upsampling()
 
@@ -386,24 +396,50 @@ class ADTR(nn.Module):
         """Standardised features (B, C, h, w) -> scaled residual (f - f_hat) / residual_scale."""
         return (f - self.reconstructor(f)) / self.residual_scale
 
-    def residual_grid(self, residual: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+    def residual_grid(
+        self, residual: torch.Tensor, features: torch.Tensor | None = None, bank_residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Scaled residual (B, C, h, w) -> the map on the token grid before the defect head (B, h, w).
 
         With score.nearest_map, the standardised features (B, C, h, w) the residual came from
-        are needed too: their nearest_grid joins the map (ValueError without them)."""
+        are needed too: their nearest_grid joins the map (ValueError without them); or their
+        bank_residual (B, C_bank, h, w), whose norm is that distance, where it is at hand."""
         grid = self._grid_error(residual, self.position_mean, self.position_std)
         if self.score_cfg.nearest_map:
-            if features is None:
+            if bank_residual is not None:
+                grid = grid + self._standardised_distance(torch.linalg.vector_norm(bank_residual, dim=1))
+            elif features is None:
                 raise ValueError("this model's map adds the nearest good feature's distance: pass the features")
-            grid = grid + self.nearest_grid(features)
+            else:
+                grid = grid + self.nearest_grid(features)
         return grid
 
     def nearest_grid(self, features: torch.Tensor) -> torch.Tensor:
         """Standardised features (B, C, h, w) -> the distance of each position's patch feature
         (memory_bank.patch_features) to the nearest memory bank row (memory_bank.py), standardised
         by nearest_norm and clipped at 0 as the reconstruction error is (B, h, w)."""
-        d = nearest_distance(self.patch_features(features), self.nearest_bank)
+        return self._standardised_distance(nearest_distance(self.patch_features(features), self.nearest_bank))
+
+    def _standardised_distance(self, d: torch.Tensor) -> torch.Tensor:
         return ((d - self.nearest_norm[0]) / self.nearest_norm[1]).clamp_min(0)
+
+    def bank_residual(self, features: torch.Tensor) -> torch.Tensor:
+        """Standardised features (B, C, h, w) -> each position's patch feature minus its nearest
+        memory bank row (B, C_bank, h, w) (memory_bank.nearest_residual): what the head reads
+        beside the reconstruction residual where head_reads_bank."""
+        return nearest_residual(self.patch_features(features), self.nearest_bank)
+
+    @property
+    def head_reads_bank(self) -> bool:
+        """Whether the defect head's input is the scaled residual and the bank's residual side by side
+        (ScoreConfig.head_bank_residual, with a defect head and a memory bank), or the residual alone."""
+        s = self.score_cfg
+        return bool(s.defect_head and s.nearest_map is True and s.head_bank_residual)
+
+    def head_input(self, residual: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Scaled residual and standardised features (B, C, h, w) -> the defect head's input (B, D, h, w):
+        the residual, with the bank's residual after it where head_reads_bank (D = C + C_bank)."""
+        return torch.cat([residual, self.bank_residual(features)], 1) if self.head_reads_bank else residual
 
     def _grid_error(self, residual: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """Scaled residual (B, C, h, w) -> its norm per position (B, h, w), standardised by the
@@ -416,10 +452,12 @@ class ADTR(nn.Module):
     def score(self, f: torch.Tensor) -> AnomalyOutput:
         """Standardised features (B, C, h, w) -> map at input size and image score."""
         residual = self.residual(f)  # (B, C, h, w)
-        grid = self.residual_grid(residual, f)
+        bank = self.bank_residual(f) if self.head_reads_bank else None  # once, for the map and the head
+        grid = self.residual_grid(residual, f, bank)
         logit = None
         if self.score_cfg.defect_head:
-            logit = (residual * self.head_weight).sum(1) + self.head_bias
+            head_input = residual if bank is None else torch.cat([residual, bank], 1)
+            logit = (head_input * self.head_weight).sum(1) + self.head_bias
             grid = combine_defect_head(grid, logit, self.head_norm, self.head_gain)
         if not self.uses_image_scorer:
             return self.score_maps(grid, residual)
@@ -545,8 +583,8 @@ class ADTR(nn.Module):
         # buffers a persistent-state copy misses: the ones this model does not store, but not
         # the upsampling, which follows the new score settings
         for name, buf in self.named_buffers():
-            if name.startswith(("gaussian_", "nearest_")) and other.get_buffer(name).shape != buf.shape:
-                continue  # a Gaussian or memory bank added (fitted afterwards) or dropped (not needed)
+            if name.startswith(("gaussian_", "nearest_", "head_")) and other.get_buffer(name).shape != buf.shape:
+                continue  # a Gaussian, memory bank or head input added (fitted afterwards) or dropped (not needed)
             if not name.startswith("upsample_"):
                 other.get_buffer(name).copy_(buf)
         return other.train(self.training)

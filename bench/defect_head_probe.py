@@ -1,6 +1,6 @@
 """How to use a few labelled defects: variants of a defect head on a saved normal-only run.
 
-    python bench/defect_head_probe.py RUN DATA [--draws 0] [--desc r|abs|rabs|ctx|fr|frctx]
+    python bench/defect_head_probe.py RUN DATA [--draws 0] [--desc r|abs|rabs|ctx|fr|frctx|rb]
                                       [--hidden H] [--wds 1e-3] [--holdout TYPE] [--pseudo SHARE]
 
 The probe behind adtr/defect_head.py (docs/design.md, "The defect head"). RUN is a normal-only
@@ -9,7 +9,9 @@ per defect type are drawn as bench/kshot.py draws them (pool 5) and leave the te
 class-balanced logistic regression is fitted on token descriptors of the good training images
 (label 0) and of the drawn defects (mask share > 0.5: 1, 0: 0; --desc r: adtr.defect_head's
 own fit and token labels): --desc r (the scaled residual), abs (|r|), rabs (both), ctx (r and
-its 3x3 neighbourhood's mean), fr (the standardised feature beside r), frctx (all three);
+its 3x3 neighbourhood's mean), fr (the standardised feature beside r), frctx (all three), rb
+(r beside the bank residual: each position's patch feature minus its nearest memory-bank row;
+runs with a memory bank);
 --hidden H: an MLP with H hidden units instead. Printed per weight decay (--wds): image AUROC
 (the library's top-1% score, and the map's maximum), pixel AUROC, AUPRO of the normal run and of
 the maps "head" (the head's logit alone, standardised on good tokens), "sum" (standardised
@@ -18,7 +20,7 @@ the head's gain), "max" (the larger of the two).
 --scorer adds the image AUROC of the image scorer's map joined with the head's logit (weights 0
 to 4, as the map joins them) and of the larger of the scorer's map and the head-joined map. Sets
 without masks (transistor) print image metrics only. A run whose map adds the nearest good
-feature's distance (ScoreConfig.nearest_map) is probed on its reconstruction error alone.
+feature's distance (ScoreConfig.nearest_map) is probed on that map, as the product joins it.
 --holdout TYPE drops that defect type's drawn images from training and scores only the good
 and TYPE test images (a defect type the head never saw). --pseudo SHARE drops the masks:
 positives are the tokens whose residual map is >= SHARE x its maximum (image labels only).
@@ -27,7 +29,6 @@ positives are the tokens whose residual map is >= SHARE x its maximum (image lab
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("data", type=Path)
     p.add_argument("--draws", default="0")
-    p.add_argument("--desc", choices=("r", "abs", "rabs", "ctx", "fr", "frctx"), default="r")
+    p.add_argument("--desc", choices=("r", "abs", "rabs", "ctx", "fr", "frctx", "rb"), default="r")
     p.add_argument("--hidden", type=int, default=0, help="an MLP head with this many hidden units (0: linear)")
     p.add_argument("--wds", default="1e-3")
     p.add_argument("--holdout", default=None)
@@ -66,14 +67,13 @@ def main() -> None:
     p.add_argument("--scorer", action="store_true",
                    help="also print image AUROC of the image scorer's map joined with the head (gains 0, 1, 2, 4)")
     args = p.parse_args()
-    if args.paste and (args.desc != "r" or args.hidden or args.pseudo is not None):
-        p.error("--paste needs the product's head (--desc r, no --hidden) and masks (no --pseudo)")
+    if args.paste and (args.desc not in ("r", "rb") or args.hidden or args.pseudo is not None):
+        p.error("--paste needs a linear head (--desc r or rb, no --hidden) and masks (no --pseudo)")
     configure_cpu(2)
     model = ADTRDetector.load(args.run, progress=False).model_.eval()
-    if model.score_cfg.nearest_map:  # this probe's maps are computed from residuals alone
-        print("note: the run's map adds the nearest good feature's distance (memory bank); this probe scores "
-              "its reconstruction error alone", flush=True)  # fmt: skip
-        model = model.with_score(dataclasses.replace(model.score_cfg, nearest_map=False)).eval()
+    bank = model.score_cfg.nearest_map is True
+    if args.desc == "rb" and not bank:
+        p.error("--desc rb needs a run with a memory bank (ScoreConfig.nearest_map)")
     dev = torch.device("cpu")
     test = test_samples(args.data)
     index = {s.path: i for i, s in enumerate(test)}
@@ -84,12 +84,26 @@ def main() -> None:
     def residual(f: torch.Tensor) -> torch.Tensor:
         return torch.cat(list(model.residual_batches(f)))
 
-    def grid(r: torch.Tensor) -> torch.Tensor:
-        return model.residual_grid(r)
+    def grid(r: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        return model.residual_grid(r, f if bank else None)
+
+    @torch.no_grad()
+    def bank_residual(f: torch.Tensor) -> torch.Tensor:
+        """Standardised features (N, C, h, w) -> each position's patch feature minus its nearest
+        memory-bank row (N, C_bank, h, w)."""
+        out = []
+        for part in model.patch_features(f).split(8):
+            x = part.flatten(2).transpose(1, 2)  # (n, P, C_bank)
+            nearest = model.nearest_bank[torch.cdist(x, model.nearest_bank).argmin(-1)]
+            out.append((x - nearest).transpose(1, 2).reshape(part.shape))
+        return torch.cat(out)
+
+    def desc_nchw(r: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # the head's input (N, D, h, w)
+        return torch.cat([r, bank_residual(f)], 1) if args.desc == "rb" else r
 
     def desc(r: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # (N, C, h, w) -> (N, h, w, D)
-        if args.desc == "r":
-            d = r
+        if args.desc in ("r", "rb"):
+            d = desc_nchw(r, f)
         elif args.desc == "abs":
             d = r.abs()
         elif args.desc == "rabs":
@@ -188,7 +202,7 @@ def main() -> None:
                 masks.append(dm[0])
         x = torch.stack(images)
         f = torch.cat([model.standardize(model.extract(b)) for b in x.split(8)])
-        return residual(f), token_labels(torch.stack(masks), model.cfg.grid_size)
+        return residual(f), token_labels(torch.stack(masks), model.cfg.grid_size), f
 
     @torch.no_grad()
     def pasted_features(f_anom: torch.Tensor, l_anom: torch.Tensor, n: int, seed: int):
@@ -214,7 +228,7 @@ def main() -> None:
                 dm = (dl > 0).float()
                 feats.append(good * (1 - dm) + d * dm)
                 labels.append(dl)
-        return residual(torch.stack(feats)), torch.stack(labels)
+        return residual(torch.stack(feats)), torch.stack(labels), torch.stack(feats)
 
     for draw in [int(x) for x in args.draws.split(",")]:
         anomalies, rest = kshot_split(test, 5, draw, pool_size=5)
@@ -222,31 +236,33 @@ def main() -> None:
             anomalies = [s for s in anomalies if Path(s.path).parent.name != args.holdout]
             rest = [s for s in rest if Path(s.path).parent.name in (args.holdout, "good")]
         pool = anomaly_pool(model, anomalies, dev, progress=False)
-        r_anom, labels = residual(pool.features), pool.token_labels
-        base = grid(r_test[[index[s.path] for s in rest]])
+        r_anom, labels, f_anom = residual(pool.features), pool.token_labels, pool.features
+        sel = [index[s.path] for s in rest]
+        base = grid(r_test[sel], f_test[sel])
         print("draw", draw, "normal", metrics(base, rest), flush=True)
         if args.pseudo is not None:
-            g = grid(r_anom)
+            g = grid(r_anom, f_anom)
             labels = (g >= args.pseudo * g.flatten(1).amax(1).view(-1, 1, 1)).float()
             keep = labels > 0.5
         else:
             keep = (labels > 0.5) | (labels == 0)
         if args.paste:
             if args.paste_space == "pixels":
-                r_p, l_p = pasted(anomalies, args.paste, draw)
+                r_p, l_p, f_p = pasted(anomalies, args.paste, draw)
             else:
                 masked = pool.pixel_level
-                r_p, l_p = pasted_features(pool.features[masked], pool.token_labels[masked], args.paste, draw)
+                r_p, l_p, f_p = pasted_features(pool.features[masked], pool.token_labels[masked], args.paste, draw)
             print("draw", draw, "pasted copies", len(r_p), flush=True)
-            r_anom, labels = torch.cat([r_anom, r_p]), torch.cat([labels, l_p])
+            r_anom, labels, f_anom = torch.cat([r_anom, r_p]), torch.cat([labels, l_p]), torch.cat([f_anom, f_p])
             keep = (labels > 0.5) | (labels == 0)
-        xa, ya = desc(r_anom, pool.features)[keep], labels[keep]
+        xa, ya = desc(r_anom, f_anom)[keep], labels[keep]
         xg = desc(r_train, f_train).reshape(-1, xa.shape[1])
-        g_train = grid(r_train)
+        g_train = grid(r_train, f_train)
         for wd in [float(x) for x in args.wds.split(",")]:
-            if args.desc == "r" and not args.hidden:  # the product's fit (float64, zero start)
+            if args.desc in ("r", "rb") and not args.hidden:  # the product's fit (float64, zero start)
                 known = torch.zeros(len(labels), dtype=torch.bool) if args.pseudo is not None else None
-                h = fit_defect_head(r_train, g_train, r_anom, labels, known, weight_decay=wd)
+                h = fit_defect_head(desc_nchw(r_train, f_train), g_train, desc_nchw(r_anom, f_anom), labels, known,
+                                    weight_decay=wd)
 
                 def head(d: torch.Tensor, h=h) -> torch.Tensor:
                     return d.double() @ h.weight.double() + h.bias
@@ -254,7 +270,6 @@ def main() -> None:
                 head = train_head(xg, xa, ya, wd)
             with torch.no_grad():
                 l_train = head(desc(r_train, f_train))
-                sel = [index[s.path] for s in rest]
                 zh = (head(desc(r_test[sel], f_test[sel])) - l_train.mean()) / l_train.std()
             zb = (base - g_train.mean()) / g_train.std()
             zh = zh.float()

@@ -22,6 +22,7 @@ from adtr.memory_bank import (
     greedy_coreset,
     join_memory_bank,
     nearest_distance,
+    nearest_residual,
     patch_features,
 )
 from adtr.model import ADTR
@@ -52,6 +53,56 @@ def test_nearest_distance_is_the_distance_to_the_closest_bank_row():
     assert got.shape == (3, 4, 5)
     rows = f.permute(0, 2, 3, 1).reshape(-1, 16)
     torch.testing.assert_close(got.flatten(), torch.cdist(rows, bank).amin(1), atol=1e-4, rtol=1e-4)
+
+
+def test_the_bank_residual_is_the_feature_less_its_nearest_row():
+    g = torch.Generator().manual_seed(3)
+    f, bank = torch.randn(2, 12, 3, 4, generator=g), torch.randn(50, 12, generator=g)
+    got = nearest_residual(f, bank)
+    assert got.shape == f.shape
+    rows = f.permute(0, 2, 3, 1).reshape(-1, 12)
+    nearest = bank[torch.cdist(rows, bank).argmin(1)]
+    torch.testing.assert_close(got.permute(0, 2, 3, 1).reshape(-1, 12), rows - nearest)
+    torch.testing.assert_close(torch.linalg.vector_norm(got, dim=1), nearest_distance(f, bank), atol=1e-4, rtol=1e-4)
+
+
+def test_a_defect_head_reads_the_banks_residual_beside_the_reconstruction_residual():
+    """With a bank, the head's weights cover the residual's channels and the bank's; its logit in
+    the map is their dot product with both. A run saved before the key (head_bank_residual
+    False) keeps a head on the residual alone."""
+    from adtr.config import RunConfig
+
+    score = ScoreConfig(nearest_map=True, defect_head=True, head_gain=1.0, image_score="max_pool")
+    m = ADTR(NO_QUERY, score).eval()
+    cb = m.channels - m.nearest_first
+    assert m.head_reads_bank and m.state_dict()["head_weight"].shape == (1, m.channels + cb, 1, 1)
+    g = torch.Generator().manual_seed(4)
+    m.nearest_bank.copy_(torch.randn(BANK_SIZE, cb, generator=g))
+    m.nearest_norm.copy_(torch.tensor([5.0, 2.0]))
+    m.head_weight.copy_(torch.randn(1, m.channels + cb, 1, 1, generator=g))
+    f = m.standardize(m.extract(torch.rand(2, 3, 64, 64, generator=g) * 255))
+    with torch.no_grad():
+        r, bank = m.residual(f), m.bank_residual(f)
+        inputs = m.head_input(r, f)
+        torch.testing.assert_close(inputs, torch.cat([r, bank], 1))
+        logit = (inputs * m.head_weight).sum(1) + m.head_bias
+        # the bank's part moves the logit: the head is not reading the residual alone
+        assert (logit - ((r * m.head_weight[:, : m.channels]).sum(1) + m.head_bias)).abs().max() > 1e-2
+        grid = m.residual_grid(r, f)
+        torch.testing.assert_close(m.residual_grid(r, f, bank), grid, atol=1e-4, rtol=1e-4)
+        want = m.score_maps(((grid - m.head_norm[0]) / m.head_norm[1] + logit).clamp_min(0)).anomaly_map
+        torch.testing.assert_close(m.score(f).anomaly_map, want, atol=1e-4, rtol=1e-4)
+    doc = RunConfig(model=NO_QUERY, score=score).to_dict()
+    del doc["score"]["head_bank_residual"]
+    before = RunConfig.from_dict(doc).score
+    assert before.head_bank_residual is False
+    doc["score"]["defect_head"] = False  # a run without a head: one fitted on it later reads the bank too
+    assert RunConfig.from_dict(doc).score.head_bank_residual is True
+    old = ADTR(NO_QUERY, before)
+    assert not old.head_reads_bank and old.state_dict()["head_weight"].shape == (1, old.channels, 1, 1)
+    assert ADTR(NO_QUERY, dataclasses.replace(score, nearest_map=False)).head_weight.shape[1] == m.channels
+    with pytest.raises(ValueError, match="true or false"):
+        ScoreConfig(head_bank_residual=None)
 
 
 def test_patch_features_are_the_coarse_stages_averaged_3x3():
@@ -211,6 +262,10 @@ def test_the_fit_joins_the_bank_to_a_copying_models_map_and_a_run_keeps_it(root,
         assert after.mean() < 0.5 * before[new_train].mean()
         head = loaded.update(anomalies=root / "new_defects", steps=1)
         assert head.config.score.defect_head and torch.equal(head.model_.nearest_bank, m.nearest_bank)
+        # the head fitted now reads the bank's residual beside the reconstruction residual
+        h = head.model_
+        assert h.head_reads_bank and h.head_weight.shape[1] == 2 * m.channels - m.nearest_first
+        assert h.head_weight[0, m.channels :].abs().sum() > 0
     else:  # a run saved before the key: no bank
         doc = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
         del doc["score"]["nearest_map"]
@@ -229,6 +284,16 @@ def test_the_banks_map_exports_to_onnx(root, tmp_path):
     files = sorted((root / "new_good").iterdir())
     onnx = det.use_onnx(tmp_path / "m.onnx")
     for a, b in zip(det.predict(files), onnx.predict(files), strict=True):
+        assert abs(a.anomaly_score - b.anomaly_score) < 1e-4 + 1e-5 * abs(a.anomaly_score)
+        assert np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-3 * (1 + np.abs(a.anomaly_map).max())
+    # with a defect head, which reads the bank's residual (its nearest row: an ArgMin and a Gather)
+    det.save(tmp_path / "run")
+    head = det.update(anomalies=root / "new_defects", steps=1)
+    assert head.model_.head_reads_bank
+    parity = export_run(head, tmp_path / "head.onnx")
+    assert parity.agrees, parity
+    onnx = head.use_onnx(tmp_path / "head.onnx")
+    for a, b in zip(head.predict(files), onnx.predict(files), strict=True):
         assert abs(a.anomaly_score - b.anomaly_score) < 1e-4 + 1e-5 * abs(a.anomaly_score)
         assert np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-3 * (1 + np.abs(a.anomaly_map).max())
 
