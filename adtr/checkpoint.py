@@ -314,9 +314,9 @@ def _training_settings(config: Any) -> Any:
     # on (True) or not (unset, off, or a state saved before the key)
     doc["score"]["feature_gaussian"] = doc["score"].get("feature_gaussian") is True
     doc["score"]["nearest_map"] = doc["score"].get("nearest_map") is True  # likewise the memory bank
-    # and the head's input: the bank's residual beside the reconstruction residual, or not
-    doc["score"]["head_bank_residual"] = bool(doc["score"].get("head_bank_residual") and doc["score"]["nearest_map"]
-                                              and doc["score"].get("defect_head"))  # fmt: skip
+    # nor the defect head's input, a head fitted after training (load_train_state skips its
+    # weights where their shape changed with it)
+    doc["score"].pop("head_bank_residual", None)
     # nor what scores a head run's image: a score setting (a state saved before it reads "map")
     doc["score"].pop("head_image_score", None)
     doc["score"].pop("head_image_gain", None)
@@ -386,9 +386,13 @@ def load_train_state(
         raise RunFolderError(f"{state_dir}: weights and {STATE_JSON} are from different epochs")
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     expected = trainable_state(model)
-    if set(model_state) != set(expected) or any(model_state[k].shape != v.shape for k, v in expected.items()):
+    # the head's weights are fitted after training: saved before its input could read the memory
+    # bank (ScoreConfig.head_bank_residual) they have fewer channels, and the fit sets them anew
+    refit = {"head_weight"} & {k for k, v in expected.items() if k in model_state and model_state[k].shape != v.shape}
+    if set(model_state) != set(expected) or any(model_state[k].shape != v.shape for k, v in expected.items()
+                                                if k not in refit):  # fmt: skip
         raise RunFolderError(f"{weights_path}: tensors do not match the model")
-    model.load_state_dict(model_state, strict=False)
+    model.load_state_dict({k: v for k, v in model_state.items() if k not in refit}, strict=False)
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
         if k.startswith("optimizer."):

@@ -15,7 +15,7 @@ pseudo-labels weighs as much as the residual map (docs/design.md, "The head's we
 
 Where the map has a memory bank (ScoreConfig.nearest_map), the head reads the bank's residual
 (each position's patch feature minus its nearest bank row) beside r: a copying reconstructor's
-residual barely shows the defects it copies (ScoreConfig.head_bank_residual, ADTR.head_input;
+residual barely shows the defects it copies (ScoreConfig.head_bank_residual, ADTR.head_reads_bank;
 docs/design.md, "The defect head reads the bank's residual"). The functions here take any such
 input (N, D, h, w) as "residual".
 

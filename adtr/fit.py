@@ -638,18 +638,29 @@ def fit_head(
     image (model.uses_image_scorer), its grid error's mean and std on the good images are
     stored too (the scale on which the head's logit joins it). pasted: masked defects pasted
     onto good images (defect_paste.py), fitted beside the defects (not counted for the gain).
-    The head reads model.head_input: the scaled residual, and the bank's residual beside it where
-    the model has a memory bank (ADTR.head_reads_bank)."""
+    The head reads the scaled residual, and the bank's residual beside it where the model has a
+    memory bank (ADTR.head_reads_bank); the good images' bank residual is taken against the bank,
+    which holds their own positions (against a bank of the other half of them, as unseen good
+    parts would show it, metal_plate's masked head lost 0.35 AUPRO point: docs/design.md, "The
+    defect head reads the bank's residual")."""
     device = model.head_weight.device
+    c, reads_bank = model.channels, model.head_reads_bank
 
     def residuals(f: torch.Tensor) -> torch.Tensor:  # the head's input (B, D, h, w), in batches
-        parts = [f[i : i + batch_size].to(device) for i in range(0, len(f), batch_size)]
-        return torch.cat([model.head_input(model.residual(b), b).cpu() for b in parts])
+        out = []
+        for i in range(0, len(f), batch_size):
+            b = f[i : i + batch_size].to(device)
+            r = model.residual(b)
+            out.append((torch.cat([r, model.bank_residual(b)], 1) if reads_bank else r).cpu())
+        return torch.cat(out)
 
     def grids(inputs: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # the map's grid (B, h, w), in batches
-        r = inputs[:, : model.channels]  # the scaled residual comes first in the head's input
-        return torch.cat([model.residual_grid(r[i : i + batch_size].to(device), f[i : i + batch_size].to(device))
-                          .cpu() for i in range(0, len(f), batch_size)])  # fmt: skip
+        out = []
+        for i in range(0, len(f), batch_size):
+            x = inputs[i : i + batch_size].to(device)  # the scaled residual first, then the bank's
+            out.append(model.residual_grid(x[:, :c], f[i : i + batch_size].to(device), x[:, c:] if reads_bank else None)
+                       .cpu())  # fmt: skip
+        return torch.cat(out)
 
     good_residual = residuals(good)
     good_map = grids(good_residual, good)

@@ -431,15 +431,11 @@ class ADTR(nn.Module):
 
     @property
     def head_reads_bank(self) -> bool:
-        """Whether the defect head's input is the scaled residual and the bank's residual side by side
-        (ScoreConfig.head_bank_residual, with a defect head and a memory bank), or the residual alone."""
+        """Whether the defect head's input (B, D, h, w) is the scaled residual and the bank's residual
+        side by side, D = C + C_bank (ScoreConfig.head_bank_residual, with a defect head and a memory
+        bank), or the residual alone, D = C."""
         s = self.score_cfg
         return bool(s.defect_head and s.nearest_map is True and s.head_bank_residual)
-
-    def head_input(self, residual: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Scaled residual and standardised features (B, C, h, w) -> the defect head's input (B, D, h, w):
-        the residual, with the bank's residual after it where head_reads_bank (D = C + C_bank)."""
-        return torch.cat([residual, self.bank_residual(features)], 1) if self.head_reads_bank else residual
 
     def _grid_error(self, residual: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """Scaled residual (B, C, h, w) -> its norm per position (B, h, w), standardised by the

@@ -83,8 +83,7 @@ def test_a_defect_head_reads_the_banks_residual_beside_the_reconstruction_residu
     f = m.standardize(m.extract(torch.rand(2, 3, 64, 64, generator=g) * 255))
     with torch.no_grad():
         r, bank = m.residual(f), m.bank_residual(f)
-        inputs = m.head_input(r, f)
-        torch.testing.assert_close(inputs, torch.cat([r, bank], 1))
+        inputs = torch.cat([r, bank], 1)
         logit = (inputs * m.head_weight).sum(1) + m.head_bias
         # the bank's part moves the logit: the head is not reading the residual alone
         assert (logit - ((r * m.head_weight[:, : m.channels]).sum(1) + m.head_bias)).abs().max() > 1e-2
@@ -307,3 +306,29 @@ def test_the_cli_option_sets_it(run_cli, tiny_folder, tmp_path):
                                "--image-size", "64", "--quiet")  # fmt: skip
         assert code == 0, err
         assert json.loads((tmp_path / value / CONFIG_FILE).read_text())["score"]["nearest_map"] is want
+
+
+def test_a_training_state_saved_before_the_head_read_the_bank_resumes(tmp_path):
+    """A state saved with a head on the residual alone (head_bank_residual False: before the key)
+    resumes into a model whose head reads the bank too: the settings match, the reconstructor's
+    weights are restored, and the head's weights, fitted after training, are left to the fit. A
+    state whose reconstructor differs is still refused."""
+    from adtr.checkpoint import CheckpointError, load_train_state, save_train_state
+    from adtr.config import RunConfig
+
+    score = ScoreConfig(nearest_map=True, defect_head=True, head_gain=1.0)
+    old_cfg = RunConfig(model=NO_QUERY, score=dataclasses.replace(score, head_bank_residual=False), train=TRAIN)
+    new_cfg = RunConfig(model=NO_QUERY, score=score, train=TRAIN)
+    torch.manual_seed(0)
+    old, new = ADTR(NO_QUERY, old_cfg.score), ADTR(NO_QUERY, new_cfg.score)
+    assert old.head_weight.shape[1] < new.head_weight.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    save_train_state(tmp_path, old, torch.optim.AdamW(old.reconstructor.parameters()), gen, 1, [], old_cfg)
+    epoch, _ = load_train_state(tmp_path, new, torch.optim.AdamW(new.reconstructor.parameters()), gen, new_cfg)
+    assert epoch == 1
+    for k, v in old.reconstructor.state_dict().items():
+        assert torch.equal(new.reconstructor.state_dict()[k], v)
+    other = RunConfig(model=dataclasses.replace(NO_QUERY, hidden_dim=2 * NO_QUERY.hidden_dim), score=score, train=TRAIN)
+    with pytest.raises(CheckpointError):
+        load_train_state(tmp_path, ADTR(other.model, score), torch.optim.AdamW(new.reconstructor.parameters()), gen,
+                         other)  # fmt: skip
