@@ -10,10 +10,12 @@ DATA its category folder with masks. For each feature choice and bank size, a me
 nearest row (PatchCore, Roth et al., CVPR 2022). Feature choices: "all", the run's standardised
 features (every stage); "all_pool3", the same averaged over 3x3 neighbourhoods (PatchCore's local
 aggregation); "deep_pool3", the stride-8 and stride-16 stages only (PatchCore's), averaged 3x3:
-memory_bank.patch_features, what ScoreConfig.nearest_map uses. Pixel AUROC and AUPRO of:
-- the run's own map (its reconstruction error);
+memory_bank.patch_features, what ScoreConfig.nearest_map uses; "deep_pool3_raw", the same on the
+backbone's raw scale (PatchCore's: each channel weighed by its spread, not standardised). Pixel
+AUROC and AUPRO of:
+- the run's own map, and its reconstruction error alone (the same unless the run has a bank);
 - the nearest distance alone;
-- the run's map + w x the nearest distance standardised by the held-out good images' distances
+- the reconstruction error + w x the nearest distance standardised by the held-out good images' distances
   (mean and std, clipped at 0, as ADTR.nearest_grid), for each w of --weights (deep_pool3 at 4096
   rows and w 1: the library's);
 and the distance's milliseconds per test image (batches of 16, PyTorch). Writes OUT.json and OUT.md
@@ -43,7 +45,7 @@ from adtr.memory_bank import fit_memory_bank, nearest_distance, patch_features  
 from adtr.metrics import pixel_metrics  # noqa: E402
 from adtr.runtime import configure_cpu  # noqa: E402
 
-FEATURES = ("all", "all_pool3", "deep_pool3")
+FEATURES = ("all", "all_pool3", "deep_pool3", "deep_pool3_raw")
 
 
 def probe(run: Path, data: Path, features: list[str], sizes: list[int], weights: list[float]) -> dict:
@@ -61,8 +63,12 @@ def probe(run: Path, data: Path, features: list[str], sizes: list[int], weights:
         f_train = model.standardize(extract_features(model, train, cpu, progress=False))
         f_test = model.standardize(extract_features(model, test, cpu, progress=False))
         own = torch.cat([model.residual_grid(model.residual(b), b) for b in model._batches(f_test, 16)])
+        error = torch.cat([model._grid_error(model.residual(b), model.position_mean, model.position_std)
+                           for b in model._batches(f_test, 16)])  # fmt: skip
 
     def view(f: torch.Tensor, name: str) -> torch.Tensor:  # the features as the choice `name` sees them
+        if name == "deep_pool3_raw":  # raw up to a shift per channel, which changes no distance
+            return model.patch_features(f * model.feature_std)
         return {"all": f, "all_pool3": patch_features(f), "deep_pool3": model.patch_features(f)}[name]
 
     def metrics(grid: torch.Tensor) -> dict:
@@ -73,6 +79,9 @@ def probe(run: Path, data: Path, features: list[str], sizes: list[int], weights:
 
     rows = [{"map": "the run's", **metrics(own)}]
     print(data.name, rows[-1], flush=True)
+    if cfg.score.nearest_map:
+        rows.append({"map": "the run's reconstruction error alone", **metrics(error)})
+        print(data.name, rows[-1], flush=True)
     for name in features:
         for size in sizes:
             t0 = time.perf_counter()
@@ -90,7 +99,7 @@ def probe(run: Path, data: Path, features: list[str], sizes: list[int], weights:
             rows.append(row)
             print(data.name, row, flush=True)
             for w in weights:
-                rows.append({"map": f"run's + {w:g} x nearest ({name}, {size} rows)", **metrics(own + w * z)})
+                rows.append({"map": f"error + {w:g} x nearest ({name}, {size} rows)", **metrics(error + w * z)})
                 print(data.name, rows[-1], flush=True)
     return {"run": str(run), "data": str(data), "set": data.name, "nearest_map": cfg.score.nearest_map,
             "held_out": len(val_idx), "rows": rows}  # fmt: skip
