@@ -64,6 +64,7 @@ from adtr.engine import (
     token_labels,
 )
 from adtr.errors import DataError, SettingsError
+from adtr.memory_bank import BANK_SIZE
 from adtr.model import ADTR
 from adtr.replay import load_replay, make_replay
 
@@ -642,16 +643,21 @@ def fit_head(
     memory bank (ADTR.head_reads_bank); the good images' bank residual is taken against the bank,
     which holds their own positions (against a bank of the other half of them, as unseen good
     parts would show it, metal_plate's masked head lost 0.35 AUPRO point: docs/design.md, "The
-    defect head reads the bank's residual")."""
+    defect head reads the bank's residual"), unless the bank can hold every one of their positions
+    (at most BANK_SIZE): there each would be 0, and the other half's bank gives them instead."""
     device = model.head_weight.device
     c, reads_bank = model.channels, model.head_reads_bank
 
-    def residuals(f: torch.Tensor) -> torch.Tensor:  # the head's input (B, D, h, w), in batches
+    def residuals(f: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's input (B, D, h, w), in batches; bank: the bank residuals (B, C_bank, h, w) to
+        put beside the scaled residual (None: against the model's bank)."""
         out = []
         for i in range(0, len(f), batch_size):
             b = f[i : i + batch_size].to(device)
             r = model.residual(b)
-            out.append((torch.cat([r, model.bank_residual(b)], 1) if reads_bank else r).cpu())
+            if reads_bank:
+                r = torch.cat([r, model.bank_residual(b) if bank is None else bank[i : i + batch_size].to(device)], 1)
+            out.append(r.cpu())
         return torch.cat(out)
 
     def grids(inputs: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # the map's grid (B, h, w), in batches
@@ -662,7 +668,9 @@ def fit_head(
                        .cpu())  # fmt: skip
         return torch.cat(out)
 
-    good_residual = residuals(good)
+    positions = len(good) * good.shape[2] * good.shape[3]
+    crossed = reads_bank and 1 < len(good) and positions <= BANK_SIZE
+    good_residual = residuals(good, model.crossed_bank_residual(good, batch_size) if crossed else None)
     good_map = grids(good_residual, good)
     if defects is None:
         head = DefectHead(model.head_weight.flatten().cpu(), float(model.head_bias), model.head_norm.cpu())

@@ -538,6 +538,24 @@ class ADTR(nn.Module):
         return patch_features(features, self.nearest_first)
 
     @torch.no_grad()
+    def crossed_bank_residual(self, features: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Standardised good features (N, C, h, w), N >= 2 -> their bank residuals (N, C_bank, h, w)
+        against a bank of the other half of them (memory_bank.fit_memory_bank): each half as unseen
+        good images show it where the model's bank holds every one of their positions (residual 0).
+        ValueError unless score.nearest_map is set, or for fewer than 2 images."""
+        if not self.score_cfg.nearest_map:
+            raise ValueError("this model's score settings have no memory bank (ScoreConfig.nearest_map)")
+        n = len(features)
+        if n < 2:
+            raise ValueError("a bank of the other half needs at least 2 images")
+        half, parts = n // 2, []
+        for rows, other in ((slice(0, half), slice(half, n)), (slice(half, n), slice(0, half))):
+            bank = fit_memory_bank(self.patch_features(features[other].to(self.nearest_bank.device)))
+            parts += [nearest_residual(self.patch_features(f), bank).cpu()
+                      for f in self._batches(features[rows], batch_size)]  # fmt: skip
+        return torch.cat(parts)
+
+    @torch.no_grad()
     def set_memory_bank(self, features: torch.Tensor, held: torch.Tensor | None = None) -> None:
         """Fit the memory bank (memory_bank.py) on standardised good training features (N, C, h, w)
         and its standardisation (nearest_norm: mean, std) on the nearest distances of standardised

@@ -104,6 +104,20 @@ def test_a_defect_head_reads_the_banks_residual_beside_the_reconstruction_residu
         ScoreConfig(head_bank_residual=None)
 
 
+def test_the_crossed_bank_residual_takes_each_half_against_the_others_bank():
+    m = ADTR(NO_QUERY, ScoreConfig(nearest_map=True))
+    f = torch.randn(5, m.channels, 4, 4, generator=torch.Generator().manual_seed(5))
+    got = m.crossed_bank_residual(f)
+    p = m.patch_features(f)
+    want = torch.cat([nearest_residual(p[:2], fit_memory_bank(p[2:])), nearest_residual(p[2:], fit_memory_bank(p[:2]))])
+    assert torch.equal(got, want) and got.abs().amin(1).amax() > 0
+    # against a bank of all 80 positions, each is its own row: a residual of (nearly) 0
+    m.nearest_bank.copy_(fit_memory_bank(p))
+    assert m.bank_residual(f).abs().max() < 1e-3
+    with pytest.raises(ValueError, match="at least 2"):
+        m.crossed_bank_residual(f[:1])
+
+
 def test_patch_features_are_the_coarse_stages_averaged_3x3():
     f = torch.arange(2 * 5 * 4 * 4, dtype=torch.float32).reshape(2, 5, 4, 4)
     got = patch_features(f, first=2)
@@ -259,8 +273,20 @@ def test_the_fit_joins_the_bank_to_a_copying_models_map_and_a_run_keeps_it(root,
         # the new good training images' positions joined the bank: now (nearly) their own neighbours
         after = nearest_distance(new[new_train], u.nearest_bank)
         assert after.mean() < 0.5 * before[new_train].mean()
-        head = loaded.update(anomalies=root / "new_defects", steps=1)
+        calls = []
+        crossed = ADTR.crossed_bank_residual
+
+        def spy(self, features, *args):
+            calls.append(len(features))
+            return crossed(self, features, *args)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ADTR, "crossed_bank_residual", spy)
+            head = loaded.update(anomalies=root / "new_defects", steps=1)
         assert head.config.score.defect_head and torch.equal(head.model_.nearest_bank, m.nearest_bank)
+        # 64x64 images: the small grids of the 12 good images (none held out) fit in the bank whole, so
+        # the head's good tokens take their bank residual against a bank of the other half (0 in their own)
+        assert calls == [len(train_samples(root))] and m.nearest_bank.unique(dim=0).shape[0] < BANK_SIZE
         # the head fitted now reads the bank's residual beside the reconstruction residual
         h = head.model_
         assert h.head_reads_bank and h.head_weight.shape[1] == 2 * m.channels - m.nearest_first
