@@ -10,6 +10,8 @@ AUPRO 0.9156 -> 0.9426 on one fit (docs/design.md, "The nearest good feature joi
 map of a copying model"). The bank holds PatchCore's patch features made from adtr's own
 (patch_features: the stride-8 and stride-16 stages of the standardised features on the feature
 grid, averaged 3x3) and has a fixed number of rows, so a run's tensors follow from its settings.
+A defect head in such a run reads the bank's residual, each feature minus its nearest row
+(nearest_residual), beside the reconstruction residual (ScoreConfig.head_bank_residual).
 """
 
 from __future__ import annotations
