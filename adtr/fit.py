@@ -131,7 +131,8 @@ def fit_run(
         score = base_config.score
         if head_samples(config, labelled):  # a head fitted now takes the caller's gains (None: the fit's rule)
             score = dataclasses.replace(score, head_gain=config.score.head_gain,
-                                        head_image_gain=config.score.head_image_gain)  # fmt: skip
+                                        head_image_gain=config.score.head_image_gain,
+                                        head_bank_residual=config.score.head_bank_residual)  # fmt: skip
         config = dataclasses.replace(config, model=base_config.model, score=score)
         replay = load_replay(init, (base.channels, *base_config.model.grid_size), base_config.model.image_size)
         prior = replay.defect_pool(base) if replay is not None else None  # an init's head keeps its defects
@@ -643,8 +644,9 @@ def fit_head(
     memory bank (ADTR.head_reads_bank); the good images' bank residual is taken against the bank,
     which holds their own positions (against a bank of the other half of them, as unseen good
     parts would show it, metal_plate's masked head lost 0.35 AUPRO point: docs/design.md, "The
-    defect head reads the bank's residual"), unless the bank can hold every one of their positions
-    (at most BANK_SIZE): there each would be 0, and the other half's bank gives them instead."""
+    defect head reads the bank's residual"), unless the bank keeps at least half of their
+    positions (at most 2 x BANK_SIZE of them), each of which has a residual of 0 there: then the
+    other half's bank gives them instead."""
     device = model.head_weight.device
     c, reads_bank = model.channels, model.head_reads_bank
 
@@ -668,8 +670,10 @@ def fit_head(
                        .cpu())  # fmt: skip
         return torch.cat(out)
 
+    # where the bank keeps at least half of the good training positions, at least half of them are
+    # bank rows, whose residual there is exactly 0
     positions = len(good) * good.shape[2] * good.shape[3]
-    crossed = reads_bank and 1 < len(good) and positions <= BANK_SIZE
+    crossed = reads_bank and 1 < len(good) and positions <= 2 * BANK_SIZE
     good_residual = residuals(good, model.crossed_bank_residual(good, batch_size) if crossed else None)
     good_map = grids(good_residual, good)
     if defects is None:

@@ -593,7 +593,12 @@ class ADTR(nn.Module):
         """A copy with other score settings and the same weights and statistics (e.g. to add
         a defect head to a model that had none)."""
         other = ADTR(self.cfg, score).to(self.feature_mean.device)
-        other.load_state_dict(self.state_dict(), strict=False)
+        # tensors whose shape follows the score settings (a Gaussian, a memory bank, the head's
+        # input) are left to the new model where their shape changed: fitted afterwards
+        own = other.state_dict()
+        other.load_state_dict({k: v for k, v in self.state_dict().items()
+                               if not (k.startswith(("gaussian_", "nearest_", "head_")) and k in own
+                                       and own[k].shape != v.shape)}, strict=False)  # fmt: skip
         # buffers a persistent-state copy misses: the ones this model does not store, but not
         # the upsampling, which follows the new score settings
         for name, buf in self.named_buffers():

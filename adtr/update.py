@@ -151,6 +151,10 @@ def update_run(
             log.info("the defect head's weight in the image score: %g (the parent's: %g, saved before the setting); "
                      "the thresholds are recalibrated", image_gain, score.head_image_gain)  # fmt: skip
         score = dataclasses.replace(score, head_image_gain=image_gain)
+    if score.defect_head and head_samples(config, labelled) and not score.head_bank_residual:
+        # a head fitted anew reads what a fresh fit's does (a parent saved before the key read the
+        # reconstruction residual alone; with a memory bank it now reads the bank's residual too)
+        score = dataclasses.replace(score, head_bank_residual=ScoreConfig().head_bank_residual)
     if score != config.score:
         config = dataclasses.replace(config, score=score)
         model = model.with_score(score)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from conftest import TINY
 from safetensors import safe_open
 
 from adtr import ADTRDetector
-from adtr.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from adtr.checkpoint import CONFIG_FILE, STATE_DIR, WEIGHTS_FILE
 from adtr.config import ScoreConfig, TrainConfig
 from adtr.memory_bank import (
     BANK_SIZE,
@@ -287,6 +288,17 @@ def test_the_fit_joins_the_bank_to_a_copying_models_map_and_a_run_keeps_it(root,
         # 64x64 images: the small grids of the 12 good images (none held out) fit in the bank whole, so
         # the head's good tokens take their bank residual against a bank of the other half (0 in their own)
         assert calls == [len(train_samples(root))] and m.nearest_bank.unique(dim=0).shape[0] < BANK_SIZE
+        # a parent whose settings say the head reads the residual alone (saved before the key): a
+        # head fitted anew reads the bank too, as a fresh fit's does
+        old = tmp_path / "old"
+        shutil.copytree(tmp_path / "run", old)
+        doc = json.loads((old / CONFIG_FILE).read_text())
+        doc["score"]["head_bank_residual"] = False
+        (old / CONFIG_FILE).write_text(json.dumps(doc))
+        parent = ADTRDetector.load(old, progress=False, backend="torch")
+        assert parent.config.score.head_bank_residual is False
+        anew = parent.update(anomalies=root / "new_defects", steps=1)
+        assert anew.config.score.head_bank_residual and anew.model_.head_reads_bank
         # the head fitted now reads the bank's residual beside the reconstruction residual
         h = head.model_
         assert h.head_reads_bank and h.head_weight.shape[1] == 2 * m.channels - m.nearest_first
@@ -354,7 +366,14 @@ def test_a_training_state_saved_before_the_head_read_the_bank_resumes(tmp_path):
     assert epoch == 1
     for k, v in old.reconstructor.state_dict().items():
         assert torch.equal(new.reconstructor.state_dict()[k], v)
-    other = RunConfig(model=dataclasses.replace(NO_QUERY, hidden_dim=2 * NO_QUERY.hidden_dim), score=score, train=TRAIN)
-    with pytest.raises(CheckpointError):
-        load_train_state(tmp_path, ADTR(other.model, score), torch.optim.AdamW(new.reconstructor.parameters()), gen,
-                         other)  # fmt: skip
+    # any other tensor of another shape is still refused
+    from safetensors.torch import load_file, save_file
+
+    from adtr.checkpoint import FORMAT, STATE_WEIGHTS
+
+    weights = tmp_path / STATE_DIR / STATE_WEIGHTS
+    tensors = load_file(str(weights))
+    tensors["model.position_mean"] = torch.zeros(1, 3, 3)
+    save_file(tensors, str(weights), metadata={"format": FORMAT, "epoch": "1"})
+    with pytest.raises(CheckpointError, match="do not match the model"):
+        load_train_state(tmp_path, new, torch.optim.AdamW(new.reconstructor.parameters()), gen, new_cfg)
