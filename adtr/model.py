@@ -541,7 +541,8 @@ class ADTR(nn.Module):
     def crossed_bank_residual(self, features: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """Standardised good features (N, C, h, w), N >= 2 -> their bank residuals (N, C_bank, h, w)
         against a bank of the other half of them (memory_bank.fit_memory_bank): each half as unseen
-        good images show it where the model's bank holds every one of their positions (residual 0).
+        good images show it, where the model's bank keeps so many of their positions that most of
+        their residuals there are 0 (fit.fit_head).
         ValueError unless score.nearest_map is set, or for fewer than 2 images."""
         if not self.score_cfg.nearest_map:
             raise ValueError("this model's score settings have no memory bank (ScoreConfig.nearest_map)")
