@@ -88,15 +88,8 @@ def main() -> None:
         return model.residual_grid(r, f if bank else None)
 
     @torch.no_grad()
-    def bank_residual(f: torch.Tensor) -> torch.Tensor:
-        """Standardised features (N, C, h, w) -> each position's patch feature minus its nearest
-        memory-bank row (N, C_bank, h, w)."""
-        out = []
-        for part in model.patch_features(f).split(8):
-            x = part.flatten(2).transpose(1, 2)  # (n, P, C_bank)
-            nearest = model.nearest_bank[torch.cdist(x, model.nearest_bank).argmin(-1)]
-            out.append((x - nearest).transpose(1, 2).reshape(part.shape))
-        return torch.cat(out)
+    def bank_residual(f: torch.Tensor) -> torch.Tensor:  # the model's own (ADTR.bank_residual), in batches
+        return torch.cat([model.bank_residual(part) for part in f.split(8)])
 
     def desc_nchw(r: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # the head's input (N, D, h, w)
         return torch.cat([r, bank_residual(f)], 1) if args.desc == "rb" else r

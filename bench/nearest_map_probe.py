@@ -62,9 +62,12 @@ def probe(run: Path, data: Path, features: list[str], sizes: list[int], weights:
     with torch.no_grad():
         f_train = model.standardize(extract_features(model, train, cpu, progress=False))
         f_test = model.standardize(extract_features(model, test, cpu, progress=False))
-        own = torch.cat([model.residual_grid(model.residual(b), b) for b in model._batches(f_test, 16)])
-        error = torch.cat([model._grid_error(model.residual(b), model.position_mean, model.position_std)
-                           for b in model._batches(f_test, 16)])  # fmt: skip
+        own, error = [], []  # the run's map and its reconstruction error, from one residual per batch
+        for b in model._batches(f_test, 16):
+            r = model.residual(b)
+            own.append(model.residual_grid(r, b))
+            error.append(model._grid_error(r, model.position_mean, model.position_std))
+        own, error = torch.cat(own), torch.cat(error)
 
     def view(f: torch.Tensor, name: str) -> torch.Tensor:  # the features as the choice `name` sees them
         if name == "deep_pool3_raw":  # raw up to a shift per channel, which changes no distance
