@@ -81,6 +81,8 @@ def model_fingerprint(model: ADTR) -> str:
             del score[key]
     if not (head and score.get("nearest_map") and score["head_bank_residual"]):  # likewise, where it changes nothing
         del score["head_bank_residual"]
+    if not (score.get("nearest_map") and score["nearest_search_dims"]):  # likewise: an exact search, as before
+        del score["nearest_search_dims"]
     model_cfg = asdict(model.cfg)
     if model_cfg["feature_pool"] == 1:  # likewise
         del model_cfg["feature_pool"]
@@ -317,6 +319,8 @@ def _training_settings(config: Any) -> Any:
     # nor the defect head's input, a head fitted after training (load_train_state skips its
     # weights where their shape changed with it)
     doc["score"].pop("head_bank_residual", None)
+    # nor the bank's search subspace, set with the bank after training (load_train_state likewise)
+    doc["score"].pop("nearest_search_dims", None)
     # nor what scores a head run's image: a score setting (a state saved before it reads "map")
     doc["score"].pop("head_image_score", None)
     doc["score"].pop("head_image_gain", None)
@@ -387,10 +391,14 @@ def load_train_state(
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     expected = trainable_state(model)
     # the head's weights are fitted after training: saved before its input could read the memory
-    # bank (ScoreConfig.head_bank_residual) they have fewer channels, and the fit sets them anew
-    refit = {"head_weight"} & {k for k, v in expected.items() if k in model_state and model_state[k].shape != v.shape}
-    if set(model_state) != set(expected) or any(model_state[k].shape != v.shape for k, v in expected.items()
-                                                if k not in refit):  # fmt: skip
+    # bank (ScoreConfig.head_bank_residual) they have fewer channels, and the fit sets them anew;
+    # likewise the bank's search basis (ScoreConfig.nearest_search_dims), absent from states saved
+    # before it or with another number of dimensions
+    after = {"head_weight", "nearest_basis"}
+    refit = after & {k for k in set(expected) | set(model_state)
+                     if k not in model_state or k not in expected or model_state[k].shape != expected[k].shape}
+    if set(model_state) - refit != set(expected) - refit or any(model_state[k].shape != v.shape
+                                                                for k, v in expected.items() if k not in refit):
         raise RunFolderError(f"{weights_path}: tensors do not match the model")
     model.load_state_dict({k: v for k, v in model_state.items() if k not in refit}, strict=False)
     per_param: dict[int, dict[str, torch.Tensor]] = {}

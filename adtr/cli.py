@@ -395,6 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"{BANK_SIZE} feature rows (2.4 MB with Lite0) to the weights and the graph (docs/design.md, 'The "
         "nearest good feature joins the map of a copying model') (default: auto)",
     )
+    p.add_argument(
+        "--nearest-search-dims",
+        type=int,
+        default=ScoreConfig().nearest_search_dims,
+        metavar="D",
+        help="with the memory bank, search each position's nearest row among the bank's first D principal "
+        "components, then take the exact distance to it: a cheaper search (0: exact) (docs/design.md, 'The "
+        "bank's search in a subspace') (default: %(default)s)",
+    )
     g = p.add_argument_group("anomaly-available training (FCDD-style losses L_px / L_img)")
     _add_anomaly_sources(g)
     g.add_argument(
@@ -564,7 +573,7 @@ def _warn_ignored_with_init(args: argparse.Namespace) -> None:
     """Warn about model and score options given with --init: the init run's settings are kept."""
     defaults = build_parser().parse_args(["fit", "DATA", "--out", "RUN"])  # the parser's own defaults
     names = ("preset", "backbone", "image_size", "reconstructor", "image_scorer", "token_patch", "smoothing_sigma",
-             "image_score", "residual_norm", "feature_gaussian", "nearest_map")  # fmt: skip
+             "image_score", "residual_norm", "feature_gaussian", "nearest_map", "nearest_search_dims")  # fmt: skip
     given = ["--" + name.replace("_", "-") for name in names if getattr(args, name) != getattr(defaults, name)]
     if given:
         logging.getLogger("adtr").warning("%s ignored: with --init the init run's model and score settings are "
@@ -607,7 +616,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         score = ScoreConfig(smoothing_sigma=args.smoothing_sigma, image_score=args.image_score,
                             residual_norm=args.residual_norm, head_gain=args.head_gain,
                             feature_gaussian=gaussian,
-                            nearest_map=AUTO_ON_OFF[args.nearest_map])  # fmt: skip
+                            nearest_map=AUTO_ON_OFF[args.nearest_map],
+                            nearest_search_dims=args.nearest_search_dims)  # fmt: skip
     except ValueError as e:  # a config's own checks
         raise SettingsError(str(e)) from None
     if args.init is not None:

@@ -12,6 +12,10 @@ map of a copying model"). The bank holds PatchCore's patch features made from ad
 grid, averaged 3x3) and has a fixed number of rows, so a run's tensors follow from its settings.
 A defect head in such a run reads the bank's residual, each feature minus its nearest row
 (nearest_residual), beside the reconstruction residual (ScoreConfig.head_bank_residual).
+
+The nearest row can be searched among the bank's first principal components (search_basis,
+ScoreConfig.nearest_search_dims), an approximate nearest-neighbour search as PatchCore's own
+faiss index may do; the distance and the residual are then the exact ones to the row found.
 """
 
 from __future__ import annotations
@@ -101,6 +105,17 @@ def join_memory_bank(bank: torch.Tensor, features: torch.Tensor, seed: int = SEE
     return _coreset_bank(torch.cat([old, new]), len(bank), seed).to(bank.device)
 
 
+def search_basis(bank: torch.Tensor, dims: int) -> torch.Tensor:
+    """A bank (K, C) -> its rows' first `dims` principal directions (C, dims), orthonormal
+    columns: the subspace in which nearest_rows searches. ValueError unless 1 <= dims <= C."""
+    if not 1 <= dims <= bank.shape[1]:
+        raise ValueError(f"a search basis of {dims} dimensions for {bank.shape[1]} channels needs 1 <= dims <= "
+                         f"{bank.shape[1]}")  # fmt: skip
+    x = bank.detach().double()
+    _, _, vt = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+    return vt[:dims].t().to(bank.dtype).contiguous()
+
+
 def _bank_products(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """Rows (B, P, C) and bank (K, C) -> |b|^2 - 2 x.b for every pair (B, P, K): |x - b|^2 less
     |x|^2, which no row's order depends on. ONE matrix product, of x with a 1 appended and the bank
@@ -112,19 +127,31 @@ def _bank_products(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     return torch.matmul(torch.cat([x, torch.ones_like(x[..., :1])], -1), weight)
 
 
-def nearest_distance(features: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+def nearest_rows(x: torch.Tensor, bank: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows (B, P, C) -> the index of each one's nearest bank row (B, P) (bank (K, C)): exactly,
+    or, with a search basis (C, D) (search_basis), nearest in that subspace: one matrix product of
+    D + 1 instead of C + 1 columns, the bank projected once (a constant in the exported graph)."""
+    if basis is None:
+        return _bank_products(x, bank).argmin(-1)
+    return _bank_products(x @ basis, bank @ basis).argmin(-1)
+
+
+def nearest_distance(features: torch.Tensor, bank: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
     """Features (B, C, h, w) -> the Euclidean distance of each position's feature to its nearest
-    bank row (B, h, w) (bank (K, C)). Holds a (B, h*w, K) matrix: batch the images to bound it."""
+    bank row (B, h, w) (bank (K, C); with a search basis (C, D), to the row nearest in its
+    subspace: nearest_rows). Holds a (B, h*w, K) matrix: batch the images to bound it."""
+    if basis is not None:
+        return torch.linalg.vector_norm(nearest_residual(features, bank, basis), dim=1)
     b, _, h, w = features.shape
     x = features.flatten(2).transpose(1, 2)  # (B, P, C)
     d2 = _bank_products(x, bank).amin(-1) + (x * x).sum(-1)
     return d2.clamp_min(0).sqrt().reshape(b, h, w)
 
 
-def nearest_residual(features: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+def nearest_residual(features: torch.Tensor, bank: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
     """Features (B, C, h, w) -> each position's feature minus its nearest bank row (B, C, h, w)
-    (bank (K, C)): the bank's residual, whose norm is nearest_distance. Holds a (B, h*w, K)
-    matrix, as nearest_distance does."""
+    (bank (K, C); basis as nearest_rows): the bank's residual, whose norm is nearest_distance.
+    Holds a (B, h*w, K) matrix, as nearest_distance does."""
     x = features.flatten(2).transpose(1, 2)  # (B, P, C)
-    nearest = bank[_bank_products(x, bank).argmin(-1)]  # (B, P, C)
+    nearest = bank[nearest_rows(x, bank, basis)]  # (B, P, C)
     return (x - nearest).transpose(1, 2).reshape(features.shape)

@@ -32,6 +32,7 @@ from adtr.memory_bank import (
     nearest_distance,
     nearest_residual,
     patch_features,
+    search_basis,
 )
 from adtr.transformer import ReconstructionTransformer
 
@@ -268,6 +269,10 @@ class ADTR(nn.Module):
         self.register_buffer("nearest_bank", torch.zeros(BANK_SIZE if near else 0, self.channels - self.nearest_first),
                              persistent=near)  # fmt: skip
         self.register_buffer("nearest_norm", torch.tensor([0.0, 1.0]), persistent=near)
+        # the subspace the nearest row is searched in (score.nearest_search_dims; none: exact)
+        c_bank, dims = self.channels - self.nearest_first, self.score_cfg.nearest_search_dims
+        dims = dims if near and 0 < dims < c_bank else 0
+        self.register_buffer("nearest_basis", torch.zeros(c_bank, dims), persistent=dims > 0)
         # The map's bilinear upsampling and Gaussian smoothing as two matrices (upsample_map),
         # rebuilt whenever score_cfg is set (its smoothing sigma).
         self._set_upsampling()
@@ -280,7 +285,8 @@ class ADTR(nn.Module):
     @score_cfg.setter
     def score_cfg(self, score: ScoreConfig) -> None:
         old = getattr(self, "_score_cfg", None)
-        fixed = ("defect_head", "head_image_score", "feature_gaussian", "nearest_map", "head_bank_residual")
+        fixed = ("defect_head", "head_image_score", "feature_gaussian", "nearest_map", "head_bank_residual",
+                 "nearest_search_dims")
         if old is not None and any(getattr(old, k) != getattr(score, k) for k in fixed):
             # they decide which buffers the model stores, fixed when it is built
             raise ValueError("a defect head, its image score or input, the feature Gaussian or the memory bank "
@@ -418,7 +424,8 @@ class ADTR(nn.Module):
         """Standardised features (B, C, h, w) -> the distance of each position's patch feature
         (memory_bank.patch_features) to the nearest memory bank row (memory_bank.py), standardised
         by nearest_norm and clipped at 0 as the reconstruction error is (B, h, w)."""
-        return self._standardised_distance(nearest_distance(self.patch_features(features), self.nearest_bank))
+        return self._standardised_distance(nearest_distance(self.patch_features(features), self.nearest_bank,
+                                                            self._basis(self.nearest_bank)))
 
     def _standardised_distance(self, d: torch.Tensor) -> torch.Tensor:
         return ((d - self.nearest_norm[0]) / self.nearest_norm[1]).clamp_min(0)
@@ -427,7 +434,14 @@ class ADTR(nn.Module):
         """Standardised features (B, C, h, w) -> each position's patch feature minus its nearest
         memory bank row (B, C_bank, h, w) (memory_bank.nearest_residual): what the head reads
         beside the reconstruction residual where head_reads_bank."""
-        return nearest_residual(self.patch_features(features), self.nearest_bank)
+        return nearest_residual(self.patch_features(features), self.nearest_bank, self._basis(self.nearest_bank))
+
+    def _basis(self, bank: torch.Tensor) -> torch.Tensor | None:
+        """The search basis of a bank (K, C_bank): the model's own (nearest_basis) for its bank, one
+        computed for another (a bank of part of the images), or None where the search is exact."""
+        if not self.nearest_basis.shape[1]:
+            return None
+        return self.nearest_basis if bank is self.nearest_bank else search_basis(bank, self.nearest_basis.shape[1])
 
     @property
     def head_reads_bank(self) -> bool:
@@ -552,7 +566,8 @@ class ADTR(nn.Module):
         half, parts = n // 2, []
         for rows, other in ((slice(0, half), slice(half, n)), (slice(half, n), slice(0, half))):
             bank = fit_memory_bank(self.patch_features(features[other].to(self.nearest_bank.device)))
-            parts += [nearest_residual(self.patch_features(f), bank).cpu()
+            basis = self._basis(bank)
+            parts += [nearest_residual(self.patch_features(f), bank, basis).cpu()
                       for f in self._batches(features[rows], batch_size)]  # fmt: skip
         return torch.cat(parts)
 
@@ -568,6 +583,7 @@ class ADTR(nn.Module):
             raise ValueError("this model's score settings have no memory bank (ScoreConfig.nearest_map)")
         device = self.nearest_bank.device
         self.nearest_bank.copy_(fit_memory_bank(self.patch_features(features)).to(device))
+        self._set_search_basis()
         if held is not None and len(held) > 1:
             self._set_nearest_norm(held, self.nearest_bank)
         elif len(features) > 1:
@@ -584,9 +600,15 @@ class ADTR(nn.Module):
         if not self.score_cfg.nearest_map:
             raise ValueError("this model has no memory bank to join images to (ScoreConfig.nearest_map)")
         self.nearest_bank.copy_(join_memory_bank(self.nearest_bank, self.patch_features(features)))
+        self._set_search_basis()
+
+    def _set_search_basis(self) -> None:
+        if self.nearest_basis.shape[1]:
+            self.nearest_basis.copy_(search_basis(self.nearest_bank, self.nearest_basis.shape[1]))
 
     def _set_nearest_norm(self, features: torch.Tensor, bank: torch.Tensor, batch_size: int = 16) -> None:
-        d = torch.cat([nearest_distance(self.patch_features(f), bank).cpu()
+        basis = self._basis(bank)
+        d = torch.cat([nearest_distance(self.patch_features(f), bank, basis).cpu()
                        for f in self._batches(features, batch_size)]).double()  # fmt: skip
         self.nearest_norm.copy_(torch.stack([d.mean(), d.std().clamp_min(1e-6)]).float())
 
@@ -607,6 +629,9 @@ class ADTR(nn.Module):
                 continue  # a Gaussian, memory bank or head input added (fitted afterwards) or dropped (not needed)
             if not name.startswith("upsample_"):
                 other.get_buffer(name).copy_(buf)
+        same_bank = other.nearest_bank.shape == self.nearest_bank.shape
+        if same_bank and other.nearest_basis.shape != self.nearest_basis.shape:
+            other._set_search_basis()  # the same bank, searched in another subspace
         return other.train(self.training)
 
     def score_maps(self, grid_map: torch.Tensor, residual: torch.Tensor | None = None) -> AnomalyOutput:

@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("data", type=Path)
     p.add_argument("--draws", default="0")
-    p.add_argument("--desc", choices=("r", "abs", "rabs", "ctx", "fr", "frctx", "rb"), default="r")
+    p.add_argument("--desc", choices=("r", "abs", "rabs", "ctx", "fr", "frctx", "rb", "rbctx"), default="r")
     p.add_argument("--hidden", type=int, default=0, help="an MLP head with this many hidden units (0: linear)")
     p.add_argument("--wds", default="1e-3")
     p.add_argument("--holdout", default=None)
@@ -67,12 +67,12 @@ def main() -> None:
     p.add_argument("--scorer", action="store_true",
                    help="also print image AUROC of the image scorer's map joined with the head (gains 0, 1, 2, 4)")
     args = p.parse_args()
-    if args.paste and (args.desc not in ("r", "rb") or args.hidden or args.pseudo is not None):
+    if args.paste and (args.desc not in ("r", "rb", "rbctx") or args.hidden or args.pseudo is not None):
         p.error("--paste needs a linear head (--desc r or rb, no --hidden) and masks (no --pseudo)")
     configure_cpu(2)
     model = ADTRDetector.load(args.run, progress=False).model_.eval()
     bank = model.score_cfg.nearest_map is True
-    if args.desc == "rb" and not bank:
+    if args.desc in ("rb", "rbctx") and not bank:
         p.error("--desc rb needs a run with a memory bank (ScoreConfig.nearest_map)")
     dev = torch.device("cpu")
     test = test_samples(args.data)
@@ -92,10 +92,13 @@ def main() -> None:
         return torch.cat([model.bank_residual(part) for part in f.split(8)])
 
     def desc_nchw(r: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # the head's input (N, D, h, w)
+        if args.desc == "rbctx":  # both residuals and their 3x3 neighbourhood's means
+            d = torch.cat([r, bank_residual(f)], 1)
+            return torch.cat([d, F.avg_pool2d(d, 3, 1, 1, count_include_pad=False)], 1)
         return torch.cat([r, bank_residual(f)], 1) if args.desc == "rb" else r
 
     def desc(r: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # (N, C, h, w) -> (N, h, w, D)
-        if args.desc in ("r", "rb"):
+        if args.desc in ("r", "rb", "rbctx"):
             d = desc_nchw(r, f)
         elif args.desc == "abs":
             d = r.abs()
@@ -252,7 +255,7 @@ def main() -> None:
         xg = desc(r_train, f_train).reshape(-1, xa.shape[1])
         g_train = grid(r_train, f_train)
         for wd in [float(x) for x in args.wds.split(",")]:
-            if args.desc in ("r", "rb") and not args.hidden:  # the product's fit (float64, zero start)
+            if args.desc in ("r", "rb", "rbctx") and not args.hidden:  # the product's fit (float64, zero start)
                 known = torch.zeros(len(labels), dtype=torch.bool) if args.pseudo is not None else None
                 h = fit_defect_head(desc_nchw(r_train, f_train), g_train, desc_nchw(r_anom, f_anom), labels, known,
                                     weight_decay=wd)

@@ -24,7 +24,9 @@ from adtr.memory_bank import (
     join_memory_bank,
     nearest_distance,
     nearest_residual,
+    nearest_rows,
     patch_features,
+    search_basis,
 )
 from adtr.model import ADTR
 
@@ -110,13 +112,89 @@ def test_the_crossed_bank_residual_takes_each_half_against_the_others_bank():
     f = torch.randn(5, m.channels, 4, 4, generator=torch.Generator().manual_seed(5))
     got = m.crossed_bank_residual(f)
     p = m.patch_features(f)
-    want = torch.cat([nearest_residual(p[:2], fit_memory_bank(p[2:])), nearest_residual(p[2:], fit_memory_bank(p[:2]))])
-    assert torch.equal(got, want) and got.abs().amin(1).amax() > 0
+    dims = m.score_cfg.nearest_search_dims
+    assert 0 < dims < p.shape[1] and m.nearest_basis.shape == (p.shape[1], dims)
+    # each half's bank searched in its own subspace, as the model's bank is in its own
+    want = [nearest_residual(p[rows], bank, search_basis(bank, dims))
+            for rows, bank in ((slice(0, 2), fit_memory_bank(p[2:])), (slice(2, 5), fit_memory_bank(p[:2])))]
+    assert torch.equal(got, torch.cat(want)) and got.abs().amin(1).amax() > 0
     # against a bank of all 80 positions, each is its own row: a residual of (nearly) 0
     m.nearest_bank.copy_(fit_memory_bank(p))
+    m._set_search_basis()
     assert m.bank_residual(f).abs().max() < 1e-3
     with pytest.raises(ValueError, match="at least 2"):
         m.crossed_bank_residual(f[:1])
+
+
+def test_the_search_basis_is_the_banks_principal_subspace():
+    g = torch.Generator().manual_seed(6)
+    # rows that vary along 3 directions of 10 channels (and little along the rest)
+    directions = torch.linalg.qr(torch.randn(10, 10, generator=g))[0]
+    spread = torch.tensor([5.0, 4.0, 3.0] + [0.01] * 7)
+    bank = (torch.randn(300, 10, generator=g) * spread) @ directions.t() + 2.0
+    basis = search_basis(bank, 3)
+    assert basis.shape == (10, 3)
+    torch.testing.assert_close(basis.t() @ basis, torch.eye(3), atol=1e-5, rtol=0)
+    # the same subspace as the first three directions: projecting them onto it keeps them whole
+    top = directions[:, :3]
+    torch.testing.assert_close(basis @ (basis.t() @ top), top, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="1 <= dims <= 10"):
+        search_basis(bank, 11)
+    with pytest.raises(ValueError, match="1 <= dims"):
+        search_basis(bank, 0)
+
+
+def test_a_search_in_the_subspace_finds_a_row_and_its_exact_distance():
+    """Rows that differ only inside the subspace: the search finds the exact nearest row. Any
+    bank: the distance is the exact one to the row found, never below the true nearest one."""
+    g = torch.Generator().manual_seed(7)
+    basis = torch.linalg.qr(torch.randn(12, 4, generator=g))[0]  # (12, 4) orthonormal
+    offset = torch.randn(12, generator=g)
+    bank = torch.randn(80, 4, generator=g) @ basis.t() + offset
+    f = (torch.randn(2, 5, 6, 4, generator=g) @ basis.t() + offset).permute(0, 3, 1, 2)  # (2, 12, 5, 6)
+    rows = f.permute(0, 2, 3, 1).reshape(-1, 12)
+    assert torch.equal(nearest_rows(rows[None], bank, basis)[0], torch.cdist(rows, bank).argmin(1))
+    torch.testing.assert_close(nearest_distance(f, bank, basis), nearest_distance(f, bank), atol=1e-4, rtol=1e-4)
+    other = torch.randn(80, 12, generator=g)  # rows anywhere: an approximate search
+    got = nearest_distance(f, other, search_basis(other, 4))
+    found = other[nearest_rows(rows[None], other, search_basis(other, 4))[0]]
+    torch.testing.assert_close(got.flatten(), (rows - found).norm(dim=1), atol=1e-5, rtol=1e-5)
+    assert (got >= nearest_distance(f, other) - 1e-4).all()
+    residual = nearest_residual(f, other, search_basis(other, 4))
+    torch.testing.assert_close(residual.permute(0, 2, 3, 1).reshape(-1, 12), rows - found)
+
+
+def test_the_search_dims_set_the_models_basis_and_runs_saved_before_search_exactly():
+    from adtr.checkpoint import model_fingerprint
+    from adtr.config import RunConfig
+
+    m = ADTR(NO_QUERY, ScoreConfig(nearest_map=True))
+    cb = m.channels - m.nearest_first
+    assert m.state_dict()["nearest_basis"].shape == (cb, ScoreConfig().nearest_search_dims)
+    g = torch.Generator().manual_seed(8)
+    m.set_memory_bank(torch.randn(4, m.channels, 8, 8, generator=g), held=torch.randn(2, m.channels, 8, 8, generator=g))
+    torch.testing.assert_close(m.nearest_basis, search_basis(m.nearest_bank, m.nearest_basis.shape[1]))
+    exact = ADTR(NO_QUERY, ScoreConfig(nearest_map=True, nearest_search_dims=0))
+    assert "nearest_basis" not in exact.state_dict()  # nothing stored: an exact search
+    assert "nearest_basis" not in ADTR(NO_QUERY, ScoreConfig(nearest_map=True, nearest_search_dims=cb)).state_dict()
+    assert "nearest_basis" not in ADTR(NO_QUERY, ScoreConfig(nearest_map=False)).state_dict()
+    # a run saved before the key searched exactly, and its fingerprint (cached graph) is as it was
+    doc = RunConfig(model=NO_QUERY, score=ScoreConfig(nearest_map=True)).to_dict()
+    del doc["score"]["nearest_search_dims"]
+    assert RunConfig.from_dict(doc).score.nearest_search_dims == 0
+    import adtr.checkpoint as ck
+
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ck, "_state_hash", lambda state, extra=b"": seen.append(extra) or "")
+        model_fingerprint(exact)
+        model_fingerprint(m)
+    assert b"nearest_search_dims" not in seen[0] and b"nearest_search_dims" in seen[1]
+    # with_score to a subspace search: the same bank, its basis computed
+    searched = exact.with_score(ScoreConfig(nearest_map=True))
+    assert torch.equal(searched.nearest_bank, exact.nearest_bank)
+    with pytest.raises(ValueError, match="whole number >= 0"):
+        ScoreConfig(nearest_search_dims=-1)
 
 
 def test_patch_features_are_the_coarse_stages_averaged_3x3():
@@ -235,7 +313,7 @@ def test_the_fit_joins_the_bank_to_a_copying_models_map_and_a_run_keeps_it(root,
         plain = m._grid_error(residual, m.position_mean, m.position_std)
         grid = m.residual_grid(residual, f)
         if use:
-            d = nearest_distance(m.patch_features(f), m.nearest_bank)
+            d = nearest_distance(m.patch_features(f), m.nearest_bank, m.nearest_basis)
             torch.testing.assert_close(grid, plain + ((d - m.nearest_norm[0]) / m.nearest_norm[1]).clamp_min(0))
             assert not torch.equal(grid, plain)
             assert torch.equal(m.score(f).anomaly_map, m.score_maps(grid).anomaly_map)
@@ -243,14 +321,17 @@ def test_the_fit_joins_the_bank_to_a_copying_models_map_and_a_run_keeps_it(root,
             # bank is standardised on the second half's distances to a bank of the first
             good = m.patch_features(_standardised(m, train_samples(root)))
             assert torch.equal(m.nearest_bank, fit_memory_bank(good))
-            d = nearest_distance(good[6:], fit_memory_bank(good[:6])).double()
+            dims = m.score_cfg.nearest_search_dims
+            torch.testing.assert_close(m.nearest_basis, search_basis(m.nearest_bank, dims))
+            half = fit_memory_bank(good[:6])
+            d = nearest_distance(good[6:], half, search_basis(half, dims)).double()
             torch.testing.assert_close(m.nearest_norm, torch.stack([d.mean(), d.std()]).float())
             assert m.nearest_norm[0] > 10 * nearest_distance(good, m.nearest_bank).mean()  # not the biased one
             # with held-out good images: on their distances to the bank
             other = m.with_score(m.score_cfg)
             features = _standardised(m, train_samples(root))
             other.set_memory_bank(features[:9], held=features[9:])
-            d = nearest_distance(good[9:], other.nearest_bank).double()
+            d = nearest_distance(good[9:], other.nearest_bank, other.nearest_basis).double()
             torch.testing.assert_close(other.nearest_norm, torch.stack([d.mean(), d.std()]).float())
         else:
             assert torch.equal(grid, plain)
@@ -348,18 +429,21 @@ def test_the_cli_option_sets_it(run_cli, tiny_folder, tmp_path):
 
 def test_a_training_state_saved_before_the_head_read_the_bank_resumes(tmp_path):
     """A state saved with a head on the residual alone (head_bank_residual False: before the key)
-    resumes into a model whose head reads the bank too: the settings match, the reconstructor's
-    weights are restored, and the head's weights, fitted after training, are left to the fit. A
-    state whose reconstructor differs is still refused."""
+    and an exact search of the bank (no search basis: before nearest_search_dims) resumes into a
+    model whose head reads the bank and whose bank is searched in a subspace: the settings match,
+    the reconstructor's weights are restored, and the head's weights and the basis, set after
+    training, are left to the fit. A state whose reconstructor differs is still refused."""
     from adtr.checkpoint import CheckpointError, load_train_state, save_train_state
     from adtr.config import RunConfig
 
     score = ScoreConfig(nearest_map=True, defect_head=True, head_gain=1.0)
-    old_cfg = RunConfig(model=NO_QUERY, score=dataclasses.replace(score, head_bank_residual=False), train=TRAIN)
+    old_cfg = RunConfig(model=NO_QUERY, score=dataclasses.replace(score, head_bank_residual=False,
+                                                                  nearest_search_dims=0), train=TRAIN)  # fmt: skip
     new_cfg = RunConfig(model=NO_QUERY, score=score, train=TRAIN)
     torch.manual_seed(0)
     old, new = ADTR(NO_QUERY, old_cfg.score), ADTR(NO_QUERY, new_cfg.score)
     assert old.head_weight.shape[1] < new.head_weight.shape[1]
+    assert "nearest_basis" not in old.state_dict() and "nearest_basis" in new.state_dict()
     gen = torch.Generator().manual_seed(0)
     save_train_state(tmp_path, old, torch.optim.AdamW(old.reconstructor.parameters()), gen, 1, [], old_cfg)
     epoch, _ = load_train_state(tmp_path, new, torch.optim.AdamW(new.reconstructor.parameters()), gen, new_cfg)
