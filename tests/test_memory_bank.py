@@ -126,6 +126,22 @@ def test_the_crossed_bank_residual_takes_each_half_against_the_others_bank():
         m.crossed_bank_residual(f[:1])
 
 
+def test_the_nearest_row_is_the_first_of_the_closest_in_a_bank_of_blocks():
+    """The index search in blocks (the minimum per block, then inside the best block) gives
+    torch.argmin's index, the first of tied rows (a bank repeated to its size has many)."""
+    g = torch.Generator().manual_seed(9)
+    distinct = torch.randn(1000, 6, generator=g)
+    bank = distinct[torch.arange(4096) % 1000]  # every row repeated: ties, the first one wins
+    x = torch.randn(2, 300, 6, generator=g)
+    got = nearest_rows(x, bank)
+    assert got.shape == (2, 300) and int(got.max()) < 1000
+    assert torch.equal(got, torch.cdist(x, distinct).argmin(-1))
+    d = torch.randint(0, 3, (5, 4096), generator=g).float()  # ties inside and across blocks
+    from adtr.memory_bank import _argmin
+
+    assert torch.equal(_argmin(d), d.argmin(-1)) and torch.equal(_argmin(d[:, :100]), d[:, :100].argmin(-1))
+
+
 def test_the_search_basis_is_the_banks_principal_subspace():
     g = torch.Generator().manual_seed(6)
     # rows that vary along 3 directions of 10 channels (and little along the rest)
