@@ -183,9 +183,10 @@ class ScoreConfig:
     # With a memory bank, each position's nearest row is searched among the bank rows' first this
     # many principal components (memory_bank.search_basis), and its distance and residual are then
     # the exact ones to the row found; 0, or at least the bank's channels: an exact search. The
-    # search is a product of (positions x rows) and is read once more for the minimum; fewer columns
-    # make it cheaper (metal_plate's graph: the bank's 5.6 ms per image -> 3.5 at 32; maps alike).
-    # Runs saved before the key: 0. docs/design.md, "The bank's search in a subspace".
+    # search is one matrix product of (positions x rows); 32 of Lite0's 152 channels make it a
+    # fifth (metal_plate's graph: the bank's 5.3 ms per image -> 2.6 with the index search in
+    # blocks; its k-shot figures within 0.1 point). Runs saved before the key: 0. docs/design.md,
+    # "The bank searched in a subspace".
     nearest_search_dims: int = 32
 
     def __post_init__(self) -> None:

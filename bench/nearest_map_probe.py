@@ -1,7 +1,8 @@
 """The distance to the nearest good feature as a map, probed on saved runs against their test figures.
 
     python bench/nearest_map_probe.py RUN:DATA [RUN:DATA ...] [--features all,all_pool3,deep_pool3]
-                                      [--bank-sizes 4096] [--weights 0.5,1,2] [--out results/nearest_map_probe]
+                                      [--bank-sizes 4096] [--search-dims 0] [--weights 0.5,1,2]
+                                      [--out results/nearest_map_probe]
 
 RUN is a saved normal-only run (e.g. `adtr fit DATA --out RUN` with the library's defaults),
 DATA its category folder with masks. For each feature choice and bank size, a memory bank
@@ -18,7 +19,11 @@ AUROC and AUPRO of:
 - the reconstruction error + w x the nearest distance standardised by the held-out good images' distances
   (mean and std, clipped at 0, as ADTR.nearest_grid), for each w of --weights (deep_pool3 at 4096
   rows and w 1: the library's);
-and the distance's milliseconds per test image (batches of 16, PyTorch). Writes OUT.json and OUT.md
+and the distance's milliseconds per test image (batches of 16, PyTorch). --search-dims: the nearest
+row searched among the bank's first D principal components, the exact distance to the row found
+(memory_bank.search_basis, ScoreConfig.nearest_search_dims; 0: exact), each D a row of its own,
+with the share of the bank's variance those components explain and the test positions' mean
+distance above the exact one (relative). Writes OUT.json and OUT.md
 (docs/design.md, "The nearest good feature joins the map of a copying model").
 """
 
@@ -41,14 +46,15 @@ from adtr.data.splits import split_validation  # noqa: E402
 from adtr.engine import extract_features  # noqa: E402
 from adtr.evaluate import ResizedMaps  # noqa: E402
 from adtr.fit import calibration_source  # noqa: E402
-from adtr.memory_bank import fit_memory_bank, nearest_distance, patch_features  # noqa: E402
+from adtr.memory_bank import fit_memory_bank, nearest_distance, patch_features, search_basis  # noqa: E402
 from adtr.metrics import pixel_metrics  # noqa: E402
 from adtr.runtime import configure_cpu  # noqa: E402
 
 FEATURES = ("all", "all_pool3", "deep_pool3", "deep_pool3_raw")
 
 
-def probe(run: Path, data: Path, features: list[str], sizes: list[int], weights: list[float]) -> dict:
+def probe(run: Path, data: Path, features: list[str], sizes: list[int], weights: list[float],
+          search_dims: list[int]) -> dict:  # fmt: skip
     det = ADTRDetector.load(run, progress=False, backend="torch")
     model, cfg, cpu = det.model_.eval(), det.config, torch.device("cpu")
     train, test = train_samples(data), test_samples(data)
@@ -90,20 +96,32 @@ def probe(run: Path, data: Path, features: list[str], sizes: list[int], weights:
             t0 = time.perf_counter()
             bank = fit_memory_bank(view(f_train[tr_idx], name), size=size)
             fit_s = time.perf_counter() - t0
-            with torch.no_grad():
-                held = torch.cat([nearest_distance(view(b, name), bank) for b in model._batches(f_train[val_idx], 16)])
-                t0 = time.perf_counter()
-                dist = torch.cat([nearest_distance(view(b, name), bank) for b in model._batches(f_test, 16)])
-                ms = 1000 * (time.perf_counter() - t0) / len(f_test)
-            held = held.double()
-            z = ((dist - held.mean()) / held.std()).clamp_min(0).float()
-            row = {"map": f"nearest ({name}, {size} rows) alone", "bank_s": round(fit_s, 1),
-                   "ms_per_image": round(ms, 1), **metrics(dist)}  # fmt: skip
-            rows.append(row)
-            print(data.name, row, flush=True)
-            for w in weights:
-                rows.append({"map": f"error + {w:g} x nearest ({name}, {size} rows)", **metrics(error + w * z)})
-                print(data.name, rows[-1], flush=True)
+            exact = None
+            for dims in search_dims:
+                basis = search_basis(bank, dims) if 0 < dims < bank.shape[1] else None
+                what = f"{name}, {size} rows" + (f", searched in {dims} dims" if basis is not None else "")
+                with torch.no_grad():
+                    held = torch.cat([nearest_distance(view(b, name), bank, basis)
+                                      for b in model._batches(f_train[val_idx], 16)])  # fmt: skip
+                    t0 = time.perf_counter()
+                    dist = torch.cat([nearest_distance(view(b, name), bank, basis) for b in model._batches(f_test, 16)])
+                    ms = 1000 * (time.perf_counter() - t0) / len(f_test)
+                held = held.double()
+                z = ((dist - held.mean()) / held.std()).clamp_min(0).float()
+                row = {"map": f"nearest ({what}) alone", "bank_s": round(fit_s, 1),
+                       "ms_per_image": round(ms, 1), **metrics(dist)}  # fmt: skip
+                if basis is None:
+                    exact = dist
+                else:
+                    centred = bank.double() - bank.double().mean(0)
+                    row["explained"] = round(float((centred @ basis.double()).pow(2).sum() / centred.pow(2).sum()), 4)
+                    if exact is not None:
+                        row["excess"] = round(float(((dist - exact) / exact.clamp_min(1e-6)).mean()), 4)
+                rows.append(row)
+                print(data.name, row, flush=True)
+                for w in weights:
+                    rows.append({"map": f"error + {w:g} x nearest ({what})", **metrics(error + w * z)})
+                    print(data.name, rows[-1], flush=True)
     return {"run": str(run), "data": str(data), "set": data.name, "nearest_map": cfg.score.nearest_map,
             "held_out": len(val_idx), "rows": rows}  # fmt: skip
 
@@ -114,6 +132,7 @@ def main() -> None:
     p.add_argument("--features", default="deep_pool3", help=f"comma-separated subset of {', '.join(FEATURES)}")
     p.add_argument("--bank-sizes", default="4096", help="comma-separated bank rows")
     p.add_argument("--weights", default="0.5,1,2", help="comma-separated weights of the standardised distance")
+    p.add_argument("--search-dims", default="0", help="comma-separated dimensions of the bank's search (0: exact)")
     p.add_argument("--out", type=Path, default=REPO / "results" / "nearest_map_probe")
     args = p.parse_args()
     features = args.features.split(",")
@@ -122,14 +141,16 @@ def main() -> None:
     sizes = [int(s) for s in args.bank_sizes.split(",")]
     weights = [float(w) for w in args.weights.split(",")]
     configure_cpu(2)
-    sets = [probe(run, data, features, sizes, weights) for run, data in run_data_pairs(args.pairs)]
+    dims = [int(d) for d in args.search_dims.split(",")]
+    sets = [probe(run, data, features, sizes, weights, dims) for run, data in run_data_pairs(args.pairs)]
     command = invocation()
     parts = ["# The nearest good feature as a map, probed on saved runs\n", f"`{command}`\n"]
-    cols = ["map", "pixel_auroc", "aupro", "bank_s", "ms_per_image"]
+    cols = ["map", "pixel_auroc", "aupro", "bank_s", "ms_per_image", "explained", "excess"]
     for d in sets:
         parts.append(f"## {d['set']} ({d['held_out']} held-out good images; the run's nearest_map: "
                      f"{d['nearest_map']})\n")  # fmt: skip
-        parts.append(md_table(["map", "pixel AUROC", "AUPRO", "bank s", "ms/image"],
+        parts.append(md_table(["map", "pixel AUROC", "AUPRO", "bank s", "ms/image", "variance explained",
+                               "distance above exact"],
                               [[r.get(c, "") for c in cols] for r in d["rows"]]) + "\n")  # fmt: skip
     write_results(args.out, {"command": command, "machine": machine(), "sets": sets}, "\n".join(parts))
 
