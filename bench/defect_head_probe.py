@@ -1,7 +1,7 @@
 """How to use a few labelled defects: variants of a defect head on a saved normal-only run.
 
-    python bench/defect_head_probe.py RUN DATA [--draws 0] [--desc r|abs|rabs|ctx|fr|frctx|rb]
-                                      [--hidden H] [--wds 1e-3] [--holdout TYPE] [--pseudo SHARE]
+    python bench/defect_head_probe.py RUN DATA [--draws 0] [--desc r|abs|rabs|ctx|fr|frctx|rb|rbctx]
+                                      [--hidden H] [--wds 1e-3] [--holdout TYPE] [--pseudo SHARE] [--loo GAINS]
 
 The probe behind adtr/defect_head.py (docs/design.md, "The defect head"). RUN is a normal-only
 run of the category DATA (e.g. bench/kshot.py's RUNS/<set>/normal); per draw, 5 test anomalies
@@ -11,7 +11,7 @@ class-balanced logistic regression is fitted on token descriptors of the good tr
 own fit and token labels): --desc r (the scaled residual), abs (|r|), rabs (both), ctx (r and
 its 3x3 neighbourhood's mean), fr (the standardised feature beside r), frctx (all three), rb
 (r beside the bank residual: each position's patch feature minus its nearest memory-bank row;
-runs with a memory bank);
+runs with a memory bank), rbctx (rb and both residuals' 3x3 neighbourhood's means);
 --hidden H: an MLP with H hidden units instead. Printed per weight decay (--wds): image AUROC
 (the library's top-1% score, and the map's maximum), pixel AUROC, AUPRO of the normal run and of
 the maps "head" (the head's logit alone, standardised on good tokens), "sum" (standardised
@@ -21,6 +21,11 @@ the head's gain), "max" (the larger of the two).
 to 4, as the map joins them) and of the larger of the scorer's map and the head-joined map. Sets
 without masks (transistor) print image metrics only. A run whose map adds the nearest good
 feature's distance (ScoreConfig.nearest_map) is probed on that map, as the product joins it.
+--loo GAINS (e.g. 0,1,2,4) chooses the head's weight in the map without test images: each drawn
+defect is left out in turn, a head fitted on the run's training split and the other defects (with
+their pasted copies) maps it, and the weight whose map ranks its masked tokens highest against its
+unmasked tokens and the held-out good images' tokens (token AUROC, pooled over the folds) is
+printed beside each weight's AUROC; ties go to the smaller weight.
 --holdout TYPE drops that defect type's drawn images from training and scores only the good
 and TYPE test images (a defect type the head never saw). --pseudo SHARE drops the masks:
 positives are the tokens whose residual map is >= SHARE x its maximum (image labels only).
@@ -38,11 +43,11 @@ import torch.nn.functional as F
 from adtr import ADTRDetector
 from adtr.data.images import image_size, read_image, read_mask
 from adtr.data.mvtec import test_samples, train_samples
-from adtr.data.splits import kshot_split
+from adtr.data.splits import kshot_split, split_validation
 from adtr.data.transforms import resize_image, resize_map
-from adtr.defect_head import fit_defect_head
+from adtr.defect_head import fit_defect_head, head_positives
 from adtr.engine import anomaly_pool, extract_features, token_labels
-from adtr.metrics import image_metrics, pixel_metrics
+from adtr.metrics import auroc, image_metrics, pixel_metrics
 from adtr.model import map_image_score
 from adtr.runtime import configure_cpu
 
@@ -64,13 +69,18 @@ def main() -> None:
     p.add_argument("--backgrounds", type=int, default=0, help="paste onto this many good images (0: all)")
     p.add_argument("--paste-space", choices=("pixels", "features"), default="pixels",
                    help="paste the defect's masked pixels before the backbone, or its tokens' features after it")
+    p.add_argument("--loo", default="",
+                   help="comma-separated head weights (e.g. 0,1,2,4) to choose among by leaving each drawn "
+                   "defect out in turn: heads fitted on the run's training split and the other defects score "
+                   "the left-out defect's tokens against its unmasked ones and the held-out good images'")
     p.add_argument("--scorer", action="store_true",
                    help="also print image AUROC of the image scorer's map joined with the head (gains 0, 1, 2, 4)")
     args = p.parse_args()
     if args.paste and (args.desc not in ("r", "rb", "rbctx") or args.hidden or args.pseudo is not None):
         p.error("--paste needs a linear head (--desc r or rb, no --hidden) and masks (no --pseudo)")
     configure_cpu(2)
-    model = ADTRDetector.load(args.run, progress=False).model_.eval()
+    det = ADTRDetector.load(args.run, progress=False)
+    model = det.model_.eval()
     bank = model.score_cfg.nearest_map is True
     if args.desc in ("rb", "rbctx") and not bank:
         p.error("--desc rb needs a run with a memory bank (ScoreConfig.nearest_map)")
@@ -226,6 +236,51 @@ def main() -> None:
                 labels.append(dl)
         return residual(torch.stack(feats)), torch.stack(labels), torch.stack(feats)
 
+    def loo(draw: int, r_anom: torch.Tensor, f_anom: torch.Tensor, labels: torch.Tensor, origin: torch.Tensor):
+        """Each real defect left out in turn: a head on the training split's good images and the
+        other defects (and their pasted copies) scores the left-out one's tokens; per weight, the
+        pooled token AUROC of its positives against its unmasked tokens and the held-out good
+        images' tokens, and the mean over the folds of each fold's AUROC."""
+        cfg = det.config.train
+        tr, val = split_validation(len(f_train), cfg.val_fraction, cfg.seed)
+        tr, val = torch.as_tensor(tr), torch.as_tensor(val)
+        gains = [float(g) for g in args.loo.split(",")]
+        good_in, good_grid = desc_nchw(r_train[tr], f_train[tr]), grid(r_train[tr], f_train[tr])
+        val_in, val_grid = desc_nchw(r_train[val], f_train[val]), grid(r_train[val], f_train[val])
+        pooled = {g: ([], []) for g in gains}
+        per_fold = {g: [] for g in gains}
+        n_real = int(origin.max()) + 1
+        for j in range(n_real):
+            pos = head_positives(labels[j : j + 1])[0]
+            if not pos.any():
+                continue
+            rest = origin != j
+            h = fit_defect_head(good_in, good_grid, desc_nchw(r_anom[rest], f_anom[rest]), labels[rest])
+
+            def z(inputs: torch.Tensor, g_map: torch.Tensor, h=h) -> tuple[torch.Tensor, torch.Tensor]:
+                logit = (inputs.double() * h.weight.double().view(1, -1, 1, 1)).sum(1) + h.bias
+                return (g_map - h.norm[0]) / h.norm[1], ((logit - h.norm[2]) / h.norm[3]).float()
+
+            zg, zl = z(desc_nchw(r_anom[j : j + 1], f_anom[j : j + 1]), grid(r_anom[j : j + 1], f_anom[j : j + 1]))
+            vg, vl = z(val_in, val_grid)
+            neg_own = labels[j] == 0
+            for g in gains:
+                s_def, s_val = (zg + g * zl)[0], (vg + g * vl).flatten()
+                p_scores = s_def[pos]
+                n_scores = torch.cat([s_def[neg_own], s_val])
+                pooled[g][0].append(p_scores)
+                pooled[g][1].append(n_scores)
+                y = np.r_[np.ones(len(p_scores)), np.zeros(len(n_scores))]
+                per_fold[g].append(auroc(torch.cat([p_scores, n_scores]).double().numpy(), y))
+        out = {}
+        for g in gains:
+            p_s, n_s = torch.cat(pooled[g][0]), torch.cat(pooled[g][1])
+            y = np.r_[np.ones(len(p_s)), np.zeros(len(n_s))]
+            out[g] = (round(float(auroc(torch.cat([p_s, n_s]).double().numpy(), y)), 4),
+                      round(float(np.mean(per_fold[g])), 4))  # fmt: skip
+        best = max(gains, key=lambda g: out[g])
+        print("draw", draw, "loo (pooled AUROC, mean fold AUROC) per weight", out, "chosen", best, flush=True)
+
     for draw in [int(x) for x in args.draws.split(",")]:
         anomalies, rest = kshot_split(test, 5, draw, pool_size=5)
         if args.holdout:
@@ -251,6 +306,12 @@ def main() -> None:
             print("draw", draw, "pasted copies", len(r_p), flush=True)
             r_anom, labels, f_anom = torch.cat([r_anom, r_p]), torch.cat([labels, l_p]), torch.cat([f_anom, f_p])
             keep = (labels > 0.5) | (labels == 0)
+        if args.loo:
+            origin = torch.arange(len(pool.features))
+            if args.paste:  # each masked defect's copies, in the drawn order (pasted())
+                masked = torch.tensor([bool(s.mask_path) for s in anomalies])
+                origin = torch.cat([origin, origin[masked].repeat_interleave(args.paste)])
+            loo(draw, r_anom, f_anom, labels, origin)
         xa, ya = desc(r_anom, f_anom)[keep], labels[keep]
         xg = desc(r_train, f_train).reshape(-1, xa.shape[1])
         g_train = grid(r_train, f_train)
