@@ -81,7 +81,7 @@ def model_fingerprint(model: ADTR) -> str:
             del score[key]
     if not (head and score.get("nearest_map") and score["head_bank_residual"]):  # likewise, where it changes nothing
         del score["head_bank_residual"]
-    if not (score.get("nearest_map") and score["nearest_search_dims"]):  # likewise: an exact search, as before
+    if not model.nearest_basis.shape[1]:  # likewise: an exact search (no bank, 0, or dims >= its channels)
         del score["nearest_search_dims"]
     model_cfg = asdict(model.cfg)
     if model_cfg["feature_pool"] == 1:  # likewise

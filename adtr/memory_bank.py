@@ -107,10 +107,10 @@ def join_memory_bank(bank: torch.Tensor, features: torch.Tensor, seed: int = SEE
 
 def search_basis(bank: torch.Tensor, dims: int) -> torch.Tensor:
     """A bank (K, C) -> its rows' first `dims` principal directions (C, dims), orthonormal
-    columns: the subspace in which nearest_rows searches. ValueError unless 1 <= dims <= C."""
-    if not 1 <= dims <= bank.shape[1]:
-        raise ValueError(f"a search basis of {dims} dimensions for {bank.shape[1]} channels needs 1 <= dims <= "
-                         f"{bank.shape[1]}")  # fmt: skip
+    columns: the subspace in which nearest_rows searches. ValueError unless 1 <= dims <= min(K, C)."""
+    if not 1 <= dims <= min(bank.shape):
+        raise ValueError(f"a search basis of {dims} dimensions for a bank of {bank.shape[0]} rows of {bank.shape[1]} "
+                         f"channels needs 1 <= dims <= {min(bank.shape)}")  # fmt: skip
     x = bank.detach().double()
     _, _, vt = torch.linalg.svd(x - x.mean(0), full_matrices=False)
     return vt[:dims].t().to(bank.dtype).contiguous()
@@ -130,7 +130,8 @@ def _bank_products(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
 def nearest_rows(x: torch.Tensor, bank: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
     """Rows (B, P, C) -> the index of each one's nearest bank row (B, P) (bank (K, C)): exactly,
     or, with a search basis (C, D) (search_basis), nearest in that subspace: one matrix product of
-    D + 1 instead of C + 1 columns, the bank projected once (a constant in the exported graph)."""
+    D + 1 instead of C + 1 columns (the bank's projection, a product of two constants in the exported
+    graph, is folded by ONNX Runtime when it loads the graph)."""
     if basis is None:
         return _argmin(_bank_products(x, bank))
     return _argmin(_bank_products(x @ basis, bank @ basis))

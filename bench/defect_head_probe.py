@@ -77,13 +77,13 @@ def main() -> None:
                    help="also print image AUROC of the image scorer's map joined with the head (gains 0, 1, 2, 4)")
     args = p.parse_args()
     if args.paste and (args.desc not in ("r", "rb", "rbctx") or args.hidden or args.pseudo is not None):
-        p.error("--paste needs a linear head (--desc r or rb, no --hidden) and masks (no --pseudo)")
+        p.error("--paste needs a linear head (--desc r, rb or rbctx, no --hidden) and masks (no --pseudo)")
     configure_cpu(2)
     det = ADTRDetector.load(args.run, progress=False)
     model = det.model_.eval()
     bank = model.score_cfg.nearest_map is True
     if args.desc in ("rb", "rbctx") and not bank:
-        p.error("--desc rb needs a run with a memory bank (ScoreConfig.nearest_map)")
+        p.error("--desc rb and rbctx need a run with a memory bank (ScoreConfig.nearest_map)")
     dev = torch.device("cpu")
     test = test_samples(args.data)
     index = {s.path: i for i, s in enumerate(test)}

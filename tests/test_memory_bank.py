@@ -158,6 +158,8 @@ def test_the_search_basis_is_the_banks_principal_subspace():
         search_basis(bank, 11)
     with pytest.raises(ValueError, match="1 <= dims"):
         search_basis(bank, 0)
+    with pytest.raises(ValueError, match="5 rows of 10 channels needs 1 <= dims <= 5"):
+        search_basis(bank[:5], 6)  # fewer rows than dimensions: no such subspace
 
 
 def test_a_search_in_the_subspace_finds_a_row_and_its_exact_distance():
@@ -172,8 +174,13 @@ def test_a_search_in_the_subspace_finds_a_row_and_its_exact_distance():
     assert torch.equal(nearest_rows(rows[None], bank, basis)[0], torch.cdist(rows, bank).argmin(1))
     torch.testing.assert_close(nearest_distance(f, bank, basis), nearest_distance(f, bank), atol=1e-4, rtol=1e-4)
     other = torch.randn(80, 12, generator=g)  # rows anywhere: an approximate search
-    got = nearest_distance(f, other, search_basis(other, 4))
-    found = other[nearest_rows(rows[None], other, search_basis(other, 4))[0]]
+    sub = search_basis(other, 4)
+    index = nearest_rows(rows[None], other, sub)[0]
+    # the nearest row of the projections, which is not the nearest row for some positions
+    assert torch.equal(index, torch.cdist(rows @ sub, other @ sub).argmin(1))
+    assert (index != torch.cdist(rows, other).argmin(1)).any()
+    got = nearest_distance(f, other, sub)
+    found = other[index]
     torch.testing.assert_close(got.flatten(), (rows - found).norm(dim=1), atol=1e-5, rtol=1e-5)
     assert (got >= nearest_distance(f, other) - 1e-4).all()
     residual = nearest_residual(f, other, search_basis(other, 4))
@@ -206,9 +213,21 @@ def test_the_search_dims_set_the_models_basis_and_runs_saved_before_search_exact
         model_fingerprint(exact)
         model_fingerprint(m)
     assert b"nearest_search_dims" not in seen[0] and b"nearest_search_dims" in seen[1]
-    # with_score to a subspace search: the same bank, its basis computed
+    # dims at the bank's channels or more: an exact search, stored and fingerprinted as 0
+    wide = ADTR(NO_QUERY, ScoreConfig(nearest_map=True, nearest_search_dims=cb))
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ck, "_state_hash", lambda state, extra=b"": seen.append(extra) or "")
+        model_fingerprint(wide)
+    assert b"nearest_search_dims" not in seen[0]
+    # with_score from an exact search to a subspace search: the same fitted bank, its basis computed
+    exact.set_memory_bank(torch.randn(4, m.channels, 8, 8, generator=g), held=torch.randn(2, m.channels, 8, 8,
+                                                                                          generator=g))  # fmt: skip
     searched = exact.with_score(ScoreConfig(nearest_map=True))
-    assert torch.equal(searched.nearest_bank, exact.nearest_bank)
+    assert torch.equal(searched.nearest_bank, exact.nearest_bank) and searched.nearest_bank.abs().sum() > 0
+    dims = ScoreConfig().nearest_search_dims
+    assert searched.nearest_basis.shape == (cb, dims)
+    torch.testing.assert_close(searched.nearest_basis, search_basis(searched.nearest_bank, dims))
     with pytest.raises(ValueError, match="whole number >= 0"):
         ScoreConfig(nearest_search_dims=-1)
 
@@ -371,6 +390,9 @@ def test_the_fit_joins_the_bank_to_a_copying_models_map_and_a_run_keeps_it(root,
         # the new good training images' positions joined the bank: now (nearly) their own neighbours
         after = nearest_distance(new[new_train], u.nearest_bank)
         assert after.mean() < 0.5 * before[new_train].mean()
+        # the joined bank is searched in its own subspace, not the parent's
+        torch.testing.assert_close(u.nearest_basis, search_basis(u.nearest_bank, u.nearest_basis.shape[1]))
+        assert not torch.allclose(u.nearest_basis, m.nearest_basis)
         calls = []
         crossed = ADTR.crossed_bank_residual
 
@@ -416,8 +438,11 @@ def test_the_banks_map_exports_to_onnx(root, tmp_path):
     parity = export_run(det, tmp_path / "m.onnx")
     assert parity.agrees, parity
     files = sorted((root / "new_good").iterdir())
+    # PyTorch's predictions first: use_onnx switches this detector itself to the graph
+    torch_out = det.predict(files)
     onnx = det.use_onnx(tmp_path / "m.onnx")
-    for a, b in zip(det.predict(files), onnx.predict(files), strict=True):
+    assert onnx.backend_.name == "onnx"
+    for a, b in zip(torch_out, onnx.predict(files), strict=True):
         assert abs(a.anomaly_score - b.anomaly_score) < 1e-4 + 1e-5 * abs(a.anomaly_score)
         assert np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-3 * (1 + np.abs(a.anomaly_map).max())
     # with a defect head, which reads the bank's residual (its nearest row: an ArgMin and a Gather)
@@ -426,8 +451,9 @@ def test_the_banks_map_exports_to_onnx(root, tmp_path):
     assert head.model_.head_reads_bank
     parity = export_run(head, tmp_path / "head.onnx")
     assert parity.agrees, parity
+    torch_out = head.predict(files)
     onnx = head.use_onnx(tmp_path / "head.onnx")
-    for a, b in zip(head.predict(files), onnx.predict(files), strict=True):
+    for a, b in zip(torch_out, onnx.predict(files), strict=True):
         assert abs(a.anomaly_score - b.anomaly_score) < 1e-4 + 1e-5 * abs(a.anomaly_score)
         assert np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-3 * (1 + np.abs(a.anomaly_map).max())
 
