@@ -14,8 +14,8 @@ A defect head in such a run reads the bank's residual, each feature minus its ne
 (nearest_residual), beside the reconstruction residual (ScoreConfig.head_bank_residual).
 
 The nearest row can be searched among the bank's first principal components (search_basis,
-ScoreConfig.nearest_search_dims), an approximate nearest-neighbour search as PatchCore's own
-faiss index may do; the distance and the residual are then the exact ones to the row found.
+ScoreConfig.nearest_search_dims): an approximate nearest-neighbour search, the kind libraries such
+as faiss offer; the distance and the residual are then the exact ones to the row found.
 """
 
 from __future__ import annotations
