@@ -693,7 +693,7 @@ def fit_head(
         except ValueError as e:  # no labelled token at all
             raise DataError(str(e)) from None
     if model.score_cfg.head_gain is None:  # set now, then kept (a run's updates keep it)
-        gain = default_gain(0 if defects is None else int(defects.pixel_level.sum()))
+        gain = default_gain(0 if defects is None else int(defects.pixel_level.sum()), reads_bank)
         model.score_cfg = dataclasses.replace(model.score_cfg, head_gain=gain)
     scorer_norm = None
     if model.uses_image_scorer:  # the scale on which the logit joins the scorer's map for the image score

@@ -5,7 +5,8 @@
 
 The probe behind adtr/defect_head.py (docs/design.md, "The defect head"). RUN is a normal-only
 run of the category DATA (e.g. bench/kshot.py's RUNS/<set>/normal); per draw, 5 test anomalies
-per defect type are drawn as bench/kshot.py draws them (pool 5) and leave the test set. A
+per defect type are drawn as bench/kshot.py draws them (pool 5) and leave the test set; the first
+--k of them (default 5) fit the head. A
 class-balanced logistic regression is fitted on token descriptors of the good training images
 (label 0) and of the drawn defects (mask share > 0.5: 1, 0: 0; --desc r: adtr.defect_head's
 own fit and token labels): --desc r (the scaled residual), abs (|r|), rabs (both), ctx (r and
@@ -57,6 +58,8 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("data", type=Path)
     p.add_argument("--draws", default="0")
+    p.add_argument("--k", type=int, default=5, help="defects per type that fit the head, of the 5 drawn (pool 5: "
+                   "the same remaining test images for every k)")
     p.add_argument("--desc", choices=("r", "abs", "rabs", "ctx", "fr", "frctx", "rb", "rbctx"), default="r")
     p.add_argument("--hidden", type=int, default=0, help="an MLP head with this many hidden units (0: linear)")
     p.add_argument("--wds", default="1e-3")
@@ -282,7 +285,7 @@ def main() -> None:
         print("draw", draw, "loo (pooled AUROC, mean fold AUROC) per weight", out, "chosen", best, flush=True)
 
     for draw in [int(x) for x in args.draws.split(",")]:
-        anomalies, rest = kshot_split(test, 5, draw, pool_size=5)
+        anomalies, rest = kshot_split(test, args.k, draw, pool_size=5)
         if args.holdout:
             anomalies = [s for s in anomalies if Path(s.path).parent.name != args.holdout]
             rest = [s for s in rest if Path(s.path).parent.name in (args.holdout, "good")]

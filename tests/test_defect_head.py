@@ -56,6 +56,8 @@ def test_head_separates_a_defect_direction_and_standardises_on_good_tokens():
 
 def test_default_gain_needs_several_masked_defects():
     assert [default_gain(n) for n in range(5)] == [1.0, 1.0, 1.0, 4.0, 4.0]
+    # a head that reads a memory bank's residual weighs as much as the map, however many defects
+    assert [default_gain(n, reads_bank=True) for n in range(5)] == [1.0] * 5
 
 
 def test_small_defects_give_positives_and_empty_masks_are_refused():

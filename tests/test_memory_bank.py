@@ -107,6 +107,29 @@ def test_a_defect_head_reads_the_banks_residual_beside_the_reconstruction_residu
         ScoreConfig(head_bank_residual=None)
 
 
+def test_a_head_that_reads_the_bank_weighs_as_much_as_the_map():
+    """Three masked defects: a head on a map without a bank weighs MASK_GAIN; one that reads the
+    bank's residual weighs DEFAULT_GAIN (defect_head.default_gain, set by the fit)."""
+    from adtr.defect_head import DEFAULT_GAIN, MASK_GAIN
+    from adtr.engine import AnomalyPool
+    from adtr.fit import fit_head
+
+    g = torch.Generator().manual_seed(10)
+    gains = {}
+    for bank in (False, True):
+        m = ADTR(NO_QUERY, ScoreConfig(nearest_map=bank, defect_head=True, image_score="max_pool")).eval()
+        good = torch.randn(6, m.channels, *TINY.grid_size, generator=g)
+        if bank:
+            m.set_memory_bank(good)
+        labels = torch.zeros(3, *TINY.grid_size)
+        labels[:, 1:3, 1:3] = 1.0
+        defects = torch.randn(3, m.channels, *TINY.grid_size, generator=g) + 3.0 * labels[:, None]
+        fit_head(m, good, AnomalyPool(defects, labels, torch.ones(3, dtype=torch.bool), ("real",) * 3))
+        assert m.head_reads_bank is bank
+        gains[bank] = m.score_cfg.head_gain
+    assert gains == {False: MASK_GAIN, True: DEFAULT_GAIN}
+
+
 def test_the_crossed_bank_residual_takes_each_half_against_the_others_bank():
     m = ADTR(NO_QUERY, ScoreConfig(nearest_map=True))
     f = torch.randn(5, m.channels, 4, 4, generator=torch.Generator().manual_seed(5))
