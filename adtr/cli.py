@@ -414,8 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the defect head's logit against the residual map in the anomaly map (the image score "
         "joins it to the image scorer's map with weight 1): larger finds the "
         "labelled defect types better, smaller keeps types the head never saw as visible as without it "
-        f"(docs/design.md) (default: {MASK_GAIN:g} with at least {MIN_MASKED} masked anomalies, else, and where the "
-        f"map has a memory bank, {DEFAULT_GAIN:g})",
+        f"(docs/design.md) (default: {DEFAULT_GAIN:g} where the map has a memory bank; otherwise {MASK_GAIN:g} with at "
+        f"least {MIN_MASKED} masked anomalies, else {DEFAULT_GAIN:g})",
     )
     g.add_argument(
         "--labelled-anomalies",
@@ -481,8 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=None,
         help="weight of the defect head's logit against the residual map, instead of RUN's (a run without one "
-        f"gets {MASK_GAIN:g} with at least {MIN_MASKED} masked anomalies, else, and where the map has a memory bank, "
-        f"{DEFAULT_GAIN:g}); 1 keeps defect "
+        f"gets {DEFAULT_GAIN:g} where the map has a memory bank; otherwise {MASK_GAIN:g} with at least {MIN_MASKED} "
+        f"masked anomalies, else {DEFAULT_GAIN:g}); 1 keeps defect "
         "types the head never saw as visible as without it (docs/design.md)",
     )
     p.add_argument(

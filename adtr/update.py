@@ -45,6 +45,7 @@ from adtr.data.folder import anomaly_samples, good_images, image_folder
 from adtr.data.mvtec import is_mvtec, train_samples
 from adtr.data.samples import Sample
 from adtr.data.splits import split_validation
+from adtr.defect_head import DEFAULT_GAIN, MASK_GAIN
 from adtr.drift import ImageInfo, InputProfile
 from adtr.engine import extract_features
 from adtr.errors import ForgettingError, RunFolderError, SettingsError
@@ -155,6 +156,12 @@ def update_run(
         # a head fitted anew reads what a fresh fit's does (a parent saved before the key read the
         # reconstruction residual alone; with a memory bank it now reads the bank's residual too)
         score = dataclasses.replace(score, head_bank_residual=ScoreConfig().head_bank_residual)
+    if (score.defect_head and head_samples(config, labelled) and head_gain is None and score.nearest_map is True
+            and score.head_bank_residual and score.head_gain == MASK_GAIN):  # fmt: skip
+        # the parent's weight is kept, as every update keeps it; say that a fresh fit's would differ
+        log.info("the defect head reads the memory bank's residual and keeps the parent's weight %g in the map; a "
+                 "fresh fit weighs such a head %g (--head-gain %g; docs/design.md, \"The head's weight on a map "
+                 "with a memory bank\")", MASK_GAIN, DEFAULT_GAIN, DEFAULT_GAIN)  # fmt: skip
     if score != config.score:
         config = dataclasses.replace(config, score=score)
         model = model.with_score(score)

@@ -2,6 +2,7 @@
 
     python bench/defect_head_probe.py RUN DATA [--draws 0] [--desc r|abs|rabs|ctx|fr|frctx|rb|rbctx]
                                       [--hidden H] [--wds 1e-3] [--holdout TYPE] [--pseudo SHARE] [--loo GAINS]
+                                      [--k K]
 
 The probe behind adtr/defect_head.py (docs/design.md, "The defect head"). RUN is a normal-only
 run of the category DATA (e.g. bench/kshot.py's RUNS/<set>/normal); per draw, 5 test anomalies

@@ -352,7 +352,7 @@ def _standardised(m: ADTR, samples: list) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("use_query", [False, True])
-def test_the_fit_joins_the_bank_to_a_copying_models_map_and_a_run_keeps_it(root, tmp_path, use_query):
+def test_the_fit_joins_the_bank_to_a_copying_models_map_and_a_run_keeps_it(root, tmp_path, use_query, caplog):
     """No query (a copying model): the map is the reconstruction error plus the standardised
     nearest distance, the bank standardised on the held-out good images, saved, loaded to the
     same scores, joined by an update's new good images and kept by one with defects only. With
@@ -445,6 +445,16 @@ def test_the_fit_joins_the_bank_to_a_copying_models_map_and_a_run_keeps_it(root,
         h = head.model_
         assert h.head_reads_bank and h.head_weight.shape[1] == 2 * m.channels - m.nearest_first
         assert h.head_weight[0, m.channels :].abs().sum() > 0
+        # a parent whose bank-reading head weighs 4 (given, or fitted before the bank's rule) keeps
+        # it in an update that fits the head again, and the log says what a fresh fit would weigh
+        import logging
+
+        head.save(tmp_path / "head")
+        four = head.update(anomalies=root / "new_defects", steps=1, head_gain=4.0)
+        four.save(tmp_path / "four")
+        with caplog.at_level(logging.INFO, logger="adtr"):
+            again = four.update(anomalies=root / "new_defects", steps=1)
+        assert again.config.score.head_gain == 4.0 and "a fresh fit weighs such a head 1" in caplog.text
     else:  # a run saved before the key: no bank
         doc = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
         del doc["score"]["nearest_map"]
