@@ -38,7 +38,7 @@ from adtr.config import (
     parse_image_size,
 )
 from adtr.data.images import PIXEL_LIMIT_ENV
-from adtr.defect_head import DEFAULT_GAIN, MASK_GAIN, MIN_MASKED
+from adtr.defect_head import describe_default_gain
 from adtr.errors import ADTRError, DataError, SettingsError
 from adtr.memory_bank import BANK_SIZE
 from adtr.runtime import configure_cpu
@@ -414,8 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the defect head's logit against the residual map in the anomaly map (the image score "
         "joins it to the image scorer's map with weight 1): larger finds the "
         "labelled defect types better, smaller keeps types the head never saw as visible as without it "
-        f"(docs/design.md) (default: {DEFAULT_GAIN:g} where the map has a memory bank; otherwise {MASK_GAIN:g} with at "
-        f"least {MIN_MASKED} masked anomalies, else {DEFAULT_GAIN:g})",
+        f"(docs/design.md) (default: {describe_default_gain()})",
     )
     g.add_argument(
         "--labelled-anomalies",
@@ -481,8 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=None,
         help="weight of the defect head's logit against the residual map, instead of RUN's (a run without one "
-        f"gets {DEFAULT_GAIN:g} where the map has a memory bank; otherwise {MASK_GAIN:g} with at least {MIN_MASKED} "
-        f"masked anomalies, else {DEFAULT_GAIN:g}); 1 keeps defect "
+        f"gets {describe_default_gain()}); 1 keeps defect "
         "types the head never saw as visible as without it (docs/design.md)",
     )
     p.add_argument(

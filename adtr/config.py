@@ -133,9 +133,10 @@ class ScoreConfig:
     # map adds a discriminative head's standardised logit (defect_head.py). Set by the fit.
     defect_head: bool = False
     # The head's standardised logit weighs this many times the standardised residual map in the
-    # map; None: set when the head is fitted, 4 with at least 3 masked defects, else, and where the
-    # head reads a memory bank's residual, 1 (defect_head.default_gain; docs/design.md, "The head's
-    # weight"; runs saved before this key: 1).
+    # map; None: set when the head is fitted, 4 with at least 3 masked defects, 1 where the head
+    # reads a memory bank's residual, half of that with one or two masked defects, 1 with image
+    # labels only (defect_head.default_gain; docs/design.md, "The head's weight"; runs saved before
+    # this key: 1).
     head_gain: float | None = None
     # What scores the image of a run with a defect head and an image scorer: "scorer", the image
     # scorer's map joined with the head's logit (at head_image_gain) as the map joins them; "map", the

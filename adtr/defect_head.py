@@ -10,10 +10,11 @@ standardised residual map, so a defect type the head never saw still shows throu
 residual (tested by leaving one bottle defect type out, docs/design.md). A head fitted on
 several masked defects weighs MASK_GAIN times the residual map: it has also learnt which
 residuals of good parts are not defects, and the larger weight lets it silence them (bsdata's
-pits), at a small cost on defect types it never saw; one fitted on one or two defects or on
-pseudo-labels weighs as much as the residual map (docs/design.md, "The head's weight"), and so
-does one that reads a memory bank's residual (below), whose map the bank already brought to
-PatchCore's level (docs/design.md, "The head's weight on a map with a memory bank").
+pits), at a small cost on defect types it never saw; one that reads a memory bank's residual
+(below) weighs as much as the residual map, whose map the bank already brought to PatchCore's
+level (docs/design.md, "The head's weight on a map with a memory bank"). A head fitted on one or
+two masked defects weighs half as much (docs/design.md, "The head's weight with one or two
+defects"), one on pseudo-labels only as much as the residual map ("The head's weight").
 
 Where the map has a memory bank (ScoreConfig.nearest_map), the head reads the bank's residual
 (each position's patch feature minus its nearest bank row) beside r: a copying reconstructor's
@@ -42,16 +43,19 @@ PSEUDO_SHARE = 0.5
 WEIGHT_DECAY = 1e-3  # L2 on the standardised weights; 1e-3..1e-1 measured alike (docs/design.md)
 MAX_ITER = 300
 # The logit's weight against the residual map (ScoreConfig.head_gain) for a head fitted with at
-# least MIN_MASKED masked defects, and else: one defect, or pseudo-labels, can teach a head that
-# fails on the next defect, and a weight of 4 then buries the residual map (bsdata, k = 1: pixel
-# AUROC 0.57). Chosen on metal_plate, bsdata (k = 1, 3, 5, 3 draws each) and bottle's defect
-# types left out of the head (docs/design.md, "The head's weight"). A head that reads a memory
-# bank's residual weighs DEFAULT_GAIN: on metal_plate, 4 buried a map already at PatchCore's level
-# (3 masked defects: AUPRO 0.9351 at 4, 0.9510 at 1, 0.9426 without a head; docs/design.md, "The
-# head's weight on a map with a memory bank").
+# least MIN_MASKED masked defects: MASK_GAIN, chosen on metal_plate, bsdata (k = 1, 3, 5, 3 draws
+# each) and bottle's defect types left out of the head (docs/design.md, "The head's weight"). A
+# head that reads a memory bank's residual weighs DEFAULT_GAIN: on metal_plate, 4 buried a map
+# already at PatchCore's level (3 masked defects: AUPRO 0.9351 at 4, 0.9510 at 1, 0.9426 without a
+# head; docs/design.md, "The head's weight on a map with a memory bank"). With fewer masked defects
+# the head weighs FEW_MASKED_SHARE of that: one defect can teach a head that misses the next
+# (bsdata's draw 0: pixel AUROC 0.73 alone), yet on bsdata's map it still gains most at 2 to 4,
+# while on metal_plate's, with a bank, it loses least at 0.5 (docs/design.md, "The head's weight
+# with one or two defects"). Pseudo-labels only (image labels): DEFAULT_GAIN.
 MASK_GAIN = 4.0
 MIN_MASKED = 3
 DEFAULT_GAIN = 1.0
+FEW_MASKED_SHARE = 0.5
 
 
 @dataclass
@@ -126,10 +130,21 @@ def head_positives(defect_labels: torch.Tensor) -> torch.Tensor:
 
 
 def default_gain(n_masked: int, reads_bank: bool = False) -> float:
-    """The head's gain when the settings leave it unset (ScoreConfig.head_gain None): MASK_GAIN
-    for a head fitted with at least MIN_MASKED defects with masks that does not read a memory
-    bank's residual (ADTR.head_reads_bank), else DEFAULT_GAIN."""
-    return MASK_GAIN if n_masked >= MIN_MASKED and not reads_bank else DEFAULT_GAIN
+    """The head's gain when the settings leave it unset (ScoreConfig.head_gain None), for a head
+    fitted with n_masked defects with masks: MASK_GAIN, or DEFAULT_GAIN for a head that reads a
+    memory bank's residual (ADTR.head_reads_bank); FEW_MASKED_SHARE of that with 1 to
+    MIN_MASKED - 1 masked defects; DEFAULT_GAIN with none (pseudo-labels only)."""
+    if n_masked <= 0:
+        return DEFAULT_GAIN
+    full = DEFAULT_GAIN if reads_bank else MASK_GAIN
+    return full if n_masked >= MIN_MASKED else FEW_MASKED_SHARE * full
+
+
+def describe_default_gain() -> str:
+    """default_gain's rule in words, for the command line's help."""
+    return (f"{MASK_GAIN:g} with at least {MIN_MASKED} masked anomalies, {FEW_MASKED_SHARE * MASK_GAIN:g} with fewer; "
+            f"where the map has a memory bank {DEFAULT_GAIN:g} and {FEW_MASKED_SHARE * DEFAULT_GAIN:g}; "
+            f"{DEFAULT_GAIN:g} with image labels only")
 
 
 def head_norm(good_residual: torch.Tensor, good_map: torch.Tensor, weight: torch.Tensor, bias: float) -> torch.Tensor:

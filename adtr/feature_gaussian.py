@@ -27,11 +27,12 @@ def _positions(features: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def fit_feature_gaussian(
-    features: torch.Tensor, dims: int = DIMS, seed: int = SEED, batch_size: int = 32
+    features: torch.Tensor, dims: int = DIMS, seed: int = SEED, batch_size: int = 32, ridge: float = RIDGE
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features of good images (N, C, h, w) -> (channels (d,) int64, mean (h*w, d),
     precision (h*w, d, d)), float32 on the features' device; d = min(dims, C), the channels a
-    seeded random subset, sorted. Accumulated in float64 over batches of images.
+    seeded random subset, sorted; ridge added to the covariance's diagonal (the product's is RIDGE;
+    other values are probed by bench/image_score_probe.py). Accumulated in float64 over batches of images.
 
     Raises ValueError for fewer than two images."""
     n, c, h, w = features.shape
@@ -47,7 +48,7 @@ def fit_feature_gaussian(
         outer += x.transpose(1, 2) @ x
     mean = total / n
     cov = (outer - n * mean.unsqueeze(2) * mean.unsqueeze(1)) / (n - 1)
-    cov += RIDGE * torch.eye(d, dtype=torch.float64)
+    cov += ridge * torch.eye(d, dtype=torch.float64)
     # Cholesky: the ridge makes every covariance positive definite; a batched LU inverse failed
     # on some of bsdata's 1904 matrices ("pivots given to lu_solve") where Cholesky does not
     precision = torch.cholesky_inverse(torch.linalg.cholesky(cov))

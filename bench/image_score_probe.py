@@ -1,8 +1,8 @@
 """Three ways to a better image score or map, probed on saved runs against their test figures.
 
     python bench/image_score_probe.py RUN:DATA [RUN:DATA ...] [--scorers JSON] [--no-fusion] [--no-flips]
-                                      [--misses [--size-bins 100,300,1000]] [--padim] [--gaussian]
-                                      [--out results/image_score_probe]
+                                      [--misses [--size-bins 100,300,1000]] [--padim]
+                                      [--gaussian [--gaussian-covariance]] [--out results/image_score_probe]
 
 RUN is a saved normal-only run with an image scorer (e.g. bench/kshot.py's RUNS/<set>/normal,
 fitted with the library's defaults), DATA its category folder. Scored with PyTorch.
@@ -27,7 +27,11 @@ fitted with the library's defaults), DATA its category folder. Scored with PyTor
    image score of aligned parts since ScoreConfig.feature_gaussian): fitted on the run's training
    images (held-out ones excluded) for each (dims, channel seed) of GAUSSIAN_VARIANTS, its
    distance grid scored as the run scores its image scorer's (upsampled, smoothed, top 1%): image
-   AUROC of each, beside the run's own score and its scorer's per-position weight.
+   AUROC of each, beside the run's own score and its scorer's per-position weight. With
+   `--gaussian-covariance`, also the covariance's regularisation, 100 channels with seeds 0, 1, 2:
+   ridges of GAUSSIAN_RIDGES (the product's, PaDiM's, is 0.01) and Ledoit-Wolf shrinkage towards
+   the mean variance times I (Ledoit & Wolf, J. Multivariate Analysis 2004; the shrinkage per
+   position).
 5. Flipped views (unless `--no-flips`): the map averaged with the map of the image flipped
    left-right (and up-down), flipped back; image AUROC of the summed image scores, pixel AUROC
    and AUPRO of the averaged maps.
@@ -73,6 +77,7 @@ from adtr.runtime import configure_cpu  # noqa: E402
 FUSION_WEIGHTS = (0.25, 0.5, 1.0)
 SIZE_BINS = (100, 300, 1000)  # mask pixels: bins [0, 100), [100, 300), [300, 1000), [1000, ...)
 GAUSSIAN_VARIANTS = ((100, 0), (100, 1), (100, 2), (64, 0), (192, 0))  # (dims, channel seed)
+GAUSSIAN_RIDGES = (0.001, 0.003, 0.01, 0.03, 0.1, 1.0)
 FLIPS = {"left-right": (-1,), "up-down": (-2,)}
 
 
@@ -191,21 +196,53 @@ def padim_fusion(model: ADTR, train: list[Sample], tr_idx: list[int], val_idx: l
     return row
 
 
-def feature_gaussians(model: ADTR, f_train: torch.Tensor, f_test: torch.Tensor, labels: np.ndarray) -> dict:
+def ledoit_wolf_gaussian(f: torch.Tensor, dims: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fit_feature_gaussian's (channels, mean, precision), the covariance per position shrunk
+    towards its mean variance times I with Ledoit-Wolf's shrinkage (Ledoit & Wolf 2004,
+    Lemma 3.2 / Theorem 3.3: delta = min(1, b^2 / d^2) on the maximum-likelihood covariance)."""
+    from adtr.feature_gaussian import _positions
+
+    c = f.shape[1]
+    d = min(dims, c)
+    channels = torch.randperm(c, generator=torch.Generator().manual_seed(seed))[:d].sort().values
+    x = _positions(f, channels)  # (P, n, d)
+    n = x.shape[1]
+    mean = x.mean(1)
+    xc = x - mean.unsqueeze(1)
+    s = xc.transpose(1, 2) @ xc / n
+    eye = torch.eye(d, dtype=torch.float64)
+    mu = s.diagonal(dim1=1, dim2=2).mean(1)
+    d2 = ((s - mu[:, None, None] * eye) ** 2).sum((1, 2))
+    b2 = (((xc**2).sum(2) ** 2 - 2 * ((xc @ s) * xc).sum(2)).sum(1) / n + (s**2).sum((1, 2))) / n
+    delta = torch.minimum(b2 / d2, torch.ones_like(b2))[:, None, None]
+    cov = (1 - delta) * s + delta * mu[:, None, None] * eye + 1e-6 * eye
+    return channels, mean.float(), torch.cholesky_inverse(torch.linalg.cholesky(cov)).float()
+
+
+def feature_gaussians(model: ADTR, f_train: torch.Tensor, f_test: torch.Tensor, labels: np.ndarray,
+                      covariance: bool = False) -> dict:  # fmt: skip
     """Part 4: image AUROC of a Gaussian per position of the features per (dims, channel seed),
-    scored as the run scores its image scorer's grid."""
+    scored as the run scores its image scorer's grid; with covariance, per regularisation too."""
     from adtr.feature_gaussian import fit_feature_gaussian, gaussian_distance
 
     with torch.no_grad():
         own = torch.cat([model.score(b).anomaly_score for b in model._batches(f_test, 16)])
     row = {"scorer_position_weight": model.score_cfg.scorer_position_weight,
            "feature_gaussian": model.score_cfg.feature_gaussian, "run_score": _auroc(own, labels)}  # fmt: skip
-    for dims, seed in GAUSSIAN_VARIANTS:
-        params = fit_feature_gaussian(f_train, dims=dims, seed=seed)
+
+    def auroc_of(params: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
         with torch.no_grad():
             grid = torch.cat([gaussian_distance(b, *params) for b in model._batches(f_test, 16)])
             score = map_image_score(model.upsample(grid), model.score_cfg, model.cfg.image_size)
-        row[f"dims {dims} seed {seed}"] = _auroc(score, labels)
+        return _auroc(score, labels)
+
+    for dims, seed in GAUSSIAN_VARIANTS:
+        row[f"dims {dims} seed {seed}"] = auroc_of(fit_feature_gaussian(f_train, dims=dims, seed=seed))
+    if covariance:
+        for seed in (0, 1, 2):
+            for ridge in GAUSSIAN_RIDGES:
+                row[f"ridge {ridge:g} seed {seed}"] = auroc_of(fit_feature_gaussian(f_train, seed=seed, ridge=ridge))
+            row[f"ledoit-wolf seed {seed}"] = auroc_of(ledoit_wolf_gaussian(f_train, 100, seed))
     print(row, flush=True)
     return row
 
@@ -239,7 +276,8 @@ def flipped_views(model: ADTR, test: list[Sample], labels: np.ndarray, masks: li
 
 
 def probe(run: Path, data: Path, variants: list[dict], do_fusion: bool, do_flips: bool,
-          bins: tuple[int, ...] | None = None, do_padim: bool = False, do_gaussian: bool = False) -> dict:  # fmt: skip
+          bins: tuple[int, ...] | None = None, do_padim: bool = False, do_gaussian: bool = False,
+          gaussian_covariance: bool = False) -> dict:  # fmt: skip
     """Every part asked for, on one saved run and its category folder (bins: mask pixel edges
     of the misses table; None: no misses table)."""
     det = ADTRDetector.load(run, progress=False, backend="torch")
@@ -266,7 +304,7 @@ def probe(run: Path, data: Path, variants: list[dict], do_fusion: bool, do_flips
     if do_padim:
         out["padim"] = padim_fusion(model, train, tr_idx, val_idx, test, labels, f_train[val_idx], f_test)
     if do_gaussian:
-        out["gaussian"] = feature_gaussians(model, f_train[tr_idx], f_test, labels)
+        out["gaussian"] = feature_gaussians(model, f_train[tr_idx], f_test, labels, gaussian_covariance)
     if do_flips:
         out["flips"] = flipped_views(model, test, labels, masks, sizes)
     return out
@@ -296,8 +334,8 @@ def markdown(sets: list[dict], command: str) -> str:
             parts.append("Fusion with PaDiM-Lite0's image score (image AUROC):\n")
             parts.append(md_table(list(d["padim"]), [list(d["padim"].values())]) + "\n")
         if "gaussian" in d:
-            parts.append("A Gaussian per position of the run's features, image AUROC by (dims, channel seed):\n")
-            parts.append(md_table(list(d["gaussian"]), [list(d["gaussian"].values())]) + "\n")
+            parts.append("A Gaussian per position of the run's features, image AUROC by variant:\n")
+            parts.append(md_table(["variant", "image AUROC"], [list(kv) for kv in d["gaussian"].items()]) + "\n")
         if "flips" in d:
             parts.append("Flipped views:\n")
             keys = [k for k in ("image_auroc", "pixel_auroc", "aupro") if k in d["flips"][0]]
@@ -312,6 +350,8 @@ def main() -> None:
     p.add_argument("--no-fusion", action="store_true")
     p.add_argument("--no-flips", action="store_true")
     p.add_argument("--gaussian", action="store_true", help="a Gaussian per position of the run's features")
+    p.add_argument("--gaussian-covariance", action="store_true",
+                   help="with --gaussian: the covariance's ridge (GAUSSIAN_RIDGES) and Ledoit-Wolf shrinkage")
     p.add_argument("--padim", action="store_true", help="fuse the run's image score with PaDiM-Lite0's")
     p.add_argument("--misses", action="store_true", help="where the run's image score loses, by defect size")
     p.add_argument("--size-bins", default=",".join(map(str, SIZE_BINS)), help="mask pixel bin edges (ascending)")
@@ -320,13 +360,15 @@ def main() -> None:
     variants = json.loads(args.scorers)
     if not isinstance(variants, list) or not all(isinstance(v, dict) and {"mult", "seed"} <= set(v) for v in variants):
         raise SystemExit('--scorers: a JSON list of {"mult": M, "seed": S} objects')
+    if args.gaussian_covariance and not args.gaussian:
+        raise SystemExit("--gaussian-covariance needs --gaussian")
     configure_cpu(2)
     pairs = run_data_pairs(args.pairs)
     bins = tuple(int(b) for b in args.size_bins.split(","))
     if any(b <= a for a, b in zip((0, *bins), bins, strict=False)):
         raise SystemExit(f"--size-bins: positive ascending pixel counts, got {args.size_bins!r}")
     sets = [probe(run, data, variants, not args.no_fusion, not args.no_flips, bins if args.misses else None,
-                  args.padim, args.gaussian)
+                  args.padim, args.gaussian, args.gaussian_covariance)
             for run, data in pairs]  # fmt: skip
     command = invocation()
     write_results(args.out, {"command": command, "machine": machine(), "sets": sets}, markdown(sets, command))

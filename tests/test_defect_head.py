@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from adtr import ADTRDetector
 from adtr.checkpoint import STATE_DIR, STATE_JSON, _state_hash, model_fingerprint, saved_config_matches
 from adtr.config import RunConfig, ScoreConfig, TrainConfig
-from adtr.defect_head import DEFAULT_GAIN, MASK_GAIN, combine, default_gain, fit_defect_head
+from adtr.defect_head import DEFAULT_GAIN, MASK_GAIN, combine, default_gain, describe_default_gain, fit_defect_head
 from adtr.errors import DataError, RunFolderError, SettingsError
 from adtr.model import ADTR
 from adtr.replay import REPLAY_FILE
@@ -55,9 +55,12 @@ def test_head_separates_a_defect_direction_and_standardises_on_good_tokens():
 
 
 def test_default_gain_needs_several_masked_defects():
-    assert [default_gain(n) for n in range(5)] == [1.0, 1.0, 1.0, 4.0, 4.0]
-    # a head that reads a memory bank's residual weighs as much as the map, however many defects
-    assert [default_gain(n, reads_bank=True) for n in range(5)] == [1.0] * 5
+    # none (pseudo-labels): as much as the map; one or two: half of what three or more weigh
+    assert [default_gain(n) for n in range(5)] == [1.0, 2.0, 2.0, 4.0, 4.0]
+    # a head that reads a memory bank's residual weighs as much as the map, half with one or two
+    assert [default_gain(n, reads_bank=True) for n in range(5)] == [1.0, 0.5, 0.5, 1.0, 1.0]
+    assert describe_default_gain() == ("4 with at least 3 masked anomalies, 2 with fewer; where the map has a memory "
+                                       "bank 1 and 0.5; 1 with image labels only")  # fmt: skip
 
 
 def test_small_defects_give_positives_and_empty_masks_are_refused():

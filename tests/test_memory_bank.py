@@ -109,25 +109,28 @@ def test_a_defect_head_reads_the_banks_residual_beside_the_reconstruction_residu
 
 def test_a_head_that_reads_the_bank_weighs_as_much_as_the_map():
     """Three masked defects: a head on a map without a bank weighs MASK_GAIN; one that reads the
-    bank's residual weighs DEFAULT_GAIN (defect_head.default_gain, set by the fit)."""
-    from adtr.defect_head import DEFAULT_GAIN, MASK_GAIN
+    bank's residual weighs DEFAULT_GAIN; with one masked defect, half of each
+    (defect_head.default_gain, set by the fit)."""
+    from adtr.defect_head import DEFAULT_GAIN, FEW_MASKED_SHARE, MASK_GAIN
     from adtr.engine import AnomalyPool
     from adtr.fit import fit_head
 
     g = torch.Generator().manual_seed(10)
     gains = {}
     for bank in (False, True):
-        m = ADTR(NO_QUERY, ScoreConfig(nearest_map=bank, defect_head=True, image_score="max_pool")).eval()
-        good = torch.randn(6, m.channels, *TINY.grid_size, generator=g)
-        if bank:
-            m.set_memory_bank(good)
-        labels = torch.zeros(3, *TINY.grid_size)
-        labels[:, 1:3, 1:3] = 1.0
-        defects = torch.randn(3, m.channels, *TINY.grid_size, generator=g) + 3.0 * labels[:, None]
-        fit_head(m, good, AnomalyPool(defects, labels, torch.ones(3, dtype=torch.bool), ("real",) * 3))
-        assert m.head_reads_bank is bank
-        gains[bank] = m.score_cfg.head_gain
-    assert gains == {False: MASK_GAIN, True: DEFAULT_GAIN}
+        for n in (1, 3):
+            m = ADTR(NO_QUERY, ScoreConfig(nearest_map=bank, defect_head=True, image_score="max_pool")).eval()
+            good = torch.randn(6, m.channels, *TINY.grid_size, generator=g)
+            if bank:
+                m.set_memory_bank(good)
+            labels = torch.zeros(n, *TINY.grid_size)
+            labels[:, 1:3, 1:3] = 1.0
+            defects = torch.randn(n, m.channels, *TINY.grid_size, generator=g) + 3.0 * labels[:, None]
+            fit_head(m, good, AnomalyPool(defects, labels, torch.ones(n, dtype=torch.bool), ("real",) * n))
+            assert m.head_reads_bank is bank
+            gains[bank, n] = m.score_cfg.head_gain
+    assert gains == {(False, 3): MASK_GAIN, (True, 3): DEFAULT_GAIN, (False, 1): FEW_MASKED_SHARE * MASK_GAIN,
+                     (True, 1): FEW_MASKED_SHARE * DEFAULT_GAIN}  # fmt: skip
 
 
 def test_the_crossed_bank_residual_takes_each_half_against_the_others_bank():
