@@ -2,7 +2,7 @@
 
     python bench/defect_head_probe.py RUN DATA [--draws 0] [--desc r|abs|rabs|ctx|fr|frctx|rb|rbctx]
                                       [--hidden H] [--wds 1e-3] [--holdout TYPE] [--pseudo SHARE] [--loo GAINS]
-                                      [--k K]
+                                      [--k K] [--asymmetric]
 
 The probe behind adtr/defect_head.py (docs/design.md, "The defect head"). RUN is a normal-only
 run of the category DATA (e.g. bench/kshot.py's RUNS/<set>/normal); per draw, 5 test anomalies
@@ -28,6 +28,8 @@ defect is left out in turn, a head fitted on the run's training split and the ot
 their pasted copies) maps it, and the weight whose map ranks its masked tokens highest against its
 unmasked tokens and the held-out good images' tokens (token AUROC, pooled over the folds) is
 printed beside each weight's AUROC; ties go to the smaller weight.
+--asymmetric adds maps that weigh the head's positive and negative evidence apart: "asym2" /
+"asym4" (positive logit at weight 2 / 4, negative at 1) and "relu1" / "relu4" (negative dropped).
 --holdout TYPE drops that defect type's drawn images from training and scores only the good
 and TYPE test images (a defect type the head never saw). --pseudo SHARE drops the masks:
 positives are the tokens whose residual map is >= SHARE x its maximum (image labels only).
@@ -77,6 +79,9 @@ def main() -> None:
                    help="comma-separated head weights (e.g. 0,1,2,4) to choose among by leaving each drawn "
                    "defect out in turn: heads fitted on the run's training split and the other defects score "
                    "the left-out defect's tokens against its unmasked ones and the held-out good images'")
+    p.add_argument("--asymmetric", action="store_true",
+                   help="also the maps asym2 / asym4 (the head's positive logit at weight 2 / 4, its negative at 1), "
+                   "relu1 / relu4 (positive at 1 / 4, negative dropped)")
     p.add_argument("--scorer", action="store_true",
                    help="also print image AUROC of the image scorer's map joined with the head (gains 0, 1, 2, 4)")
     args = p.parse_args()
@@ -336,6 +341,10 @@ def main() -> None:
             zh = zh.float()
             variants = {"head": zh, "sum": zb + zh, "sum.5": zb + 0.5 * zh, "sum2": zb + 2 * zh, "sum4": zb + 4 * zh,
                         "max": torch.maximum(zb, zh)}
+            if args.asymmetric:  # the head's positive evidence at weight g, its negative at weight 1 (or 0: relu)
+                pos, neg = zh.clamp_min(0), zh.clamp_max(0)
+                variants.update({"asym2": zb + 2 * pos + neg, "asym4": zb + 4 * pos + neg, "relu1": zb + pos,
+                                 "relu4": zb + 4 * pos})
             for name, g in variants.items():
                 print("draw", draw, "wd", wd, name, metrics(g.clamp_min(0), rest), flush=True)
             if args.scorer:  # the image scorer's map, standardised on the good training tokens, joined with the head
