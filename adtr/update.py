@@ -45,7 +45,7 @@ from adtr.data.folder import anomaly_samples, good_images, image_folder
 from adtr.data.mvtec import is_mvtec, train_samples
 from adtr.data.samples import Sample
 from adtr.data.splits import split_validation
-from adtr.defect_head import DEFAULT_GAIN, MASK_GAIN
+from adtr.defect_head import default_gain
 from adtr.drift import ImageInfo, InputProfile
 from adtr.engine import extract_features
 from adtr.errors import ForgettingError, RunFolderError, SettingsError
@@ -74,6 +74,30 @@ def forgetting_check(
     passed = None if rate is None else bool(rate <= parent_rate + tolerance + 1e-12)
     return {"n": int(scores.size), "threshold": float(threshold), "false_alarm_rate": rate,
             "parent_false_alarm_rate": float(parent_rate), "tolerance": tolerance, "passed": passed}  # fmt: skip
+
+
+def head_gain_on_update(score: ScoreConfig, kept_masked: int, new_masked: int) -> ScoreConfig:
+    """The head's weight in the map (score.head_gain) after an update that fits the head again
+    on the parent's kept defects (kept_masked with masks) and new ones (new_masked with masks).
+
+    A weight the rule gave the parent (defect_head.default_gain of its kept masked defects)
+    follows the rule for all of them: a head fitted on one masked defect (half weight) takes the
+    full weight once three are known, as a fresh fit would. Any other weight (given with
+    --head-gain, or a rule of an earlier version) is kept, as updates keep their parent's
+    settings, and the log says what a fresh fit with these defects would weigh."""
+    reads_bank = bool(score.nearest_map is True and score.head_bank_residual)
+    total = kept_masked + new_masked
+    before, now = default_gain(kept_masked, reads_bank), default_gain(total, reads_bank)
+    if score.head_gain == now:
+        return score
+    if score.head_gain == before:
+        log.info("the defect head's weight in the map: %g -> %g, the weight of a head fitted on %d masked defects "
+                 "(docs/design.md, \"The head's weight with one or two defects\")", before, now, total)  # fmt: skip
+        return dataclasses.replace(score, head_gain=now)
+    log.info("the defect head keeps the parent's weight %g in the map; a fresh fit with these %d masked defects "
+             "weighs it %g (--head-gain %g; docs/design.md, \"The head's weight\")", score.head_gain, total, now,
+             now)  # fmt: skip
+    return score
 
 
 def update_run(
@@ -156,12 +180,9 @@ def update_run(
         # a head fitted anew reads what a fresh fit's does (a parent saved before the key read the
         # reconstruction residual alone; with a memory bank it now reads the bank's residual too)
         score = dataclasses.replace(score, head_bank_residual=ScoreConfig().head_bank_residual)
-    if (score.defect_head and head_samples(config, labelled) and head_gain is None and score.nearest_map is True
-            and score.head_bank_residual and score.head_gain == MASK_GAIN):  # fmt: skip
-        # the parent's weight is kept, as every update keeps it; say that a fresh fit's would differ
-        log.info("the defect head reads the memory bank's residual and keeps the parent's weight %g in the map; a "
-                 "fresh fit weighs such a head %g (--head-gain %g; docs/design.md, \"The head's weight on a map "
-                 "with a memory bank\")", MASK_GAIN, DEFAULT_GAIN, DEFAULT_GAIN)  # fmt: skip
+    if score.defect_head and head_samples(config, labelled) and head_gain is None and score.head_gain is not None:
+        kept = 0 if replay.defects is None else int(replay.defects.pixel_level.sum())
+        score = head_gain_on_update(score, kept, sum(s.mask_path is not None for s in labelled))
     if score != config.score:
         config = dataclasses.replace(config, score=score)
         model = model.with_score(score)

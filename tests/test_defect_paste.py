@@ -24,6 +24,7 @@ from adtr.data.images import read_image
 from adtr.data.mvtec import train_samples
 from adtr.data.splits import split_validation
 from adtr.data.transforms import resize_image
+from adtr.defect_head import FEW_MASKED_SHARE, default_gain
 from adtr.defect_paste import (
     AUTO_COPIES,
     BACKGROUNDS,
@@ -222,6 +223,11 @@ def test_an_update_pastes_the_parents_defects_again_with_the_new_ones(parts, tmp
     child = loaded.update(anomalies=tmp_path / "second")
     # the parent's 2 defects pasted again where they were, the 2 new ones beside: the head of a fit with all 4
     assert child.record_.provenance["update"]["head_pasted"] == 4 * 3
+    # the head's weight counts masked defects, not their pasted copies: 2 give half weight; the
+    # update's 2 more (4 in all, the parent's kept ones counted) give the full weight, as the fit with all 4
+    rb = parent.model_.head_reads_bank
+    assert parent.config.score.head_gain == default_gain(2, rb) == FEW_MASKED_SHARE * default_gain(3, rb)
+    assert child.config.score.head_gain == both.config.score.head_gain == default_gain(4, rb)
     w_both, w_parent = both.model_.head_weight, parent.model_.head_weight
     assert float((child.model_.head_weight - w_both).abs().max()) < float((w_parent - w_both).abs().max()) / 100
     assert torch.equal(child.record_.replay.defect_pixels[1], both.record_.replay.defect_pixels[1])

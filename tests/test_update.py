@@ -4,6 +4,7 @@ that flags more of the parent's validation good images is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 
 from adtr import ADTRDetector
 from adtr.checkpoint import CONFIG_FILE, WEIGHTS_FILE, file_sha256
-from adtr.config import TrainConfig
+from adtr.config import ScoreConfig, TrainConfig
 from adtr.data.mvtec import train_samples
 from adtr.data.splits import split_validation
 from adtr.engine import extract_features
@@ -165,6 +166,28 @@ def test_forgetting_guard_refuses_or_warns(parent, tmp_path, run_cli, caplog):
     code, out, _ = run_cli("update", run, "--out", tmp_path / "v3", "--anomalies", tmp_path / "mislabelled",
                            "--steps", 4, "--allow-forgetting", "--quiet")  # fmt: skip
     assert code == 0 and "run saved to" in out and (tmp_path / "v3" / REPLAY_FILE).is_file()
+
+
+def test_an_update_moves_a_weight_the_rule_gave_and_keeps_any_other(caplog):
+    from adtr.defect_head import DEFAULT_GAIN, FEW_MASKED_SHARE, MASK_GAIN
+    from adtr.update import head_gain_on_update
+
+    head = ScoreConfig(defect_head=True, head_gain=FEW_MASKED_SHARE * MASK_GAIN)
+    bank = dataclasses.replace(head, nearest_map=True, head_bank_residual=True, head_gain=FEW_MASKED_SHARE)
+    with caplog.at_level(logging.INFO, logger="adtr.update"):
+        # one masked defect, half weight by the rule; two more make three: the full weight
+        assert head_gain_on_update(head, 1, 2).head_gain == MASK_GAIN
+        assert "2 -> 4, the weight of a head fitted on 3 masked defects" in caplog.text
+        assert head_gain_on_update(bank, 1, 2).head_gain == DEFAULT_GAIN
+        assert head_gain_on_update(head, 1, 1) == head  # still two: as it was
+        # image labels only (no mask) gave 1; a first masked defect gives half of 4, as a fresh fit
+        assert head_gain_on_update(dataclasses.replace(head, head_gain=1.0), 0, 1).head_gain == 2.0
+        # a weight the rule did not give (--head-gain, an earlier version's rule) is kept, and said
+        caplog.clear()
+        given = dataclasses.replace(bank, head_gain=4.0)
+        assert head_gain_on_update(given, 5, 2) == given
+        said = "keeps the parent's weight 4 in the map; a fresh fit with these 7 masked defects weighs it 1"
+        assert said in caplog.text
 
 
 def test_forgetting_check_against_the_parents_rate():
