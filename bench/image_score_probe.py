@@ -197,7 +197,7 @@ def padim_fusion(model: ADTR, train: list[Sample], tr_idx: list[int], val_idx: l
 
 
 def ledoit_wolf_gaussian(f: torch.Tensor, dims: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fit_feature_gaussian's (channels, mean, precision), the covariance per position shrunk
+    """fit_feature_gaussian's (channels, mean, precision), on the CPU, the covariance per position shrunk
     towards its mean variance times I with Ledoit-Wolf's shrinkage (Ledoit & Wolf 2004,
     Lemma 3.2 / Theorem 3.3: delta = min(1, b^2 / d^2) on the maximum-likelihood covariance)."""
     from adtr.feature_gaussian import _positions
