@@ -692,7 +692,7 @@ def fit_head(
             head = fit_defect_head(good_residual, good_map, defect_residual, labels, both.pixel_level)
         except ValueError as e:  # no labelled token at all
             raise DataError(str(e)) from None
-    if model.score_cfg.head_gain is None:  # set now, then kept (a run's updates keep it)
+    if model.score_cfg.head_gain is None:  # set now; an update moves it only as the rule does (update.py)
         gain = default_gain(0 if defects is None else int(defects.pixel_level.sum()), reads_bank)
         model.score_cfg = dataclasses.replace(model.score_cfg, head_gain=gain)
     scorer_norm = None
