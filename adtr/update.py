@@ -123,9 +123,10 @@ def update_run(
     The parent model is not changed (a copy is trained). The new record names the parent
     (folder and weights hash) and what was added (counts, hashes of paths and contents).
     head_gain: the defect head's weight in the map (ScoreConfig.head_gain) instead of the
-    parent's; SettingsError when the new run has no head. A head fitted (anomalies) or reweighed
-    (head_gain) now takes today's weight in the image score (ScoreConfig.head_image_gain);
-    otherwise the parent's is kept.
+    parent's (without it, a head fitted again keeps the parent's, or follows the rule where the
+    rule gave it: head_gain_on_update); SettingsError when the new run has no head. A head
+    fitted (anomalies) or reweighed (head_gain) now takes today's weight in the image score
+    (ScoreConfig.head_image_gain); otherwise the parent's is kept.
     Raises RunFolderError for a parent without replay features (saved before they existed),
     SettingsError for nothing to add or a bad step count, DataError for unreadable data,
     ForgettingError when the guard fails and allow_forgetting is False.
