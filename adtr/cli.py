@@ -480,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=None,
         help="weight of the defect head's logit against the residual map, instead of RUN's (a run without one "
-        f"gets {describe_default_gain()}); 1 keeps defect "
-        "types the head never saw as visible as without it (docs/design.md)",
+        f"gets {describe_default_gain()}; without this option, RUN's weight is kept, or follows that rule where "
+        "the rule gave it); 1 keeps defect types the head never saw as visible as without it (docs/design.md)",
     )
     p.add_argument(
         "--allow-forgetting",

@@ -84,7 +84,10 @@ def head_gain_on_update(score: ScoreConfig, kept_masked: int, new_masked: int) -
     follows the rule for all of them: a head fitted on one masked defect (half weight) takes the
     full weight once three are known, as a fresh fit would. Any other weight (given with
     --head-gain, or a rule of an earlier version) is kept, as updates keep their parent's
-    settings, and the log says what a fresh fit with these defects would weigh."""
+    settings, and the log says what a fresh fit with these defects would weigh. The run does not
+    record where its weight came from: a weight given equal to the rule's is taken as the rule's,
+    and where the replay bound (replay.py) dropped some of the parent's defects, the count is of
+    those kept."""
     reads_bank = bool(score.nearest_map is True and score.head_bank_residual)
     total = kept_masked + new_masked
     before, now = default_gain(kept_masked, reads_bank), default_gain(total, reads_bank)
@@ -181,7 +184,7 @@ def update_run(
         # a head fitted anew reads what a fresh fit's does (a parent saved before the key read the
         # reconstruction residual alone; with a memory bank it now reads the bank's residual too)
         score = dataclasses.replace(score, head_bank_residual=ScoreConfig().head_bank_residual)
-    if score.defect_head and head_samples(config, labelled) and head_gain is None and score.head_gain is not None:
+    if record.config.score.defect_head and head_samples(config, labelled) and head_gain is None:
         kept = 0 if replay.defects is None else int(replay.defects.pixel_level.sum())
         score = head_gain_on_update(score, kept, sum(s.mask_path is not None for s in labelled))
     if score != config.score:

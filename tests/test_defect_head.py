@@ -186,7 +186,7 @@ def test_init_with_masks_only_keeps_the_reconstructor_and_update_adds_a_head(par
     )
     assert one.config.score.head_gain == 1.0 and torch.equal(one.model_.head_weight, det.model_.head_weight)
     one.save(tmp_path / "one")
-    # an update keeps its parent's gain; a fit from it with new defects takes the rule's, not the init's
+    # an update keeps a gain the caller gave; a fit from it with new defects takes the rule's, not the init's
     kept = ADTRDetector.load(tmp_path / "one", progress=False, backend="torch").update(anomalies=parts / "probe")
     assert kept.config.score.head_gain == 1.0
     # or the weight the update is given, here on the same head (good images only: the head is kept)
