@@ -41,7 +41,7 @@ from adtr.checkpoint import (
     save_train_state,
     saved_config_matches,
 )
-from adtr.config import RunConfig
+from adtr.config import RunConfig, TrainConfig
 from adtr.data.folder import anomaly_samples, image_folder
 from adtr.data.images import image_size
 from adtr.data.mvtec import train_samples
@@ -156,7 +156,7 @@ def fit_run(
     fitted = fit_on_features(config, samples, device, val_idx=val_idx, anomalies=labelled, external=external_samples,
                              generators=generators, init=base, state_dir=state_dir, resume=resume,
                              progress=progress, train_reconstructor=not keep, prior_defects=prior,
-                             prior_pixels=prior_pixels)  # fmt: skip
+                             prior_pixels=prior_pixels, probe_fallback=source == "crossfit")  # fmt: skip
     # the fitted model's settings: the head's gain, if chosen; no query, if the fit fell back
     config = dataclasses.replace(config, model=fitted.model.cfg, score=fitted.model.score_cfg)
     if source == "crossfit" and keep:
@@ -336,6 +336,7 @@ def fit_on_features(
     backgrounds: torch.Tensor | None = None,
     prior_pixels: tuple[torch.Tensor, torch.Tensor] | None = None,
     good_joins: torch.Tensor | None = None,
+    probe_fallback: bool = False,
 ) -> FitResult:
     """Fit ADTR's reconstructor on good images, optionally with anomalies.
 
@@ -356,7 +357,10 @@ def fit_on_features(
         the defect head are fitted).
     A fresh learnable-query model whose validation loss ends above config.train.query_fallback
     is replaced by a no-query fit (no_query_config; seeded as a direct one): the result's
-    model.cfg says which, and its history records carry the query's "query_val_loss".
+    model.cfg says which, and its history records carry the query's "query_val_loss". Without
+    val_idx (cross-fitted calibration) and with probe_fallback, a query model fitted on the good
+    training images less a third of them (probe_split) gives that loss on the third first
+    (_probe_query_loss), and the fit itself is the no-query one where it is above.
     prior_defects: standardised defects the defect head was fitted on before (an update's
         replay.ReplayData.defect_pool): fitted again together with the new ones.
     backgrounds: uint8 (B, H, W, 3) good images at the input size to paste the head's masked
@@ -417,11 +421,22 @@ def fit_on_features(
         data = TrainingData(train_features, synthetic, pool)
         generator = torch.Generator().manual_seed(cfg.seed)
         fallback = no_query_config(config) if train_reconstructor and init is None else None
-        if fallback is not None and not val_idx:
-            log.info("no held-out good images: the learnable query is kept without checking its validation loss "
-                     "(the query fallback needs them)")  # fmt: skip
-            fallback = None
         query_val_loss = None  # set when the fit fell back to the no-query reconstructor
+        if fallback is not None and not val_idx:
+            held = probe_split(len(train_idx), cfg.seed) if probe_fallback else None
+            if held is None:
+                log.info("no held-out good images: the learnable query is kept without checking its validation "
+                         "loss (the query fallback needs them)")  # fmt: skip
+            else:  # cross-fitted calibration: a query fit on two thirds decides on the other third
+                loss = _probe_query_loss(model, train_features, held, cfg, device, progress)
+                if distributed.agree(loss > cfg.query_fallback):
+                    query_val_loss = loss
+                    log.warning("validation loss %.4f of the learnable-query model, fitted on two thirds of the good "
+                                "images and checked on the others, is above %g: it cannot model these good images; "
+                                "fitting the reconstructor without the query (docs/design.md, 'The query fallback'; "
+                                "--query-fallback off keeps the query)", loss, cfg.query_fallback)  # fmt: skip
+                    config, model = fallback, _rebuilt(model, fallback, device)
+            fallback = None  # decided
         if resume and fallback is not None and distributed.agree(saved_config_matches(state_dir, fallback)):
             config, model, fallback = fallback, _rebuilt(model, fallback, device), None  # a fallback fit's state
         optimizer = make_optimizer(model, cfg, device)
@@ -591,6 +606,35 @@ def _pasted_pool(model: ADTR, pixels: tuple[torch.Tensor, torch.Tensor], backgro
         return None
     n = sum(len(f) for f in feats)
     return AnomalyPool(torch.cat(feats), torch.cat(labels), torch.ones(n, dtype=torch.bool), ("synthetic",) * n)
+
+
+def probe_split(n: int, seed: int) -> list[int] | None:
+    """The good training images (indices of n) whose validation loss decides the query fallback
+    when none are held out: the first cross-fitting fold's of 3 (crossfit_scores's permutation),
+    a third of them; None for fewer than 6 images (fewer than 2 to check, or 4 to train on)."""
+    if n < 6:
+        return None
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()[0::3])
+
+
+def _probe_query_loss(
+    model: ADTR, features: torch.Tensor, held: Sequence[int], cfg: TrainConfig, device: torch.device, progress: bool
+) -> float:
+    """The last validation loss on features[held] (standardised good features (N, C, h, w)) of a
+    copy of the fresh learnable-query `model` trained on the other rows, with cfg's budget, on the
+    good images alone (the fit's synthetic or labelled anomalies, if any, are left out of this
+    check). The caller's random state is left as it was, so that the fit after it is the fit
+    without it."""
+    kept = set(held)
+    train = features[[i for i in range(len(features)) if i not in kept]]
+    probe = copy.deepcopy(model)
+    records: list[dict] = []
+    with torch.random.fork_rng(devices=[]):
+        fit_reconstructor(probe, TrainingData(train, None, None), features[list(held)], cfg, device,
+                          torch.Generator().manual_seed(cfg.seed), progress=progress,
+                          optimizer=make_optimizer(probe, cfg, device), on_epoch_end=lambda e, o, r: records.append(r),
+                          parallel=distributed.data_parallel(cfg.seed, device))  # fmt: skip
+    return float(records[-1]["val_loss"])
 
 
 def no_query_config(config: RunConfig) -> RunConfig | None:

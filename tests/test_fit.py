@@ -98,6 +98,35 @@ def test_query_fallback_refits_without_the_query_as_a_direct_fit_would(raw, tmp_
         TrainConfig(query_fallback=0.0)
 
 
+def test_without_held_out_images_a_third_of_them_decides_the_fallback(raw, tiny_run):
+    import dataclasses
+
+    from adtr import ADTRDetector
+    from adtr.fit import probe_split
+
+    cpu = torch.device("cpu")
+    assert probe_split(5, 0) is None and probe_split(6, 0) is not None and len(probe_split(6, 0)) == 2
+    assert probe_split(12, 3) == sorted(torch.randperm(12, generator=torch.Generator().manual_seed(3)).tolist()[0::3])
+    low = RunConfig(TINY, train=TrainConfig(epochs=2, batch_size=4, query_fallback=1e-6))
+    fell = fit_on_features(low, raw, cpu, progress=False, probe_fallback=True)
+    assert not fell.model.cfg.use_query and len(fell.history) == 2
+    assert all(h["query_val_loss"] > 1e-6 for h in fell.history)
+    # the check leaves the fit as a direct no-query fit on every image would be
+    direct = dataclasses.replace(low, model=dataclasses.replace(TINY, use_query=False))
+    assert _same_weights(fell.model, fit_on_features(direct, raw, cpu, progress=False).model)
+    # below the threshold, or too few images to check (5), or not asked: the query stays
+    high = RunConfig(TINY, train=TrainConfig(epochs=2, batch_size=4, query_fallback=1e6))
+    kept = fit_on_features(high, raw, cpu, progress=False, probe_fallback=True)
+    assert kept.model.cfg.use_query and "query_val_loss" not in kept.history[-1]
+    assert fit_on_features(low, raw[:5], cpu, progress=False, probe_fallback=True).model.cfg.use_query
+    assert fit_on_features(low, raw, cpu, progress=False).model.cfg.use_query
+    # a fit whose calibration is cross-fitted checks it so, and records it
+    root = tiny_run[2][0].parent.parent
+    train = TrainConfig(epochs=2, batch_size=4, calibration="crossfit", query_fallback=1e-6)
+    det = ADTRDetector(TINY, train=train, progress=False).fit(root)
+    assert not det.config.model.use_query and det.record_.provenance["query_fallback"]["query_val_loss"] > 1e-6
+
+
 def test_a_run_that_fell_back_records_it_and_loads_as_fitted(tiny_run, tmp_path):
     from adtr import ADTRDetector
 
