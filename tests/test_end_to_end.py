@@ -147,7 +147,8 @@ def test_anomaly_available_fit_from_init(bottle, tmp_path):
 
     train, _ = _slice(bottle)
     anomalies, remaining = kshot_split(mvtec.test_samples(bottle), 1, seed=0)
-    base = ADTRDetector(FAST, train=TrainConfig(epochs=3, batch_size=8, lr=1e-3), progress=False)
+    # query_fallback off: the init's own model settings (FAST) are what this test follows
+    base = ADTRDetector(FAST, train=TrainConfig(epochs=3, batch_size=8, lr=1e-3, query_fallback=None), progress=False)
     base.fit(train[:32])
     base.save(tmp_path / "base")
     det = ADTRDetector(train=TrainConfig(epochs=2, batch_size=8, lr=1e-3, synthetic_copies=1), progress=False)
