@@ -426,7 +426,7 @@ def fit_on_features(
             held = probe_split(len(train_idx), cfg.seed) if probe_fallback else None
             if held is None:
                 log.info("no held-out good images: the learnable query is kept without checking its validation "
-                         "loss (the query fallback needs them)")  # fmt: skip
+                         "loss (the query fallback needs them, or 6 good images to check on a third)")  # fmt: skip
             else:  # cross-fitted calibration: a query fit on two thirds decides on the other third
                 loss = _probe_query_loss(model, train_features, held, cfg, device, progress)
                 if distributed.agree(loss > cfg.query_fallback):
