@@ -191,6 +191,12 @@ class ScoreConfig:
     # "The bank searched in a subspace".
     nearest_search_dims: int = 32
 
+    @property
+    def head_reads_bank(self) -> bool:
+        """Whether a defect head reads the memory bank's residual beside the scaled residual: a
+        head (defect_head), a bank (nearest_map True) and head_bank_residual."""
+        return bool(self.defect_head and self.nearest_map is True and self.head_bank_residual)
+
     def __post_init__(self) -> None:
         if self.residual_norm not in RESIDUAL_NORMS:
             raise ValueError(f"residual_norm must be one of {RESIDUAL_NORMS}, got {self.residual_norm!r}")

@@ -448,8 +448,7 @@ class ADTR(nn.Module):
         """Whether the defect head's input (B, D, h, w) is the scaled residual and the bank's residual
         side by side, D = C + C_bank (ScoreConfig.head_bank_residual, with a defect head and a memory
         bank), or the residual alone, D = C."""
-        s = self.score_cfg
-        return bool(s.defect_head and s.nearest_map is True and s.head_bank_residual)
+        return self.score_cfg.head_reads_bank
 
     def _grid_error(self, residual: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """Scaled residual (B, C, h, w) -> its norm per position (B, h, w), standardised by the

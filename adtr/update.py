@@ -88,9 +88,8 @@ def head_gain_on_update(score: ScoreConfig, kept_masked: int, new_masked: int) -
     record where its weight came from: a weight given equal to the rule's is taken as the rule's,
     and where the replay bound (replay.py) dropped some of the parent's defects, the count is of
     those kept."""
-    reads_bank = bool(score.nearest_map is True and score.head_bank_residual)
     total = kept_masked + new_masked
-    before, now = default_gain(kept_masked, reads_bank), default_gain(total, reads_bank)
+    before, now = default_gain(kept_masked, score.head_reads_bank), default_gain(total, score.head_reads_bank)
     if score.head_gain == now:
         return score
     if score.head_gain == before:
