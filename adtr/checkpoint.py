@@ -83,6 +83,7 @@ def model_fingerprint(model: ADTR) -> str:
         del score["head_bank_residual"]
     if not model.nearest_basis.shape[1]:  # likewise: an exact search (no bank, 0, or dims >= its channels)
         del score["nearest_search_dims"]
+    del score["nearest_bank_rows"]  # as before the key: the hashed weights hold the bank's rows
     model_cfg = asdict(model.cfg)
     if model_cfg["feature_pool"] == 1:  # likewise
         del model_cfg["feature_pool"]
@@ -321,6 +322,8 @@ def _training_settings(config: Any) -> Any:
     doc["score"].pop("head_bank_residual", None)
     # nor the bank's search subspace, set with the bank after training (load_train_state likewise)
     doc["score"].pop("nearest_search_dims", None)
+    # nor the bank's rows, set with the bank after training (an init's may have grown in an update)
+    doc["score"].pop("nearest_bank_rows", None)
     # nor what scores a head run's image: a score setting (a state saved before it reads "map")
     doc["score"].pop("head_image_score", None)
     doc["score"].pop("head_image_gain", None)

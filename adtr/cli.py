@@ -40,7 +40,7 @@ from adtr.config import (
 from adtr.data.images import PIXEL_LIMIT_ENV
 from adtr.defect_head import describe_default_gain
 from adtr.errors import ADTRError, DataError, SettingsError
-from adtr.memory_bank import BANK_SIZE
+from adtr.memory_bank import BANK_SIZE, MAX_ROWS
 from adtr.runtime import configure_cpu
 from adtr.update import DEFAULT_STEPS
 
@@ -467,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--good",
         type=Path,
         default=None,
-        help="new good images: an MVTec category or folder with good/, or a plain folder of images",
+        help="new good images: an MVTec category or folder with good/, or a plain folder of images (a product "
+        "change, a new lighting); a run's memory bank keeps every row and grows for them, up to "
+        f"{MAX_ROWS} rows",
     )
     p.add_argument(
         "--steps",

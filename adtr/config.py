@@ -190,6 +190,11 @@ class ScoreConfig:
     # blocks; its k-shot figures within 0.1 point). Runs saved before the key: 0. docs/design.md,
     # "The bank searched in a subspace".
     nearest_search_dims: int = 32
+    # The memory bank's rows: memory_bank.BANK_SIZE where a fit chose them; an update's join adds
+    # rows for new good images (up to memory_bank.MAX_ROWS) instead of replacing the parent's.
+    # Recorded so that a saved run builds its bank's buffer; runs saved before the key: BANK_SIZE.
+    # docs/design.md, "An update's memory bank grows".
+    nearest_bank_rows: int = 4096
 
     @property
     def head_reads_bank(self) -> bool:
@@ -212,6 +217,8 @@ class ScoreConfig:
         if not (_is_int(self.nearest_search_dims) and self.nearest_search_dims >= 0):
             raise ValueError(f"nearest_search_dims must be a whole number >= 0 (0: exact), "
                              f"got {self.nearest_search_dims!r}")
+        if not (_is_int(self.nearest_bank_rows) and self.nearest_bank_rows >= 1):
+            raise ValueError(f"nearest_bank_rows must be a whole number >= 1, got {self.nearest_bank_rows!r}")
         if not 0 <= self.smoothing_sigma < math.inf:
             raise ValueError(f"smoothing sigma must be a finite number >= 0, got {self.smoothing_sigma}")
         if self.head_gain is not None and not (_is_number(self.head_gain) and 0 < self.head_gain < math.inf):

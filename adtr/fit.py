@@ -64,7 +64,6 @@ from adtr.engine import (
     token_labels,
 )
 from adtr.errors import DataError, SettingsError
-from adtr.memory_bank import BANK_SIZE
 from adtr.model import ADTR
 from adtr.replay import load_replay, make_replay
 
@@ -371,9 +370,11 @@ def fit_on_features(
         so that they are pasted again with the new ones (None: the prior ones are not pasted).
     good_joins: an update's new good training images' raw features (M, C, h, w), joined to
         init's fitted Gaussian per position (ScoreConfig.feature_gaussian) and memory bank
-        (ScoreConfig.nearest_map) instead of a refit on `good` (a bounded replay sample there);
-        None (a fit): both are fitted on the training features where they are used, and kept as
-        they are when train_reconstructor is False.
+        (ScoreConfig.nearest_map) instead of a refit on `good` (a bounded replay sample there;
+        the joins are also the last M training rows of `good`, as update.py orders them, and the
+        rows before them set the bank's density to keep); None (a fit): both are fitted on the
+        training features where they are used, and kept as they are when train_reconstructor is
+        False.
     Run by every rank of a process group (adtr/distributed.py), each extracts the features of
     its block of the images and trains on its rows of each batch; rank 0 alone saves state_dir.
     Raises SettingsError for settings the model cannot be built from, synthetic anomalies
@@ -489,7 +490,9 @@ def fit_on_features(
     model = with_nearest_map(model, train_features, features[val_idx] if val_idx else None,
                              refit=train_reconstructor and good_joins is None)  # fmt: skip
     if good_joins is not None and model.score_cfg.nearest_map and len(good_joins):
-        model.join_memory_bank(model.standardize(good_joins.to(device)))
+        # the training features before the joins (an update's replay sample) set the density to keep
+        before = train_features[: len(train_features) - len(good_joins)]
+        model.join_memory_bank(model.standardize(good_joins.to(device)), before.to(device))
     # defects pasted onto good images for the head (defect_paste.py): parts that lie anywhere only, by default
     copies = paste_copies(config.train.head_paste, model.score_cfg.map_position_weight)
     if cfg.labelled_anomalies != "head":  # no head is fitted from labelled anomalies: nothing to paste
@@ -689,7 +692,7 @@ def fit_head(
     which holds their own positions (against a bank of the other half of them, as unseen good
     parts would show it, metal_plate's masked head lost 0.35 AUPRO point: docs/design.md, "The
     defect head reads the bank's residual"), unless the bank keeps at least half of their
-    positions (at most 2 x BANK_SIZE of them), each of which has a residual of 0 there: then the
+    positions (at most twice its rows), each of which has a residual of 0 there: then the
     other half's bank gives them instead."""
     device = model.head_weight.device
     c, reads_bank = model.channels, model.head_reads_bank
@@ -717,7 +720,7 @@ def fit_head(
     # where the bank keeps at least half of the good training positions, at least half of them are
     # bank rows, whose residual there is exactly 0
     positions = len(good) * good.shape[2] * good.shape[3]
-    crossed = reads_bank and 1 < len(good) and positions <= 2 * BANK_SIZE
+    crossed = reads_bank and 1 < len(good) and positions <= 2 * len(model.nearest_bank)
     good_residual = residuals(good, model.crossed_bank_residual(good, batch_size) if crossed else None)
     good_map = grids(good_residual, good)
     if defects is None:

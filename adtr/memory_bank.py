@@ -20,16 +20,25 @@ as faiss offer; the distance and the residual are then the exact ones to the row
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 
-BANK_SIZE = 4096  # rows kept (PatchCore keeps 10% of the patches: about 5,000 of metal_plate's 50,000)
+from adtr.config import ScoreConfig
+
+# a fit's rows (PatchCore keeps 10% of the patches: about 5,000 of metal_plate's 50,000)
+BANK_SIZE = ScoreConfig.nearest_bank_rows
 MIN_STRIDE = 8  # the stages kept: PatchCore's mid-level ones (stride 8 and 16 of Lite0), section 3.1
 POOL = 3  # each position averaged over its POOL x POOL neighbourhood (PatchCore's local aggregation)
 CANDIDATES = 100_000  # patches the coreset is chosen from, a seeded random subset above it: bounds the fit's time
 SEED = 0
+# An update's join grows the bank up to this many rows (join_memory_bank): each nearest search is a
+# product with every row, so inference pays in proportion (docs/design.md, "An update's memory bank grows")
+MAX_ROWS = 2 * BANK_SIZE
+
+log = logging.getLogger(__name__)
 
 
 def patch_features(features: torch.Tensor, first: int = 0) -> torch.Tensor:
@@ -40,29 +49,70 @@ def patch_features(features: torch.Tensor, first: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_coreset(x: torch.Tensor, n: int, seed: int = SEED, projection_dim: int = 128) -> torch.Tensor:
+def greedy_coreset(
+    x: torch.Tensor,
+    n: int,
+    seed: int = SEED,
+    projection_dim: int = 128,
+    centers: torch.Tensor | None = None,
+    radius: float = 0.0,
+) -> torch.Tensor:
     """Indices (n,) of n rows of x (M, C) chosen by greedy k-center selection (PatchCore, section
     3.2): each step takes the row farthest from those chosen so far. Distances are measured
     after a seeded Gaussian random projection to projection_dim dimensions, as in the paper.
-    Raises ValueError unless 1 <= n <= M."""
-    if not 1 <= n <= len(x):
+    centers (K, C): rows chosen before (not returned): the selection continues from them, and
+    stops early, with fewer than n indices, once every row of x lies within `radius` of the
+    chosen ones (a distance in the projected space: covering_radius's). Raises ValueError unless
+    1 <= n <= M (0 <= n with centers)."""
+    if not (0 if centers is not None else 1) <= n <= len(x):
         raise ValueError(f"a coreset of {n} rows from {len(x)} needs 1 <= n <= {len(x)}")
     g = torch.Generator().manual_seed(seed)
-    x = x.float()
-    if x.shape[1] > projection_dim:
-        x = x @ (torch.randn(x.shape[1], projection_dim, generator=g).to(x.device) / math.sqrt(projection_dim))
-    x = x.contiguous()
+    project = _projection(x.shape[1], projection_dim, g, x.device)
+    x = project(x)
     sq = (x**2).sum(1)  # |x|^2 once: each step is then one matrix-vector product over x
     chosen = torch.empty(n, dtype=torch.long)
-    chosen[0] = int(torch.randint(len(x), (1,), generator=g))
-    dist = sq - 2 * (x @ x[chosen[0]]) + sq[chosen[0]]  # squared distances to the chosen set
+    if centers is None:
+        chosen[0] = int(torch.randint(len(x), (1,), generator=g))
+        dist = sq - 2 * (x @ x[chosen[0]]) + sq[chosen[0]]  # squared distances to the chosen set
+        first = 1
+    else:
+        dist = _nearest_squared(x, project(centers.to(x.device)))
+        first = 0
     step = torch.empty_like(dist)  # reused: no allocation per step (memory bandwidth bound)
-    for i in range(1, n):
+    for i in range(first, n):
         c = int(dist.argmax())
+        if centers is not None and float(dist[c]) <= radius**2:
+            return chosen[:i]  # every row is covered
         chosen[i] = c
         torch.addmv(sq, x, x[c], alpha=-2, out=step).add_(sq[c])
         torch.minimum(dist, step, out=dist)
     return chosen
+
+
+def covering_radius(x: torch.Tensor, bank: torch.Tensor, seed: int = SEED, projection_dim: int = 128) -> float:
+    """The largest distance of a row of x (M, C) to its nearest bank row (K, C), in greedy_coreset's
+    projected space (the same seed and dimension): the radius within which a coreset of x's rows
+    covers them all (M = 0: 0)."""
+    if not len(x):
+        return 0.0
+    project = _projection(x.shape[1], projection_dim, torch.Generator().manual_seed(seed), x.device)
+    return float(_nearest_squared(project(x), project(bank.to(x.device))).max().clamp_min(0).sqrt())
+
+
+def _projection(channels: int, dim: int, g: torch.Generator, device: torch.device):
+    """greedy_coreset's seeded Gaussian random projection to dim dimensions (none at or under it),
+    as a function of rows (M, channels) -> (M, dim) float32, contiguous."""
+    if channels <= dim:
+        return lambda rows: rows.float().contiguous()
+    matrix = (torch.randn(channels, dim, generator=g) / math.sqrt(dim)).to(device)
+    return lambda rows: (rows.float() @ matrix).contiguous()
+
+
+def _nearest_squared(x: torch.Tensor, centers: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    """Each row's (M, D) squared distance to its nearest center (K, D), (M,), in blocks of rows:
+    a (block x K) matrix at a time."""
+    c_sq = (centers**2).sum(1)
+    return torch.cat([((b**2).sum(1, keepdim=True) - 2 * b @ centers.t() + c_sq).amin(1) for b in x.split(block)])
 
 
 def _candidates(features: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
@@ -94,15 +144,35 @@ def fit_memory_bank(features: torch.Tensor, size: int = BANK_SIZE, seed: int = S
     return _coreset_bank(_candidates(features, CANDIDATES, seed), size, seed).to(features.device)
 
 
-def join_memory_bank(bank: torch.Tensor, features: torch.Tensor, seed: int = SEED) -> torch.Tensor:
-    """A fitted bank (K, C) with more good images' features (M, C, h, w) joined: the coreset of
-    the bank's distinct rows and the new positions (K, C), on the bank's device; every old row
-    stays a candidate (they stand for images not here), the new positions fill the candidates up
-    to CANDIDATES. The old images' other positions are not kept, so this is a coreset of a
-    coreset, not a refit: the parent's parts lose rows to the new ones (docs/design.md)."""
+def join_memory_bank(
+    bank: torch.Tensor, features: torch.Tensor, reference: torch.Tensor, max_rows: int = MAX_ROWS, seed: int = SEED
+) -> torch.Tensor:
+    """A fitted bank (K, C) with more good images' features (M, C, h, w) joined: (K', C), on the
+    bank's device.
+
+    Every distinct row of the bank is kept, and the greedy k-center selection continues from them
+    over the new positions until each lies within the bank's own covering radius: that of the
+    reference features (R, C, h, w), the parent's good training images the bank was fitted on (an
+    update's replay sample), measured as greedy_coreset measures (covering_radius). So the parent's
+    parts keep every row and map as before, new images like them add few rows, and a new variant
+    (a product change, a new lighting) gets rows as dense as the parent's had. Where that would
+    take more than max_rows, the bank is instead the coreset of the old rows and the new positions
+    at max_rows, and the parent's parts lose rows to the new ones (logged). docs/design.md, "An
+    update's memory bank grows"."""
     old = bank.detach().float().cpu().unique(dim=0)
-    new = _candidates(features, max(0, CANDIDATES - len(old)), seed)
-    return _coreset_bank(torch.cat([old, new]), len(bank), seed).to(bank.device)
+    new = _candidates(features, CANDIDATES, seed)
+    radius = covering_radius(_candidates(reference, CANDIDATES, seed), old, seed)
+    room = max(0, max_rows - len(old))
+    added = greedy_coreset(new, min(room, len(new)), seed, centers=old, radius=radius)
+    if len(added) == room and room < len(new):  # the room ran out: was everything covered?
+        rest = covering_radius(new, torch.cat([old, new[added]]), seed)
+        if rest > radius:
+            log.warning("the memory bank would need more than %d rows to cover the new good images as densely as "
+                        "the parent's (distance %.3g against %.3g): it keeps a coreset of %d rows of the old and the "
+                        "new, and the parent's parts lose rows (fit again on all the good images to avoid it)",
+                        max_rows, rest, radius, max_rows)  # fmt: skip
+            return _coreset_bank(torch.cat([old, new]), max_rows, seed).to(bank.device)
+    return torch.cat([old, new[added]]).to(bank.device)
 
 
 def search_basis(bank: torch.Tensor, dims: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ Higher scores mean more anomalous, everywhere in this package.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -25,7 +26,6 @@ from adtr.defect_head import combine as combine_defect_head
 from adtr.feature_gaussian import DIMS as GAUSSIAN_DIMS
 from adtr.feature_gaussian import fit_feature_gaussian, gaussian_distance, merge_feature_gaussian
 from adtr.memory_bank import (
-    BANK_SIZE,
     MIN_STRIDE,
     fit_memory_bank,
     join_memory_bank,
@@ -35,6 +35,8 @@ from adtr.memory_bank import (
     search_basis,
 )
 from adtr.transformer import ReconstructionTransformer
+
+log = logging.getLogger(__name__)
 
 
 class AnomalyOutput(NamedTuple):
@@ -266,7 +268,8 @@ class ADTR(nn.Module):
         near = self.score_cfg.nearest_map is True
         # the bank's rows are patch features of the stages at MIN_STRIDE and coarser (all stages
         # where there are none), whose channels come last in the aligned features (nearest_first)
-        self.register_buffer("nearest_bank", torch.zeros(BANK_SIZE if near else 0, self.channels - self.nearest_first),
+        rows = self.score_cfg.nearest_bank_rows if near else 0  # BANK_SIZE, more after an update's join
+        self.register_buffer("nearest_bank", torch.zeros(rows, self.channels - self.nearest_first),
                              persistent=near)  # fmt: skip
         self.register_buffer("nearest_norm", torch.tensor([0.0, 1.0]), persistent=near)
         # the subspace the nearest row is searched in (score.nearest_search_dims; none: exact)
@@ -286,7 +289,7 @@ class ADTR(nn.Module):
     def score_cfg(self, score: ScoreConfig) -> None:
         old = getattr(self, "_score_cfg", None)
         fixed = ("defect_head", "head_image_score", "feature_gaussian", "nearest_map", "head_bank_residual",
-                 "nearest_search_dims")
+                 "nearest_search_dims", "nearest_bank_rows")
         if old is not None and any(getattr(old, k) != getattr(score, k) for k in fixed):
             # they decide which buffers the model stores, fixed when it is built
             raise ValueError("a defect head, its image score or input, the feature Gaussian or the memory bank "
@@ -581,8 +584,7 @@ class ADTR(nn.Module):
         if not self.score_cfg.nearest_map:
             raise ValueError("this model's score settings have no memory bank (ScoreConfig.nearest_map)")
         device = self.nearest_bank.device
-        self.nearest_bank.copy_(fit_memory_bank(self.patch_features(features)).to(device))
-        self._set_search_basis()
+        self._set_bank(fit_memory_bank(self.patch_features(features)).to(device))  # BANK_SIZE rows
         if held is not None and len(held) > 1:
             self._set_nearest_norm(held, self.nearest_bank)
         elif len(features) > 1:
@@ -592,13 +594,24 @@ class ADTR(nn.Module):
             self.nearest_norm.copy_(torch.tensor([0.0, 1.0]))
 
     @torch.no_grad()
-    def join_memory_bank(self, features: torch.Tensor) -> None:
+    def join_memory_bank(self, features: torch.Tensor, reference: torch.Tensor) -> None:
         """Join more standardised good features (M, C, h, w) to the fitted memory bank
-        (memory_bank.join_memory_bank); its standardisation is kept. ValueError unless the model
-        has a memory bank."""
+        (memory_bank.join_memory_bank: the bank grows, up to MAX_ROWS rows, until the new positions
+        are covered as densely as the reference features (R, C, h, w), the good images the bank was
+        fitted on, are); its standardisation is kept, and score_cfg.nearest_bank_rows records the new
+        size. ValueError unless the model has a memory bank."""
         if not self.score_cfg.nearest_map:
             raise ValueError("this model has no memory bank to join images to (ScoreConfig.nearest_map)")
-        self.nearest_bank.copy_(join_memory_bank(self.nearest_bank, self.patch_features(features)))
+        before = len(self.nearest_bank)
+        self._set_bank(join_memory_bank(self.nearest_bank, self.patch_features(features),
+                                        self.patch_features(reference)))  # fmt: skip
+        log.info("memory bank: %d -> %d rows with %d new good images", before, len(self.nearest_bank), len(features))
+
+    def _set_bank(self, bank: torch.Tensor) -> None:
+        """The memory bank (K, C) set, of any number of rows (recorded in score_cfg.nearest_bank_rows,
+        so that a saved run builds its buffer), and its search basis with it."""
+        self.nearest_bank = bank.to(self.nearest_bank)
+        self._score_cfg = dataclasses.replace(self._score_cfg, nearest_bank_rows=len(bank))  # no buffer to rebuild
         self._set_search_basis()
 
     def _set_search_basis(self) -> None:

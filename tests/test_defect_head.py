@@ -388,7 +388,7 @@ def test_with_an_image_scorer_the_head_joins_the_scorers_map_for_the_image_score
     score = dataclasses.asdict(pre.model_.score_cfg)
     del score["head_image_gain"], score["scorer_position_weight"], score["map_position_weight"]
     # off or without effect: left out as before those keys
-    del score["nearest_map"], score["head_bank_residual"], score["nearest_search_dims"]
+    del score["nearest_map"], score["head_bank_residual"], score["nearest_search_dims"], score["nearest_bank_rows"]
     model_cfg = dataclasses.asdict(pre.model_.cfg)
     del model_cfg["feature_pool"]
     before = json.dumps({"model": model_cfg, "score": score}, sort_keys=True)

@@ -20,6 +20,7 @@ from adtr.checkpoint import CONFIG_FILE, STATE_DIR, WEIGHTS_FILE
 from adtr.config import ScoreConfig, TrainConfig
 from adtr.memory_bank import (
     BANK_SIZE,
+    covering_radius,
     fit_memory_bank,
     greedy_coreset,
     join_memory_bank,
@@ -283,14 +284,53 @@ def test_the_bank_has_a_fixed_size_of_training_positions():
         fit_memory_bank(many[:0])
 
 
-def test_joining_images_adds_their_positions():
-    old = torch.randn(2, 8, 3, 4)  # 24 positions in a bank of 100 rows
+def test_the_coreset_continued_from_centers_stops_once_every_row_is_covered():
+    """With centers (rows chosen before), the greedy k-center selection starts from them and stops
+    as soon as every row lies within the radius; the radius is covering_radius's, in the same
+    projected space (no projection at these 2 channels)."""
+    x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [5.2, 0.0], [9.0, 0.0]])
+    centers = torch.tensor([[0.0, 0.0]])
+    assert covering_radius(x[:2], centers) == pytest.approx(0.1)
+    # farthest first: 9, then 5 (4 from 9, 5 from 0); then 5.2 lies 0.2 from 5, within 0.25
+    assert greedy_coreset(x, 5, centers=centers, radius=0.25).tolist() == [4, 2]
+    assert greedy_coreset(x, 5, centers=centers, radius=0.15).tolist() == [4, 2, 3]  # 5.2 is not within 0.15
+    assert greedy_coreset(x, 1, centers=centers, radius=0.25).tolist() == [4]  # n bounds it
+    assert greedy_coreset(x, 0, centers=centers).tolist() == []
+    assert greedy_coreset(x, 5, centers=torch.cat([centers, x[2:]]), radius=0.11).tolist() == []  # all covered
+    # at 200 channels, projected to 128 as the fresh coreset is: the radius comes from the same space
+    g = torch.Generator().manual_seed(4)
+    many, bank = torch.randn(300, 200, generator=g), torch.randn(40, 200, generator=g)
+    r = covering_radius(many, bank)
+    assert greedy_coreset(many, 300, centers=bank, radius=r).tolist() == []
+    assert len(greedy_coreset(many, 300, centers=bank, radius=0.5 * r)) > 0
+
+
+def test_joining_images_adds_their_positions_and_keeps_every_old_row():
+    old = torch.randn(2, 8, 3, 4)  # 24 positions in a bank of 100 rows: all kept, radius 0
     bank = fit_memory_bank(old, size=100)
     new = torch.randn(1, 8, 3, 4) + 5  # far from the old ones
     assert nearest_distance(new, bank).min() > 1
-    joined = join_memory_bank(bank, new)
-    assert joined.shape == bank.shape and len(joined.unique(dim=0)) == 36
+    joined = join_memory_bank(bank, new, reference=old)
+    assert joined.shape == (36, 8) and len(joined.unique(dim=0)) == 36  # the 24 old rows and the 12 new
     assert nearest_distance(torch.cat([old, new]), joined).max() < 1e-2
+
+
+def test_a_join_adds_rows_where_the_new_images_are_not_covered_as_densely_as_the_old():
+    """The parent's rows all stay (its parts map exactly as before); images like the parent's add
+    few rows, a new mode (a product change) many; no old position lies farther from the bank."""
+    g = torch.Generator().manual_seed(5)
+    old = torch.randn(8, 4, 6, 6, generator=g)  # 288 positions
+    bank = fit_memory_bank(old, size=64)
+    alike = torch.randn(4, 4, 6, 6, generator=g)
+    shifted = torch.randn(8, 4, 6, 6, generator=g) + 6  # a new mode, far from the old one
+    radius = covering_radius(old.permute(0, 2, 3, 1).reshape(-1, 4), bank)
+    for new, rows in ((alike, (0, 32)), (shifted, (32, 1000))):
+        joined = join_memory_bank(bank, new, reference=old)
+        assert rows[0] <= len(joined) - 64 <= rows[1], len(joined)
+        assert torch.equal(joined[:64], bank.unique(dim=0))  # the old rows first, every one of them
+        assert (nearest_distance(old, joined) <= nearest_distance(old, bank) + 1e-5).all()  # never farther
+        assert covering_radius(new.permute(0, 2, 3, 1).reshape(-1, 4), joined) <= radius + 1e-5
+    assert torch.equal(join_memory_bank(bank, alike, reference=old), join_memory_bank(bank, alike, reference=old))
 
 
 def test_above_the_candidate_limit_the_coreset_is_drawn_from_a_seeded_subset(monkeypatch):
@@ -305,19 +345,25 @@ def test_above_the_candidate_limit_the_coreset_is_drawn_from_a_seeded_subset(mon
     positions = {tuple(r) for r in rows.tolist()}
     assert all(tuple(r) in positions for r in distinct.tolist())  # each a training position
     assert torch.equal(bank, fit_memory_bank(f, size=64)) and not torch.equal(bank, fit_memory_bank(f, 64, seed=1))
-    # a join keeps every old row a candidate and fills the rest with new positions
-    joined = join_memory_bank(fit_memory_bank(f, size=30), torch.randn(4, 6, 5, 5) + 10, seed=0)
-    assert len(joined.unique(dim=0)) == 30 and (joined[:, 0] > 5).sum() > 0
+    # a join keeps every old row and adds new positions drawn from a seeded subset of theirs
+    far = torch.randn(4, 6, 5, 5) + 10
+    joined = join_memory_bank(fit_memory_bank(f, size=30), far, reference=f, seed=0)
+    assert torch.equal(joined[:30], fit_memory_bank(f, size=30).unique(dim=0))
+    new_positions = {tuple(r) for r in far.permute(0, 2, 3, 1).reshape(-1, 6).tolist()}
+    assert 0 < len(joined) - 30 <= 40 and all(tuple(r) in new_positions for r in joined[30:].tolist())
 
 
-def test_a_join_into_a_full_bank_keeps_a_coreset_of_old_and_new_rows():
-    old = torch.randn(8, 4, 6, 6)  # 288 positions in a bank of 64 distinct rows
+def test_a_join_beyond_its_rows_keeps_a_coreset_of_old_and_new_rows(caplog):
+    g = torch.Generator().manual_seed(6)
+    old = torch.randn(8, 4, 6, 6, generator=g)  # 288 positions in a bank of 64 distinct rows
     bank = fit_memory_bank(old, size=64)
-    new = torch.randn(2, 4, 6, 6) * 0.5 + 6  # a new mode, far from the old one
-    joined = join_memory_bank(bank, new)
-    assert joined.shape == bank.shape and len(joined.unique(dim=0)) == 64
+    new = torch.randn(2, 4, 6, 6, generator=g) * 2 + 6  # a new mode, far from the old one and wider
+    with caplog.at_level("WARNING", logger="adtr.memory_bank"):
+        joined = join_memory_bank(bank, new, reference=old, max_rows=72)  # room for 8 rows: too few
+    assert "the parent's parts lose rows" in caplog.text
+    assert joined.shape == (72, 4) and len(joined.unique(dim=0)) == 72
     far = joined.mean(1) > 3  # rows of the new mode
-    assert 0 < int(far.sum()) < 64  # both modes keep rows: a coreset covers both
+    assert 8 < int(far.sum()) < 72  # both modes keep rows: a coreset covers both, the old lose some
     assert nearest_distance(new, joined).mean() < 0.5 * nearest_distance(new, bank).mean()
     old_rows = {tuple(r) for r in bank.tolist()}
     assert all(tuple(r) in old_rows for r in joined[~far].tolist())  # old rows come from the old bank
@@ -420,6 +466,17 @@ def test_the_fit_joins_the_bank_to_a_copying_models_map_and_a_run_keeps_it(root,
         # the joined bank is searched in its own subspace, not the parent's
         torch.testing.assert_close(u.nearest_basis, search_basis(u.nearest_bank, u.nearest_basis.shape[1]))
         assert not torch.allclose(u.nearest_basis, m.nearest_basis)
+        # every distinct parent row is kept (here all its positions: the parent's repeats dropped),
+        # so no parent position lies farther from the bank; the run records the rows it now has
+        parent_rows = m.nearest_bank.unique(dim=0)
+        assert torch.equal(u.nearest_bank[: len(parent_rows)], parent_rows) and len(u.nearest_bank) > len(parent_rows)
+        assert u.score_cfg.nearest_bank_rows == updated.config.score.nearest_bank_rows == len(u.nearest_bank)
+        updated.save(tmp_path / "updated")
+        assert json.loads((tmp_path / "updated" / CONFIG_FILE).read_text())["score"]["nearest_bank_rows"] == len(
+            u.nearest_bank)  # fmt: skip
+        reloaded = ADTRDetector.load(tmp_path / "updated", progress=False, backend="torch")
+        assert torch.equal(reloaded.model_.nearest_bank, u.nearest_bank)
+        assert [p.anomaly_score for p in reloaded.predict(files)] == [p.anomaly_score for p in updated.predict(files)]
         calls = []
         crossed = ADTR.crossed_bank_residual
 

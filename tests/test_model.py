@@ -574,7 +574,7 @@ def test_feature_pool_off_keeps_the_fingerprint_of_runs_saved_before():
     # the fingerprint as computed before the setting existed: settings without the key
     model_settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "feature_pool"}
     added = ("head_gain", "head_image_score", "head_image_gain", "scorer_position_weight", "map_position_weight",
-             "feature_gaussian", "nearest_map", "head_bank_residual", "nearest_search_dims")
+             "feature_gaussian", "nearest_map", "head_bank_residual", "nearest_search_dims", "nearest_bank_rows")
     score = {k: v for k, v in dataclasses.asdict(model.score_cfg).items() if k not in added}
     before = json.dumps({"model": model_settings, "score": score}, sort_keys=True)
     assert model_fingerprint(model) == _state_hash(model.state_dict(), before.encode())
