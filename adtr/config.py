@@ -392,10 +392,11 @@ class RunConfig:
             model=model,
             # Runs saved before any of these keys: the plain residual, smoothing sigma 4, the
             # scorer's and the map's statistics half per-position, no Gaussian per position, no
-            # memory bank, an exact search of it.
+            # memory bank, an exact search of it, a bank of 4096 rows.
             score=_build(ScoreConfig, {"residual_norm": "none", "smoothing_sigma": 4.0, "scorer_position_weight": 0.5,
                                        "map_position_weight": 0.5, "feature_gaussian": False, "nearest_map": False,
-                                       "nearest_search_dims": 0, **old_head, **score}),  # fmt: skip
+                                       "nearest_search_dims": 0, "nearest_bank_rows": 4096, **old_head,
+                                       **score}),  # fmt: skip
             # Runs saved before the step budget trained with the warm-up + x0.1 schedule.
             # Runs saved before the hard-position loss existed trained with the MSE.
             # Runs saved before the defect head trained the reconstructor with L_px on masked anomalies.

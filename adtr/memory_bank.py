@@ -9,7 +9,8 @@ learnable query: ScoreConfig.nearest_map), whose map misses the defects it copie
 AUPRO 0.9156 -> 0.9426 on one fit (docs/design.md, "The nearest good feature joins the
 map of a copying model"). The bank holds PatchCore's patch features made from adtr's own
 (patch_features: the stride-8 and stride-16 stages of the standardised features on the feature
-grid, averaged 3x3) and has a fixed number of rows, so a run's tensors follow from its settings.
+grid, averaged 3x3) and has BANK_SIZE rows after a fit; an update's join may add rows
+(join_memory_bank), and the run records how many (ScoreConfig.nearest_bank_rows).
 A defect head in such a run reads the bank's residual, each feature minus its nearest row
 (nearest_residual), beside the reconstruction residual (ScoreConfig.head_bank_residual).
 
@@ -37,6 +38,8 @@ SEED = 0
 # An update's join grows the bank up to this many rows (join_memory_bank): each nearest search is a
 # product with every row, so inference pays in proportion (docs/design.md, "An update's memory bank grows")
 MAX_ROWS = 2 * BANK_SIZE
+ROW_MULTIPLE = 64  # a joined bank is padded to a multiple of this (_argmin's blocks: its fast search)
+RADIUS_TOLERANCE = 1e-4  # relative, on squared distances: float32 rounding of the same distance
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,12 @@ def greedy_coreset(
     after a seeded Gaussian random projection to projection_dim dimensions, as in the paper.
     centers (K, C): rows chosen before (not returned): the selection continues from them, and
     stops early, with fewer than n indices, once every row of x lies within `radius` of the
-    chosen ones (a distance in the projected space: covering_radius's). Raises ValueError unless
+    chosen ones (a distance in the projected space: covering_radius's, compared with a relative
+    tolerance of RADIUS_TOLERANCE so that rounding does not add a row); radius is read only with
+    centers, and no or empty centers start from a seeded random row. Raises ValueError unless
     1 <= n <= M (0 <= n with centers)."""
+    if centers is not None and not len(centers):
+        centers = None
     if not (0 if centers is not None else 1) <= n <= len(x):
         raise ValueError(f"a coreset of {n} rows from {len(x)} needs 1 <= n <= {len(x)}")
     g = torch.Generator().manual_seed(seed)
@@ -81,7 +88,7 @@ def greedy_coreset(
     step = torch.empty_like(dist)  # reused: no allocation per step (memory bandwidth bound)
     for i in range(first, n):
         c = int(dist.argmax())
-        if centers is not None and float(dist[c]) <= radius**2:
+        if centers is not None and float(dist[c]) <= radius**2 * (1 + RADIUS_TOLERANCE):
             return chosen[:i]  # every row is covered
         chosen[i] = c
         torch.addmv(sq, x, x[c], alpha=-2, out=step).add_(sq[c])
@@ -92,7 +99,9 @@ def greedy_coreset(
 def covering_radius(x: torch.Tensor, bank: torch.Tensor, seed: int = SEED, projection_dim: int = 128) -> float:
     """The largest distance of a row of x (M, C) to its nearest bank row (K, C), in greedy_coreset's
     projected space (the same seed and dimension): the radius within which a coreset of x's rows
-    covers them all (M = 0: 0)."""
+    covers them all (M = 0: 0; ValueError for an empty bank)."""
+    if not len(bank):
+        raise ValueError("the covering radius of an empty bank is not defined")
     if not len(x):
         return 0.0
     project = _projection(x.shape[1], projection_dim, torch.Generator().manual_seed(seed), x.device)
@@ -145,34 +154,49 @@ def fit_memory_bank(features: torch.Tensor, size: int = BANK_SIZE, seed: int = S
 
 
 def join_memory_bank(
-    bank: torch.Tensor, features: torch.Tensor, reference: torch.Tensor, max_rows: int = MAX_ROWS, seed: int = SEED
+    bank: torch.Tensor,
+    features: torch.Tensor,
+    reference: torch.Tensor,
+    max_rows: int = MAX_ROWS,
+    seed: int = SEED,
+    fit_rows: int = BANK_SIZE,
 ) -> torch.Tensor:
-    """A fitted bank (K, C) with more good images' features (M, C, h, w) joined: (K', C), on the
-    bank's device.
+    """A fitted bank (K, C) with more good images' features (M, C, h, w) joined: (K', C), on the bank's
+    device.
 
-    Every distinct row of the bank is kept, and the greedy k-center selection continues from them
-    over the new positions until each lies within the bank's own covering radius: that of the
-    reference features (R, C, h, w), the parent's good training images the bank was fitted on (an
-    update's replay sample), measured as greedy_coreset measures (covering_radius). So the parent's
-    parts keep every row and map as before, new images like them add few rows, and a new variant
-    (a product change, a new lighting) gets rows as dense as the parent's had. Where that would
-    take more than max_rows, the bank is instead the coreset of the old rows and the new positions
-    at max_rows, and the parent's parts lose rows to the new ones (logged). docs/design.md, "An
-    update's memory bank grows"."""
+    A fit's bank (at most fit_rows rows: a grown one has more) that holds every position of its
+    images (fewer distinct rows than K, repeated to K: a small set) is fitted again on its rows and
+    the new positions, at K rows, as a fit on all the images would be. Otherwise every distinct row
+    is kept, and the greedy k-center selection continues from them over the new positions until each
+    lies within the bank's covering radius: the largest distance of the reference features (R, C, h,
+    w), the parent's good training images (an update's replay sample), to the bank, measured as
+    greedy_coreset measures (covering_radius). So the parent's rows all stay, new images like the
+    parent's add few rows, and a new variant (a product change, a new lighting) is covered as
+    closely as the parent's images were. Where that takes more than max_rows, the bank is instead
+    the coreset of the old rows and the new positions at max_rows, and the parent's parts lose rows
+    (logged). A grown bank is padded to a multiple of ROW_MULTIPLE rows by repeating rows (no
+    distance changes): the nearest search's fast path. docs/design.md, "An update's memory bank
+    grows"."""
     old = bank.detach().float().cpu().unique(dim=0)
     new = _candidates(features, CANDIDATES, seed)
+    # a fit's bank with repeated rows holds every position of its images (a grown bank's repeats
+    # are its padding, above fit_rows rows): refit on them all
+    if len(old) < len(bank) <= fit_rows:
+        return _coreset_bank(torch.cat([old, new]), len(bank), seed).to(bank.device)
     radius = covering_radius(_candidates(reference, CANDIDATES, seed), old, seed)
     room = max(0, max_rows - len(old))
     added = greedy_coreset(new, min(room, len(new)), seed, centers=old, radius=radius)
     if len(added) == room and room < len(new):  # the room ran out: was everything covered?
         rest = covering_radius(new, torch.cat([old, new[added]]), seed)
-        if rest > radius:
-            log.warning("the memory bank would need more than %d rows to cover the new good images as densely as "
+        if rest > radius * (1 + RADIUS_TOLERANCE):
+            log.warning("the memory bank would need more than %d rows to cover the new good images as closely as "
                         "the parent's (distance %.3g against %.3g): it keeps a coreset of %d rows of the old and the "
                         "new, and the parent's parts lose rows (fit again on all the good images to avoid it)",
                         max_rows, rest, radius, max_rows)  # fmt: skip
             return _coreset_bank(torch.cat([old, new]), max_rows, seed).to(bank.device)
-    return torch.cat([old, new[added]]).to(bank.device)
+    joined = torch.cat([old, new[added]])
+    padded = -(-len(joined) // ROW_MULTIPLE) * ROW_MULTIPLE
+    return joined[torch.arange(padded) % len(joined)].to(bank.device)
 
 
 def search_basis(bank: torch.Tensor, dims: int) -> torch.Tensor:

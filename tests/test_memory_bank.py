@@ -305,14 +305,21 @@ def test_the_coreset_continued_from_centers_stops_once_every_row_is_covered():
     assert len(greedy_coreset(many, 300, centers=bank, radius=0.5 * r)) > 0
 
 
-def test_joining_images_adds_their_positions_and_keeps_every_old_row():
-    old = torch.randn(2, 8, 3, 4)  # 24 positions in a bank of 100 rows: all kept, radius 0
+def test_a_bank_holding_every_position_is_fitted_again_with_the_new_ones():
+    """A small set's bank holds all its positions, repeated to its rows: a join refits it on them
+    and the new positions at the same rows, as a fit on all the images would (no radius: it is 0)."""
+    g = torch.Generator().manual_seed(7)
+    old = torch.randn(2, 8, 3, 4, generator=g)  # 24 positions in a bank of 100 rows
     bank = fit_memory_bank(old, size=100)
-    new = torch.randn(1, 8, 3, 4) + 5  # far from the old ones
+    new = torch.randn(1, 8, 3, 4, generator=g) + 5  # far from the old ones
     assert nearest_distance(new, bank).min() > 1
     joined = join_memory_bank(bank, new, reference=old)
-    assert joined.shape == (36, 8) and len(joined.unique(dim=0)) == 36  # the 24 old rows and the 12 new
+    assert joined.shape == (100, 8) and len(joined.unique(dim=0)) == 36  # the 24 old rows and the 12 new
     assert nearest_distance(torch.cat([old, new]), joined).max() < 1e-2
+    many = torch.randn(10, 8, 3, 4, generator=g)  # 120 more positions like the old: 144 in all, 100 rows
+    joined = join_memory_bank(bank, many, reference=old)
+    assert joined.shape == (100, 8) and len(joined.unique(dim=0)) == 100
+    assert torch.equal(joined, join_memory_bank(bank, many, reference=old))  # seeded
 
 
 def test_a_join_adds_rows_where_the_new_images_are_not_covered_as_densely_as_the_old():
@@ -325,12 +332,20 @@ def test_a_join_adds_rows_where_the_new_images_are_not_covered_as_densely_as_the
     shifted = torch.randn(8, 4, 6, 6, generator=g) + 6  # a new mode, far from the old one
     radius = covering_radius(old.permute(0, 2, 3, 1).reshape(-1, 4), bank)
     for new, rows in ((alike, (0, 32)), (shifted, (32, 1000))):
-        joined = join_memory_bank(bank, new, reference=old)
-        assert rows[0] <= len(joined) - 64 <= rows[1], len(joined)
+        joined = join_memory_bank(bank, new, reference=old, fit_rows=64)
+        added = len(joined.unique(dim=0)) - 64
+        assert rows[0] <= added <= rows[1], added
+        assert len(joined) % 64 == 0 and len(joined) - 64 - added < 64  # padded by repeats to the search's blocks
         assert torch.equal(joined[:64], bank.unique(dim=0))  # the old rows first, every one of them
-        assert (nearest_distance(old, joined) <= nearest_distance(old, bank) + 1e-5).all()  # never farther
-        assert covering_radius(new.permute(0, 2, 3, 1).reshape(-1, 4), joined) <= radius + 1e-5
-    assert torch.equal(join_memory_bank(bank, alike, reference=old), join_memory_bank(bank, alike, reference=old))
+        # with an exact search no old position is farther (the subspace search may find a farther row)
+        assert (nearest_distance(old, joined) <= nearest_distance(old, bank) + 1e-5).all()
+        assert covering_radius(new.permute(0, 2, 3, 1).reshape(-1, 4), joined) <= radius * (1 + 1e-4)
+    # a second join of a grown (padded) bank grows it again: its repeats are padding, not a small set
+    grown = join_memory_bank(bank, shifted, reference=old, fit_rows=64)
+    again = join_memory_bank(grown, shifted + 6, reference=torch.cat([old, shifted]), fit_rows=64)
+    assert torch.equal(again[: len(grown.unique(dim=0))], grown.unique(dim=0)) and len(again) > len(grown)
+    joins = [join_memory_bank(bank, alike, reference=old, fit_rows=64) for _ in range(2)]
+    assert torch.equal(*joins)  # seeded
 
 
 def test_above_the_candidate_limit_the_coreset_is_drawn_from_a_seeded_subset(monkeypatch):
@@ -347,10 +362,12 @@ def test_above_the_candidate_limit_the_coreset_is_drawn_from_a_seeded_subset(mon
     assert torch.equal(bank, fit_memory_bank(f, size=64)) and not torch.equal(bank, fit_memory_bank(f, 64, seed=1))
     # a join keeps every old row and adds new positions drawn from a seeded subset of theirs
     far = torch.randn(4, 6, 5, 5) + 10
-    joined = join_memory_bank(fit_memory_bank(f, size=30), far, reference=f, seed=0)
+    joined = join_memory_bank(fit_memory_bank(f, size=30), far, reference=f, seed=0, fit_rows=30)
     assert torch.equal(joined[:30], fit_memory_bank(f, size=30).unique(dim=0))
     new_positions = {tuple(r) for r in far.permute(0, 2, 3, 1).reshape(-1, 6).tolist()}
-    assert 0 < len(joined) - 30 <= 40 and all(tuple(r) in new_positions for r in joined[30:].tolist())
+    distinct = joined.unique(dim=0)
+    assert 0 < len(distinct) - 30 <= 40 and len(joined) == 64  # padded to the search's blocks
+    assert all(tuple(r) in new_positions for r in joined[30 : len(distinct)].tolist())
 
 
 def test_a_join_beyond_its_rows_keeps_a_coreset_of_old_and_new_rows(caplog):
@@ -359,7 +376,7 @@ def test_a_join_beyond_its_rows_keeps_a_coreset_of_old_and_new_rows(caplog):
     bank = fit_memory_bank(old, size=64)
     new = torch.randn(2, 4, 6, 6, generator=g) * 2 + 6  # a new mode, far from the old one and wider
     with caplog.at_level("WARNING", logger="adtr.memory_bank"):
-        joined = join_memory_bank(bank, new, reference=old, max_rows=72)  # room for 8 rows: too few
+        joined = join_memory_bank(bank, new, reference=old, max_rows=72, fit_rows=64)  # room for 8 rows: too few
     assert "the parent's parts lose rows" in caplog.text
     assert joined.shape == (72, 4) and len(joined.unique(dim=0)) == 72
     far = joined.mean(1) > 3  # rows of the new mode
@@ -466,10 +483,11 @@ def test_the_fit_joins_the_bank_to_a_copying_models_map_and_a_run_keeps_it(root,
         # the joined bank is searched in its own subspace, not the parent's
         torch.testing.assert_close(u.nearest_basis, search_basis(u.nearest_bank, u.nearest_basis.shape[1]))
         assert not torch.allclose(u.nearest_basis, m.nearest_basis)
-        # every distinct parent row is kept (here all its positions: the parent's repeats dropped),
-        # so no parent position lies farther from the bank; the run records the rows it now has
-        parent_rows = m.nearest_bank.unique(dim=0)
-        assert torch.equal(u.nearest_bank[: len(parent_rows)], parent_rows) and len(u.nearest_bank) > len(parent_rows)
+        # the parent's bank holds every position of its 64x64 images: refitted on them and the new
+        # ones, every parent row kept (there is room), at the fit's rows; the run records them
+        joined = {tuple(r) for r in u.nearest_bank.tolist()}
+        assert all(tuple(r) in joined for r in m.nearest_bank.tolist())
+        assert len(joined) > len(m.nearest_bank.unique(dim=0))
         assert u.score_cfg.nearest_bank_rows == updated.config.score.nearest_bank_rows == len(u.nearest_bank)
         updated.save(tmp_path / "updated")
         assert json.loads((tmp_path / "updated" / CONFIG_FILE).read_text())["score"]["nearest_bank_rows"] == len(
@@ -552,6 +570,15 @@ def test_the_banks_map_exports_to_onnx(root, tmp_path):
     for a, b in zip(torch_out, onnx.predict(files), strict=True):
         assert abs(a.anomaly_score - b.anomaly_score) < 1e-4 + 1e-5 * abs(a.anomaly_score)
         assert np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-3 * (1 + np.abs(a.anomaly_map).max())
+    # a bank an update grew: more rows than a fit's, a multiple of the search's blocks or not
+    g = torch.Generator().manual_seed(8)
+    bank = det.model_.nearest_bank
+    for rows in (BANK_SIZE + 64, BANK_SIZE + 5):
+        extra = bank[torch.randint(len(bank), (rows - len(bank),), generator=g)]
+        det.model_._set_bank(torch.cat([bank, extra + 0.1 * torch.randn(extra.shape, generator=g)]))
+        assert det.model_.score_cfg.nearest_bank_rows == rows
+        parity = export_run(det, tmp_path / f"grown{rows}.onnx")
+        assert parity.agrees, parity
 
 
 def test_the_cli_option_sets_it(run_cli, tiny_folder, tmp_path):
