@@ -468,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="new good images: an MVTec category or folder with good/, or a plain folder of images (a product "
-        "change, a new lighting); a run's memory bank keeps every row and grows for them, up to "
-        f"{MAX_ROWS} rows",
+        "change, a new lighting); a run's memory bank keeps its rows and grows for them, up to "
+        f"{MAX_ROWS} rows (docs/design.md, 'An update's memory bank grows')",
     )
     p.add_argument(
         "--steps",

@@ -3,8 +3,9 @@
     python bench/lighting_variant.py SRC DST
 
 Every image under SRC (an MVTec-layout category: train/, test/) is written under DST darker, with
-less contrast and warmer (0.55 x + 20, red x 1.15, blue x 0.85, 0..255), as JPEG quality 95;
-ground_truth/ masks are copied as they are, so DST is a category of its own with the same defects.
+less contrast and warmer (0.55 x + 20, red x 1.15, blue x 0.85, 0..255), in its own format (JPEG
+at quality 95); ground_truth/ masks and files that are not images (a licence) are copied as they
+are, so DST is a category of its own with the same defects.
 Used for results/update_bank_rows.md.
 """
 
@@ -15,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 
 def relit(image: Image.Image) -> Image.Image:
@@ -40,9 +41,12 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         if "ground_truth" in path.parts:
             shutil.copy(path, out)
-        else:
+            continue
+        try:
             with Image.open(path) as image:
                 relit(image).save(out, quality=95)
+        except UnidentifiedImageError:  # not an image
+            shutil.copy(path, out)
 
 
 if __name__ == "__main__":
