@@ -597,7 +597,7 @@ class ADTR(nn.Module):
     def join_memory_bank(self, features: torch.Tensor, reference: torch.Tensor) -> None:
         """Join more standardised good features (M, C, h, w) to the fitted memory bank
         (memory_bank.join_memory_bank: the bank grows, up to MAX_ROWS rows, until the new positions
-        are covered as densely as the reference features (R, C, h, w), the good images the bank was
+        are covered as closely as the reference features (R, C, h, w), the good images the bank was
         fitted on, are); its standardisation is kept, and score_cfg.nearest_bank_rows records the new
         size. ValueError unless the model has a memory bank."""
         if not self.score_cfg.nearest_map:
