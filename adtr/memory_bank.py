@@ -119,9 +119,8 @@ def _projection(channels: int, dim: int, g: torch.Generator, device: torch.devic
 
 def _nearest_squared(x: torch.Tensor, centers: torch.Tensor, block: int = 8192) -> torch.Tensor:
     """Each row's (M, D) squared distance to its nearest center (K, D), (M,), in blocks of rows:
-    a (block x K) matrix at a time."""
-    c_sq = (centers**2).sum(1)
-    return torch.cat([((b**2).sum(1, keepdim=True) - 2 * b @ centers.t() + c_sq).amin(1) for b in x.split(block)])
+    a (block x K) matrix at a time (_bank_products, the nearest search's own product)."""
+    return torch.cat([_bank_products(b, centers).amin(-1) + (b * b).sum(-1) for b in x.split(block)])
 
 
 def _candidates(features: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
