@@ -42,7 +42,7 @@ from adtr.defect_head import describe_default_gain
 from adtr.errors import ADTRError, DataError, SettingsError
 from adtr.memory_bank import BANK_SIZE, MAX_ROWS
 from adtr.runtime import configure_cpu
-from adtr.update import DEFAULT_STEPS
+from adtr.update import DEFAULT_STEPS, RETRAIN, RETRAIN_RATIO
 
 METRIC_ROWS = [
     ("image_auroc", "image AUROC"),
@@ -478,6 +478,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"optimisation steps from RUN's weights (default: {DEFAULT_STEPS})",
     )
     p.add_argument(
+        "--retrain",
+        choices=RETRAIN,
+        default="auto",
+        help="whether new good images (--good) train the reconstructor, the network behind the anomaly map: auto "
+        f"(default) where their reconstruction loss is above {RETRAIN_RATIO:g}x that of RUN's held-out good images "
+        "(it cannot rebuild them; training a reconstructor that can further costs its maps), always, never; "
+        "--external images always train it (docs/design.md, 'An update trains the reconstructor only for new "
+        "good images it cannot rebuild')",
+    )
+    p.add_argument(
         "--head-gain",
         type=_positive_float,
         default=None,
@@ -658,14 +668,20 @@ def cmd_update(args: argparse.Namespace) -> int:
     _output(args.out, "--out", folder=True)
     det = ADTRDetector.load(args.run, device=args.device, progress=not args.quiet)
     new = det.update(anomalies=args.anomalies, good=args.good, external=args.external, steps=args.steps,
-                     allow_forgetting=args.allow_forgetting, head_gain=args.head_gain)  # fmt: skip
+                     allow_forgetting=args.allow_forgetting, head_gain=args.head_gain,
+                     retrain=args.retrain)  # fmt: skip
     new.save(args.out)  # also writes and checks RUN2/model.onnx for the default backend, as fit does
     update, seconds = new.record_.provenance["update"], new.record_.provenance["fit_seconds"]
     guard = update["forgetting_guard"]
     flagged = (f"{guard['false_alarm_rate']:.1%} (parent {guard['parent_false_alarm_rate']:.1%})"
                if guard["n"] else "not checked (no validation images)")  # fmt: skip
     chosen = new.selected_backend()
-    print(f"updated in {seconds:.0f} s ({update['steps']} steps); {args.run}'s validation good images flagged: "
+    check = update.get("reconstruction_check")
+    trained = (f"the reconstructor trained {update['steps']} steps" if update["steps"] else
+               "the reconstructor kept as it is")  # fmt: skip
+    if check is not None:
+        trained += f" (the new good images' loss {check['ratio']:.2f}x the parent's held-out images')"
+    print(f"updated in {seconds:.0f} s ({trained}); {args.run}'s validation good images flagged: "
           f"{flagged}; run saved to {args.out}\n"
           f"backend for predict / test / serve: {chosen.name} ({chosen.reason})")  # fmt: skip
     return 0

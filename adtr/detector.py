@@ -110,6 +110,7 @@ class ADTRDetector:
         steps: int = DEFAULT_STEPS,
         allow_forgetting: bool = False,
         head_gain: float | None = None,
+        retrain: str = "auto",
     ) -> ADTRDetector:
         """A new detector: this saved run continued with new data, without its training images
         (update.update_run; save it to a new folder). This detector and its folder are unchanged.
@@ -117,7 +118,9 @@ class ADTRDetector:
         anomalies: new labelled defects (as in fit). good: new good images (an MVTec category or
             folder with good/, or a plain folder of images). external: unrelated images.
         steps: optimisation steps from this run's weights. head_gain: the defect head's weight in
-        the map instead of this run's (ScoreConfig.head_gain). Raises ForgettingError when more of
+        the map instead of this run's (ScoreConfig.head_gain). retrain: "auto", "always" or
+        "never": whether new good images train the reconstructor (auto: where it cannot rebuild
+        them, update.reconstruction_check). Raises ForgettingError when more of
         this run's validation good images would be flagged (false-alarm rate above this run's
         + 1 point), unless allow_forgetting; RunFolderError for a run saved before adtr kept
         replay features; SettingsError when called before save() or load().
@@ -127,7 +130,7 @@ class ADTRDetector:
             raise SettingsError("save() this detector or load() it first: an update records its parent's folder")
         model, record = update_run(self.model_, self.record_, self.run_dir_, self.device, anomalies=anomalies,
                                    good=good, external=external, steps=steps, allow_forgetting=allow_forgetting,
-                                   head_gain=head_gain, progress=self.progress)  # fmt: skip
+                                   head_gain=head_gain, retrain=retrain, progress=self.progress)  # fmt: skip
         det = ADTRDetector(record.config.model, record.config.score, record.config.train, self.device, self.progress,
                            self.backend)  # fmt: skip
         det.run_dir_ = None  # new weights: no run folder until save()

@@ -336,6 +336,7 @@ def fit_on_features(
     prior_pixels: tuple[torch.Tensor, torch.Tensor] | None = None,
     good_joins: torch.Tensor | None = None,
     probe_fallback: bool = False,
+    train_image_scorer: bool | None = None,
 ) -> FitResult:
     """Fit ADTR's reconstructor on good images, optionally with anomalies.
 
@@ -353,7 +354,9 @@ def fit_on_features(
     state_dir: save a resumable training state there after every epoch; resume: continue from
         it (the result equals an uninterrupted fit with the same seed).
     train_reconstructor: False keeps init's reconstructor as it is (only the statistics and
-        the defect head are fitted).
+        the defect head are fitted). train_image_scorer: whether the image scorer (where it scores
+        the image) is trained; None: as train_reconstructor (an update trains it alone,
+        update.py).
     A fresh learnable-query model whose validation loss ends above config.train.query_fallback
     is replaced by a no-query fit (no_query_config; seeded as a direct one): the result's
     model.cfg says which, and its history records carry the query's "query_val_loss". Without
@@ -473,10 +476,11 @@ def fit_on_features(
                 optimizer = make_optimizer(model, cfg, device)
                 fit_reconstructor(model, data, val, cfg, device, generator, progress=progress, optimizer=optimizer,
                                   on_epoch_end=on_epoch_end, parallel=distributed.data_parallel(cfg.seed, device))
-            if model.uses_image_scorer:  # after the reconstructor's last saved epoch: a resume trains it again
-                scorer = fit_image_scorer(model, data, val, cfg, device, progress=progress,
-                                          parallel=distributed.data_parallel(cfg.seed, device))  # fmt: skip
-                log.info("image scorer: %d epochs, validation loss %s", len(scorer), scorer[-1].get("val_loss"))
+        if (train_reconstructor if train_image_scorer is None else train_image_scorer) and model.uses_image_scorer:
+            # after the reconstructor's last saved epoch: a resume trains it again
+            scorer = fit_image_scorer(model, data, features[val_idx] if val_idx else None, cfg, device,
+                                      progress=progress, parallel=distributed.data_parallel(cfg.seed, device))
+            log.info("image scorer: %d epochs, validation loss %s", len(scorer), scorer[-1].get("val_loss"))
     model.eval()
     if config.score.residual_norm != "none":
         # the held-out good images choose the image scorer's per-position weight (while unset)

@@ -306,3 +306,61 @@ def test_the_chosen_scorer_position_weight_is_saved_and_kept_by_an_update(parent
     crossfit = dataclasses.replace(train, calibration="crossfit")
     folded = ADTRDetector(model, train=crossfit, progress=False, backend="torch").fit(root)
     assert folded.config.score.scorer_position_weight == 0.5
+
+
+def test_reconstruction_check_on_constructed_features(parent):
+    """The parent's own held-out features against themselves: ratio 1, no retraining; the same
+    features shifted far from the training statistics: a loss many times higher, retraining."""
+    from adtr.update import RETRAIN_RATIO, reconstruction_check
+
+    _, run = parent
+    det = ADTRDetector.load(run, progress=False, backend="torch")
+    val = det.record_.replay.val.float()
+    same = reconstruction_check(det.model_, val, val.clone(), torch.device("cpu"))
+    assert same["ratio"] == pytest.approx(1.0) and not same["retrains"] and same["threshold"] == RETRAIN_RATIO
+    assert same["parent_loss"] == pytest.approx(same["new_loss"]) and same["parent_loss"] > 0
+    std = det.model_.feature_std.to(val.dtype)
+    shifted = reconstruction_check(det.model_, val, val + 5 * std, torch.device("cpu"))
+    assert shifted["ratio"] > 3 * RETRAIN_RATIO and shifted["retrains"]
+    assert shifted["parent_loss"] == pytest.approx(same["parent_loss"])
+
+
+def _weights(det: ADTRDetector, prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in det.model_.state_dict().items() if k.startswith(prefix)}
+
+
+def test_new_good_images_like_the_old_keep_the_reconstructor(parent, tmp_path):
+    """Good images from the parent's own distribution are rebuilt as well as its held-out ones:
+    the update keeps the reconstructor's weights (0 steps, the check recorded) but trains the
+    image scorer; retrain="always" trains the reconstructor; a product change (stripes) trains it
+    under auto; "never" with external images and an unknown value are refused."""
+    root, _ = parent
+    rng = np.random.default_rng(7)
+    for i in range(10):  # more of the parent's noise parts
+        write_png(tmp_path / "more" / f"{i:03d}.png", rng.integers(100, 140, (64, 64, 3), dtype=np.uint8))
+    model = dataclasses.replace(TINY, image_scorer="cnn")
+    train = dataclasses.replace(TRAIN, epochs=1, image_scorer_epochs=1)
+    det = ADTRDetector(model, train=train, progress=False, backend="torch").fit(root)
+    det.save(tmp_path / "run")
+    loaded = ADTRDetector.load(tmp_path / "run", progress=False, backend="torch")
+    assert loaded.model_.uses_image_scorer
+    rec, scorer = _weights(loaded, "reconstructor."), _weights(loaded, "image_scorer.")
+    kept = loaded.update(good=tmp_path / "more", steps=3)
+    check = kept.record_.provenance["update"]["reconstruction_check"]
+    assert not check["retrains"] and check["ratio"] < 1.2 and check["retrain"] == "auto"
+    assert kept.record_.provenance["update"]["steps"] == 0 and kept.record_.provenance["update"]["image_scorer_trained"]
+    assert all(torch.equal(v, kept.model_.state_dict()[k]) for k, v in rec.items())
+    assert any(not torch.equal(v, kept.model_.state_dict()[k]) for k, v in scorer.items())
+    assert kept.thresholds_.n_good == 5 + 2  # the new held-out images join the calibration all the same
+
+    always = loaded.update(good=tmp_path / "more", steps=3, retrain="always")
+    assert always.record_.provenance["update"]["steps"] == 3
+    assert any(not torch.equal(v, always.model_.state_dict()[k]) for k, v in rec.items())
+    changed = loaded.update(good=root / "new_good", steps=3)  # stripes: a product change
+    assert changed.record_.provenance["update"]["reconstruction_check"]["retrains"]
+    assert any(not torch.equal(v, changed.model_.state_dict()[k]) for k, v in rec.items())
+    with pytest.raises(SettingsError, match="retrain never"):
+        loaded.update(external=root / "new_good", retrain="never")
+    with pytest.raises(SettingsError, match="retrain must be one of"):
+        loaded.update(good=tmp_path / "more", retrain="sometimes")
+    assert all(torch.equal(v, loaded.model_.state_dict()[k]) for k, v in rec.items())  # the parent untouched
