@@ -222,6 +222,15 @@ def test_bad_update_requests_are_refused(parent, tmp_path, run_cli):
     with pytest.raises(SystemExit) as stop:  # argparse refuses it: one line, exit status 2
         run_cli("update", run, "--out", tmp_path / "v2", "--good", root / "new_good", "--steps", 0)
     assert stop.value.code == 2 and not (tmp_path / "v2").exists()
+    code, _, err = run_cli("update", run, "--out", tmp_path / "v2", "--external", root / "new_good", "--retrain",
+                           "never")  # fmt: skip
+    assert code == 2 and "retrain never" in err and not (tmp_path / "v2").exists()
+    # the CLI says whether the reconstructor trained, and why (stripes: far above the parent's loss)
+    code, out, _ = run_cli("update", run, "--out", tmp_path / "v3", "--good", root / "new_good", "--steps", 2)
+    assert code == 0 and "the reconstructor trained 2 steps (the new good images' loss" in out
+    code, out, _ = run_cli("update", run, "--out", tmp_path / "v4", "--good", root / "new_good", "--retrain",
+                           "never")  # fmt: skip
+    assert code == 0 and "the reconstructor kept as it is" in out
     fitted = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(root)
     with pytest.raises(SettingsError, match="save\\(\\) this detector or load\\(\\) it first"):
         fitted.update(good=root / "new_good")
