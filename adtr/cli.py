@@ -483,9 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="whether new good images (--good) train the reconstructor, the network behind the anomaly map: auto "
         f"(default) where their reconstruction loss is above {RETRAIN_RATIO:g}x that of RUN's held-out good images "
-        "(it cannot rebuild them; training a reconstructor that can further costs its maps), always, never; "
-        "--external images always train it (docs/design.md, 'An update trains the reconstructor only for new "
-        "good images it cannot rebuild')",
+        "(it cannot rebuild them; training a reconstructor that can further costs its maps), always, never. "
+        "--external images and anomalies under --labelled-anomalies loss always train it (never is refused with "
+        "them); the image scorer learns new good images in any case, unless a Gaussian per position scores the "
+        "images (docs/design.md, 'An update trains the reconstructor only for new good images it cannot "
+        "rebuild')",
     )
     p.add_argument(
         "--head-gain",
@@ -677,11 +679,10 @@ def cmd_update(args: argparse.Namespace) -> int:
                f"region {guard['map']['false_alarm_rate']:.1%} (parent {guard['map']['parent_false_alarm_rate']:.1%})"
                if guard["n"] else "not checked (no validation images)")  # fmt: skip
     chosen = new.selected_backend()
-    check = update.get("reconstruction_check")
     trained = (f"the reconstructor trained {update['steps']} steps" if update["steps"] else
-               "the reconstructor kept as it is")  # fmt: skip
-    if check is not None:
-        trained += f" (the new good images' loss {check['ratio']:.2f}x the parent's held-out images')"
+               "the reconstructor kept as it is") + f": {update['reconstructor_reason']}"  # fmt: skip
+    if update["image_scorer_trained"]:
+        trained += "; the image scorer trained"
     print(f"updated in {seconds:.0f} s ({trained}); {args.run}'s validation good images flagged: "
           f"{flagged}; run saved to {args.out}\n"
           f"backend for predict / test / serve: {chosen.name} ({chosen.reason})")  # fmt: skip

@@ -249,10 +249,10 @@ def test_bad_update_requests_are_refused(parent, tmp_path, run_cli):
     assert code == 2 and "retrain never" in err and not (tmp_path / "v2").exists()
     # the CLI says whether the reconstructor trained, and why (stripes: far above the parent's loss)
     code, out, _ = run_cli("update", run, "--out", tmp_path / "v3", "--good", root / "new_good", "--steps", 2)
-    assert code == 0 and "the reconstructor trained 2 steps (the new good images' loss" in out
+    assert code == 0 and "the reconstructor trained 2 steps: the new good images' reconstruction loss is" in out
     code, out, _ = run_cli("update", run, "--out", tmp_path / "v4", "--good", root / "new_good", "--retrain",
                            "never")  # fmt: skip
-    assert code == 0 and "the reconstructor kept as it is" in out
+    assert code == 0 and "the reconstructor kept as it is: --retrain never" in out
     fitted = ADTRDetector(TINY, train=TRAIN, progress=False, backend="torch").fit(root)
     with pytest.raises(SettingsError, match="save\\(\\) this detector or load\\(\\) it first"):
         fitted.update(good=root / "new_good")
@@ -348,11 +348,12 @@ def test_reconstruction_check_on_constructed_features(parent):
     det = ADTRDetector.load(run, progress=False, backend="torch")
     val = det.record_.replay.val.float()
     same = reconstruction_check(det.model_, val, val.clone(), torch.device("cpu"))
-    assert same["ratio"] == pytest.approx(1.0) and not same["retrains"] and same["threshold"] == RETRAIN_RATIO
+    assert same["ratio"] == pytest.approx(1.0) and not same["above_threshold"] and same["threshold"] == RETRAIN_RATIO
+    assert same["n_parent"] == same["n_new"] == len(val)
     assert same["parent_loss"] == pytest.approx(same["new_loss"]) and same["parent_loss"] > 0
     std = det.model_.feature_std.to(val.dtype)
     shifted = reconstruction_check(det.model_, val, val + 5 * std, torch.device("cpu"))
-    assert shifted["ratio"] > 3 * RETRAIN_RATIO and shifted["retrains"]
+    assert shifted["ratio"] > 3 * RETRAIN_RATIO and shifted["above_threshold"]
     assert shifted["parent_loss"] == pytest.approx(same["parent_loss"])
 
 
@@ -378,7 +379,9 @@ def test_new_good_images_like_the_old_keep_the_reconstructor(parent, tmp_path):
     rec, scorer = _weights(loaded, "reconstructor."), _weights(loaded, "image_scorer.")
     kept = loaded.update(good=tmp_path / "more", steps=3)
     check = kept.record_.provenance["update"]["reconstruction_check"]
-    assert not check["retrains"] and check["ratio"] < 1.2 and check["retrain"] == "auto"
+    assert not check["above_threshold"] and check["ratio"] < 1.2 and check["retrain"] == "auto"
+    assert check["parent_source"] == "held_out" and check["n_parent"] == 5 and check["n_new"] == 10  # every new image
+    assert "within 1.25x: it rebuilds them" in kept.record_.provenance["update"]["reconstructor_reason"]
     assert kept.record_.provenance["update"]["steps"] == 0 and kept.record_.provenance["update"]["image_scorer_trained"]
     assert all(torch.equal(v, kept.model_.state_dict()[k]) for k, v in rec.items())
     assert any(not torch.equal(v, kept.model_.state_dict()[k]) for k, v in scorer.items())
@@ -388,10 +391,38 @@ def test_new_good_images_like_the_old_keep_the_reconstructor(parent, tmp_path):
     assert always.record_.provenance["update"]["steps"] == 3
     assert any(not torch.equal(v, always.model_.state_dict()[k]) for k, v in rec.items())
     changed = loaded.update(good=root / "new_good", steps=3)  # stripes: a product change
-    assert changed.record_.provenance["update"]["reconstruction_check"]["retrains"]
+    assert changed.record_.provenance["update"]["reconstruction_check"]["above_threshold"]
     assert any(not torch.equal(v, changed.model_.state_dict()[k]) for k, v in rec.items())
-    with pytest.raises(SettingsError, match="retrain never"):
+    never = loaded.update(good=root / "new_good", steps=3, retrain="never")  # kept all the same
+    assert never.record_.provenance["update"]["steps"] == 0
+    assert never.record_.provenance["update"]["reconstructor_reason"] == "--retrain never"
+    assert all(torch.equal(v, never.model_.state_dict()[k]) for k, v in rec.items())
+    # external images, and anomalies in the losses, train it whatever the new good images say
+    external = loaded.update(good=tmp_path / "more", external=root / "new_good", steps=3)
+    assert external.record_.provenance["update"]["steps"] == 3
+    assert external.record_.provenance["update"]["reconstructor_reason"].startswith("external images or anomalies")
+    assert any(not torch.equal(v, external.model_.state_dict()[k]) for k, v in rec.items())
+    in_loss = tmp_path / "loss_run"
+    shutil.copytree(tmp_path / "run", in_loss)
+    doc = json.loads((in_loss / CONFIG_FILE).read_text())
+    doc["train"]["labelled_anomalies"] = "loss"
+    (in_loss / CONFIG_FILE).write_text(json.dumps(doc))
+    lossy = ADTRDetector.load(in_loss, progress=False, backend="torch").update(
+        anomalies=root / "new_defects", good=tmp_path / "more", steps=3)  # fmt: skip
+    assert lossy.record_.provenance["update"]["steps"] == 3
+    assert any(not torch.equal(v, lossy.model_.state_dict()[k]) for k, v in rec.items())
+    with pytest.raises(SettingsError, match="--retrain never: the update's external images"):
         loaded.update(external=root / "new_good", retrain="never")
     with pytest.raises(SettingsError, match="retrain must be one of"):
         loaded.update(good=tmp_path / "more", retrain="sometimes")
     assert all(torch.equal(v, loaded.model_.state_dict()[k]) for k, v in rec.items())  # the parent untouched
+    # a run whose images a Gaussian per position scores: its image scorer scores nothing, and stays
+    gauss = ADTRDetector(model, ScoreConfig(feature_gaussian=True), train=train, progress=False,
+                         backend="torch").fit(root)  # fmt: skip
+    gauss.save(tmp_path / "gauss")
+    gauss = ADTRDetector.load(tmp_path / "gauss", progress=False, backend="torch")
+    scorer = _weights(gauss, "image_scorer.")
+    assert scorer and gauss.config.score.feature_gaussian
+    joined = gauss.update(good=tmp_path / "more", steps=3)
+    assert not joined.record_.provenance["update"]["image_scorer_trained"]
+    assert all(torch.equal(v, joined.model_.state_dict()[k]) for k, v in scorer.items())
