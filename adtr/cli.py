@@ -675,8 +675,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     new.save(args.out)  # also writes and checks RUN2/model.onnx for the default backend, as fit does
     update, seconds = new.record_.provenance["update"], new.record_.provenance["fit_seconds"]
     guard = update["forgetting_guard"]
-    flagged = (f"{guard['false_alarm_rate']:.1%} (parent {guard['parent_false_alarm_rate']:.1%}), with a defect "
-               f"region {guard['map']['false_alarm_rate']:.1%} (parent {guard['map']['parent_false_alarm_rate']:.1%})"
+    flagged = (f"{guard['false_alarm_rate']:.1%} (parent {guard['parent_false_alarm_rate']:.1%})"
                if guard["n"] else "not checked (no validation images)")  # fmt: skip
     chosen = new.selected_backend()
     trained = (f"the reconstructor trained {update['steps']} steps" if update["steps"] else

@@ -20,7 +20,8 @@ allows are skipped, said in the output). Modes:
 - external: + the images of --external as image-level anomalies (once per set).
 synthetic and external start from the normal model and train the default budget again (the
 paper's schedule, SPEC section 2); with --scratch they are fresh fits with the anomalies from the
-first step, the normal fit's budget, so that only the anomalies differ from normal-only.
+first step, the normal fit's budget, so that only the anomalies differ from a normal-only run of
+the same version (a --reuse'd run saved by an older version may score differently).
 The references (bench/references.py) cannot use the anomalies: fitted once per set on the
 good images and scored on every test image; each draw's metrics are computed on its
 remaining images. Writes OUT.json (k, draws and every training-anomaly file) and OUT.md
