@@ -289,9 +289,10 @@ def reconstruction_check(
     """Whether the parent's reconstructor rebuilds new good images as well as its own.
 
     parent_features, new_features: raw backbone features (N, C, h, w) of the parent's held-out
-    good images (or its training sample) and of the new ones, standardised here with the parent's statistics. Returns
-    {"parent_loss", "new_loss" (validation MSE, engine.validation_loss), "ratio" (new / parent),
-    "threshold" (RETRAIN_RATIO), "above_threshold", "n_parent", "n_new" (images)}.
+    good images (or its training sample) and of the new ones, standardised here with the
+    parent's statistics. Returns {"parent_loss", "new_loss" (validation MSE,
+    engine.validation_loss), "ratio" (new / parent), "threshold" (RETRAIN_RATIO),
+    "above_threshold", "n_parent", "n_new" (images)}.
     """
     parent_loss = validation_loss(model, model.standardize(parent_features.to(device)), device)
     new_loss = validation_loss(model, model.standardize(new_features.to(device)), device)
